@@ -1,0 +1,397 @@
+"""Task vectors: what fine-tuning changed, key by key, as a read-only mapping with provenance.
+
+For an expert fine-tuned from pre-trained weights θ₀ to θ_t, its task vector is τ_t = θ_t − θ₀ over
+every floating-point entry of the state dict (integer buffers such as step counters are skipped).
+
+A :class:`TaskVector` is stored as one safetensors file: the tensors, plus a JSON metadata record that
+names the base model, a fingerprint of the pre-trained weights and the expert. Nothing but safetensors
+is ever read, so loading a task vector can never execute code, and :meth:`TaskVector.load` memory-maps
+the file and reads a key only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "TaskVector", "state_dict_fingerprint"]
+
+FORMAT = "lightning-score/task-vector"
+FORMAT_VERSION = 1
+
+_FORMAT_KEY = "format"
+_VERSION_KEY = "format_version"
+_METADATA_KEY = "metadata"
+
+
+def state_dict_fingerprint(state_dict: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> str:
+    """A content hash of (some of) a state dict's tensors: names, dtypes, shapes and every byte.
+
+    Two task vectors can only be merged or applied when they were made from the same pre-trained
+    weights; comparing fingerprints checks that without keeping the weights around.
+
+    Args:
+        state_dict: The tensors to hash.
+        keys: The keys to include; defaults to every floating-point entry.
+
+    Returns:
+        ``"blake2b:"`` followed by 32 hexadecimal digits.
+
+    Example:
+        >>> import torch
+        >>> a = {"w": torch.ones(2, 2)}
+        >>> state_dict_fingerprint(a) == state_dict_fingerprint({"w": torch.ones(2, 2)})
+        True
+        >>> state_dict_fingerprint(a) == state_dict_fingerprint({"w": torch.zeros(2, 2)})
+        False
+    """
+    if keys is None:
+        keys = [k for k, v in state_dict.items() if torch.is_floating_point(v)]
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(keys):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "blake2b:" + digest.hexdigest()
+
+
+def _check_path_is_task_vector(path: Path) -> dict[str, str]:
+    """Open ``path`` as a safetensors file and return its header metadata, or raise a clear error."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Task vector file '{path}' does not exist. Write one with ScoreMergeCallback during fit, or "
+            "TaskVector.from_state_dicts(pretrained, finetuned).save(path)."
+        )
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a folder, not a task vector file: pass the path of a .safetensors file.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"'{path}' is not a safetensors file ({error}). lightning-score reads task vectors only from "
+            "safetensors (never pickles); re-create it with TaskVector.save()."
+        ) from error
+    if header.get(_FORMAT_KEY) != FORMAT:
+        raise ValueError(
+            f"'{path}' is a safetensors file but not a lightning-score task vector (its metadata has no "
+            f"'{_FORMAT_KEY}': '{FORMAT}'). Build one with TaskVector.from_state_dicts(pretrained, finetuned) "
+            "and save it with TaskVector.save()."
+        )
+    version = int(header.get(_VERSION_KEY, "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"'{path}' was written in task-vector format version {version}, newer than this lightning-score "
+            f"reads ({FORMAT_VERSION}). Upgrade lightning-score to read it."
+        )
+    return header
+
+
+class _LazySafetensors(Mapping[str, Tensor]):
+    """A memory-mapped safetensors file that reads a tensor only when it is indexed."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._handle: Any = None
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = list(handle.keys())
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            self._handle = safe_open(str(self._path), framework="pt")
+        return self._handle
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._open().get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getstate__(self) -> dict[str, Any]:  # file handles do not pickle; reopen on the other side
+        return {"_path": self._path, "_keys": self._keys, "_handle": None}
+
+
+class TaskVector(Mapping[str, Tensor]):
+    """A read-only mapping ``key -> τ[key]`` with metadata about where it came from.
+
+    Build one with :meth:`from_state_dicts`, combine with ``+``, ``-`` and scalar ``*``, apply with
+    :meth:`apply_to`, and store with :meth:`save` / :meth:`load`.
+
+    Args:
+        tensors: The task vector's entries.
+        metadata: JSON-serialisable provenance. Known fields: ``name`` (the expert), ``domain``,
+            ``base_model`` (e.g. ``"ViT-B-32/openai"``), ``base_fingerprint`` (see
+            :func:`state_dict_fingerprint`); merged task vectors add ``merge``.
+
+    Example:
+        >>> import torch
+        >>> pre = {"w": torch.zeros(2, 2), "step": torch.tensor(3)}
+        >>> fine = {"w": torch.ones(2, 2), "step": torch.tensor(9)}
+        >>> tv = TaskVector.from_state_dicts(pre, fine, name="art")
+        >>> sorted(tv), tv.name
+        (['w'], 'art')
+        >>> (2 * tv)["w"].sum().item()
+        8.0
+        >>> tv.apply_to(pre, alpha=0.5)["w"][0, 0].item()
+        0.5
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> None:
+        self._tensors = tensors
+        self._metadata: dict[str, Any] = dict(metadata or {})
+        try:
+            json.dumps(self._metadata)
+        except TypeError as error:
+            raise ValueError(f"Task-vector metadata must be JSON-serialisable: {error}") from error
+        self._path: Path | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dicts(
+        cls,
+        pretrained: Mapping[str, Tensor],
+        finetuned: Mapping[str, Tensor],
+        keys: Iterable[str] | None = None,
+        **metadata: Any,
+    ) -> TaskVector:
+        """τ = finetuned − pretrained over floating-point entries.
+
+        Args:
+            pretrained: θ₀, the weights every expert started from.
+            finetuned: θ_t, the expert's weights (same keys and shapes).
+            keys: Restrict to these keys (all must be floating point); default: every floating-point key.
+            **metadata: Provenance stored with the task vector (``name``, ``domain``, ``base_model``...).
+                ``base_fingerprint`` defaults to the fingerprint of ``pretrained`` over the same keys.
+
+        Returns:
+            The task vector, on CPU, in the fine-tuned weights' dtype.
+        """
+        if keys is None:
+            keys = [k for k, v in pretrained.items() if torch.is_floating_point(v)]
+        else:
+            keys = list(keys)
+            for key in keys:
+                if key not in pretrained:
+                    raise ValueError(f"Key '{key}' is not in the pre-trained state dict.")
+                if not torch.is_floating_point(pretrained[key]):
+                    raise ValueError(f"Key '{key}' is not floating point ({pretrained[key].dtype}); "
+                                     "task vectors hold floating-point entries only.")
+        missing = [k for k in keys if k not in finetuned]
+        if missing:
+            raise ValueError(
+                f"The fine-tuned state dict lacks {len(missing)} key(s) of the pre-trained one, e.g. "
+                f"'{missing[0]}'. Pass the state dict of the same module (or restrict with keys=...)."
+            )
+        tensors: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for key in keys:
+                before, after = pretrained[key], finetuned[key]
+                if before.shape != after.shape:
+                    raise ValueError(f"Key '{key}' has shape {tuple(before.shape)} before fine-tuning and "
+                                     f"{tuple(after.shape)} after; both must come from one architecture.")
+                delta = after.detach().to("cpu", torch.float64) - before.detach().to("cpu", torch.float64)
+                tensors[key] = delta.to(after.dtype).contiguous()
+        metadata.setdefault("base_fingerprint", state_dict_fingerprint(pretrained, keys))
+        return cls(tensors, metadata)
+
+    # --- mapping ----------------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        where = f", path='{self._path}'" if self._path else ""
+        return f"TaskVector(name={self.name!r}, keys={len(self)}{where})"
+
+    # --- metadata ---------------------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the provenance record."""
+        return json.loads(json.dumps(self._metadata))
+
+    @property
+    def name(self) -> str | None:
+        """The expert's name (usually its domain), if recorded."""
+        return self._metadata.get("name")
+
+    @property
+    def domain(self) -> str | None:
+        """The domain the expert was fine-tuned on, if recorded."""
+        return self._metadata.get("domain")
+
+    @property
+    def base_model(self) -> str | None:
+        """The pre-trained model, e.g. ``"ViT-B-32/openai"``, if recorded."""
+        return self._metadata.get("base_model")
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """:func:`state_dict_fingerprint` of the pre-trained weights, if recorded."""
+        return self._metadata.get("base_fingerprint")
+
+    @property
+    def path(self) -> Path | None:
+        """The file this task vector was loaded from or saved to, if any."""
+        return self._path
+
+    def describe(self) -> str:
+        """A short label for messages: the file if there is one, else the name."""
+        if self._path is not None:
+            return f"'{self._path}'"
+        return f"task vector '{self.name}'" if self.name else "an unnamed task vector"
+
+    # --- arithmetic -------------------------------------------------------------------------------
+
+    def _combine(self, other: Mapping[str, Tensor], sign: float) -> TaskVector:
+        if set(self) != set(other):
+            only_self = sorted(set(self) - set(other))[:3]
+            only_other = sorted(set(other) - set(self))[:3]
+            raise ValueError(f"Cannot combine task vectors with different keys (only in the left: {only_self}, "
+                             f"only in the right: {only_other}).")
+        other_fp = other.base_fingerprint if isinstance(other, TaskVector) else None
+        if self.base_fingerprint and other_fp and self.base_fingerprint != other_fp:
+            raise ValueError(f"Cannot combine {self.describe()} and {other.describe()}: they were made "
+                             "from different pre-trained weights (base fingerprints differ).")
+        out = {}
+        for key in self:
+            a, b = self[key], other[key]
+            if a.shape != b.shape:
+                raise ValueError(f"Key '{key}' has shape {tuple(a.shape)} in one task vector and "
+                                 f"{tuple(b.shape)} in the other.")
+            out[key] = a + sign * b.to(a.dtype)
+        meta = {k: v for k, v in self._metadata.items() if k in ("base_model", "base_fingerprint")}
+        return TaskVector(out, meta)
+
+    def __add__(self, other: Mapping[str, Tensor]) -> TaskVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: Mapping[str, Tensor]) -> TaskVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scalar: float) -> TaskVector:
+        if not isinstance(scalar, numbers.Real):
+            return NotImplemented
+        return TaskVector({k: v * float(scalar) for k, v in self.items()}, self._metadata)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> TaskVector:
+        return self * -1.0
+
+    # --- use --------------------------------------------------------------------------------------
+
+    def apply_to(
+        self, target: Mapping[str, Tensor] | nn.Module, alpha: float = 1.0
+    ) -> dict[str, Tensor] | nn.Module:
+        """θ = θ₀ + α·τ.
+
+        Args:
+            target: A state dict (left untouched; a new dict is returned) or a module (updated in place
+                and returned). Keys of the target that the task vector lacks are kept as they are.
+            alpha: The scaling coefficient.
+
+        Returns:
+            The new state dict, or the same module with updated weights.
+        """
+        state = target.state_dict() if isinstance(target, nn.Module) else target
+        for key in self:
+            if key not in state:
+                raise ValueError(
+                    f"{self.describe()} has key '{key}' that the target lacks: apply a task vector to the "
+                    "module it was made from (for a CLIP expert: the image encoder, not the whole model)."
+                )
+            if tuple(state[key].shape) != tuple(self[key].shape):
+                raise ValueError(f"Key '{key}' has shape {tuple(self[key].shape)} in {self.describe()} and "
+                                 f"{tuple(state[key].shape)} in the target.")
+        if isinstance(target, nn.Module):
+            with torch.no_grad():
+                for key in self:
+                    param = state[key]
+                    param.add_(self[key].to(device=param.device, dtype=param.dtype), alpha=alpha)
+            return target
+        out = dict(target)
+        for key in self:
+            base = target[key]
+            out[key] = (base.to(torch.float64) + alpha * self[key].to(base.device, torch.float64)).to(base.dtype)
+        return out
+
+    # --- storage ----------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to a safetensors file atomically (a temporary file in the same folder, then a rename).
+
+        Args:
+            path: Destination, conventionally ``<name>.safetensors``; parent folders are created.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.items()}
+        header = {
+            _FORMAT_KEY: FORMAT,
+            _VERSION_KEY: str(FORMAT_VERSION),
+            _METADATA_KEY: json.dumps(self._metadata, sort_keys=True),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], lazy: bool = True) -> TaskVector:
+        """Read a task vector written by :meth:`save`.
+
+        Args:
+            path: The ``.safetensors`` file.
+            lazy: Memory-map the file and read each key only when it is indexed (default). With
+                ``False`` every tensor is read into memory now.
+
+        Returns:
+            The task vector, with :attr:`path` set.
+
+        Raises:
+            FileNotFoundError: The file does not exist.
+            ValueError: The file is not a safetensors task vector written by lightning-score.
+        """
+        path = Path(path)
+        header = _check_path_is_task_vector(path)
+        metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+        lazy_tensors = _LazySafetensors(path)
+        tensors: Mapping[str, Tensor] = lazy_tensors if lazy else {k: lazy_tensors[k] for k in lazy_tensors}
+        tv = cls(tensors, metadata)
+        tv._path = path
+        return tv
