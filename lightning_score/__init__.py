@@ -10,7 +10,7 @@ core) never pulls in Lightning or open_clip.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -25,11 +25,6 @@ _LAZY_EXPORTS = {
 }
 
 __all__ = [*_LAZY_EXPORTS, "__version__"]
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_score.merging import list_methods, merge_task_vectors
-    from lightning_score.task_vector import TaskVector
-
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_EXPORTS:
