@@ -26,6 +26,7 @@ _LAZY_EXPORTS = {
 
 __all__ = [*_LAZY_EXPORTS, "__version__"]
 
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY_EXPORTS:
         return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)

@@ -191,8 +191,10 @@ class TaskVector(Mapping[str, Tensor]):
                 if key not in pretrained:
                     raise ValueError(f"Key '{key}' is not in the pre-trained state dict.")
                 if not torch.is_floating_point(pretrained[key]):
-                    raise ValueError(f"Key '{key}' is not floating point ({pretrained[key].dtype}); "
-                                     "task vectors hold floating-point entries only.")
+                    raise ValueError(
+                        f"Key '{key}' is not floating point ({pretrained[key].dtype}); "
+                        "task vectors hold floating-point entries only."
+                    )
         missing = [k for k in keys if k not in finetuned]
         if missing:
             raise ValueError(
@@ -204,8 +206,10 @@ class TaskVector(Mapping[str, Tensor]):
             for key in keys:
                 before, after = pretrained[key], finetuned[key]
                 if before.shape != after.shape:
-                    raise ValueError(f"Key '{key}' has shape {tuple(before.shape)} before fine-tuning and "
-                                     f"{tuple(after.shape)} after; both must come from one architecture.")
+                    raise ValueError(
+                        f"Key '{key}' has shape {tuple(before.shape)} before fine-tuning and "
+                        f"{tuple(after.shape)} after; both must come from one architecture."
+                    )
                 delta = after.detach().to("cpu", torch.float64) - before.detach().to("cpu", torch.float64)
                 tensors[key] = delta.to(after.dtype).contiguous()
         metadata.setdefault("base_fingerprint", state_dict_fingerprint(pretrained, keys))
@@ -270,18 +274,23 @@ class TaskVector(Mapping[str, Tensor]):
         if set(self) != set(other):
             only_self = sorted(set(self) - set(other))[:3]
             only_other = sorted(set(other) - set(self))[:3]
-            raise ValueError(f"Cannot combine task vectors with different keys (only in the left: {only_self}, "
-                             f"only in the right: {only_other}).")
+            raise ValueError(
+                f"Cannot combine task vectors with different keys (only in the left: {only_self}, "
+                f"only in the right: {only_other})."
+            )
         other_fp = other.base_fingerprint if isinstance(other, TaskVector) else None
         if self.base_fingerprint and other_fp and self.base_fingerprint != other_fp:
-            raise ValueError(f"Cannot combine {self.describe()} and {other.describe()}: they were made "
-                             "from different pre-trained weights (base fingerprints differ).")
+            raise ValueError(
+                f"Cannot combine {self.describe()} and {other.describe()}: they were made "
+                "from different pre-trained weights (base fingerprints differ)."
+            )
         out = {}
         for key in self:
             a, b = self[key], other[key]
             if a.shape != b.shape:
-                raise ValueError(f"Key '{key}' has shape {tuple(a.shape)} in one task vector and "
-                                 f"{tuple(b.shape)} in the other.")
+                raise ValueError(
+                    f"Key '{key}' has shape {tuple(a.shape)} in one task vector and {tuple(b.shape)} in the other."
+                )
             out[key] = a + sign * b.to(a.dtype)
         meta = {k: v for k, v in self._metadata.items() if k in ("base_model", "base_fingerprint")}
         return TaskVector(out, meta)
@@ -304,9 +313,7 @@ class TaskVector(Mapping[str, Tensor]):
 
     # --- use --------------------------------------------------------------------------------------
 
-    def apply_to(
-        self, target: Mapping[str, Tensor] | nn.Module, alpha: float = 1.0
-    ) -> dict[str, Tensor] | nn.Module:
+    def apply_to(self, target: Mapping[str, Tensor] | nn.Module, alpha: float = 1.0) -> dict[str, Tensor] | nn.Module:
         """θ = θ₀ + α·τ.
 
         Args:
@@ -325,8 +332,10 @@ class TaskVector(Mapping[str, Tensor]):
                     "module it was made from (for a CLIP expert: the image encoder, not the whole model)."
                 )
             if tuple(state[key].shape) != tuple(self[key].shape):
-                raise ValueError(f"Key '{key}' has shape {tuple(self[key].shape)} in {self.describe()} and "
-                                 f"{tuple(state[key].shape)} in the target.")
+                raise ValueError(
+                    f"Key '{key}' has shape {tuple(self[key].shape)} in {self.describe()} and "
+                    f"{tuple(state[key].shape)} in the target."
+                )
         if isinstance(target, nn.Module):
             with torch.no_grad():
                 for key in self:
