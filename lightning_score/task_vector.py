@@ -98,6 +98,20 @@ def _check_path_is_task_vector(path: Path) -> dict[str, str]:
     return header
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _LazySafetensors(Mapping[str, Tensor]):
     """A memory-mapped safetensors file that reads a tensor only when it is indexed."""
 
@@ -122,6 +136,11 @@ class _LazySafetensors(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of one entry, read from the file header without loading the tensor."""
+        view = self._open().get_slice(key)
+        return tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()]
 
     def __getstate__(self) -> dict[str, Any]:  # file handles do not pickle; reopen on the other side
         return {"_path": self._path, "_keys": self._keys, "_handle": None}
@@ -256,6 +275,13 @@ class TaskVector(Mapping[str, Tensor]):
     def base_fingerprint(self) -> str | None:
         """:func:`state_dict_fingerprint` of the pre-trained weights, if recorded."""
         return self._metadata.get("base_fingerprint")
+
+    def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of entry ``key``; for a lazily loaded file, without reading the tensor."""
+        if isinstance(self._tensors, _LazySafetensors):
+            return self._tensors.tensor_spec(key)
+        tensor = self._tensors[key]
+        return tuple(tensor.shape), tensor.dtype
 
     @property
     def path(self) -> Path | None:

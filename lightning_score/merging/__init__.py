@@ -1,0 +1,22 @@
+"""The merge core: pure torch (+ safetensors), no Lightning, no open_clip, no data.
+
+``merge_task_vectors(task_vectors, method="score", ...)`` walks the keys of T task vectors one at a
+time and hands each key's T slices to a registered method. One file per method family; importing this
+package registers every method.
+"""
+
+from lightning_score.merging import score  # noqa: F401  (registers the method)
+from lightning_score.merging.engine import is_matrix_key, merge_task_vectors, resolve_device
+from lightning_score.merging.registry import KeyMerger, KeyStream, MethodSpec, get_method, list_methods, register_method
+
+__all__ = [
+    "KeyMerger",
+    "KeyStream",
+    "MethodSpec",
+    "get_method",
+    "is_matrix_key",
+    "list_methods",
+    "merge_task_vectors",
+    "register_method",
+    "resolve_device",
+]

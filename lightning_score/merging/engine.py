@@ -1,0 +1,247 @@
+"""The merge engine: validates the task vectors, walks the keys one at a time and calls the method.
+
+Only one key's T slices are on the compute device at any moment, so task vectors loaded lazily from
+disk merge in about one model's worth of (host) memory: the merged result. Matrix keys go to the
+method; every other key gets the plain mean over tasks (spec section 0) unless the method merges all
+keys itself. The result is α·τ*, in the inputs' dtype, on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_score import __version__
+from lightning_score.merging.registry import KeyStream, get_method
+from lightning_score.task_vector import TaskVector
+
+__all__ = ["is_matrix_key", "merge_task_vectors", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+MatrixPredicate = Callable[[str, tuple[int, ...]], bool]
+
+
+def is_matrix_key(key: str, shape: tuple[int, ...]) -> bool:
+    """Return whether a key is a "matrix" for the SVD-based methods (spec section 0).
+
+    ``ndim == 2 and "text_projection" not in key``: per transformer block ``attn.in_proj_weight``,
+    ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``, plus ``positional_embedding``
+    and ``proj``. Pass another predicate as ``merge_task_vectors(..., is_matrix=...)`` to change the rule.
+
+    Example:
+        >>> is_matrix_key("transformer.resblocks.0.attn.in_proj_weight", (2304, 768))
+        True
+        >>> is_matrix_key("conv1.weight", (768, 3, 32, 32)), is_matrix_key("text_projection", (512, 512))
+        (False, False)
+    """
+    return len(shape) == 2 and "text_projection" not in key
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The compute device: the given one, else CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_task_vectors(task_vectors: Sequence[Mapping[str, Tensor]]) -> list[TaskVector]:
+    if isinstance(task_vectors, Mapping) or not isinstance(task_vectors, Sequence):
+        raise ValueError(
+            "merge_task_vectors takes a sequence of task vectors (one mapping key -> tensor per expert); "
+            f"got {type(task_vectors).__name__}. Wrap a single task vector in a list."
+        )
+    if len(task_vectors) == 0:
+        raise ValueError(
+            "merge_task_vectors got an empty list of task vectors: pass at least one, e.g. "
+            "[TaskVector.load(p) for p in paths]."
+        )
+    out = []
+    for index, tv in enumerate(task_vectors):
+        if isinstance(tv, TaskVector):
+            out.append(tv)
+        elif isinstance(tv, Mapping):
+            out.append(TaskVector(tv, {"name": f"task {index}"}))
+        else:
+            raise ValueError(f"Task vector {index} is a {type(tv).__name__}, not a mapping from keys to tensors.")
+    return out
+
+
+def _label(tv: TaskVector, index: int) -> str:
+    return f"task {index} ({tv.describe()})"
+
+
+def _check_compatible(tvs: list[TaskVector]) -> None:
+    """Same base weights, same keys, same shape and dtype per key; raise naming what differs."""
+    fingerprints = {tv.base_fingerprint for tv in tvs if tv.base_fingerprint}
+    if len(fingerprints) > 1:
+        groups: dict[str, list[str]] = {}
+        for index, tv in enumerate(tvs):
+            groups.setdefault(tv.base_fingerprint or "unknown", []).append(_label(tv, index))
+        listing = "; ".join(f"{fp[:20]}…: {', '.join(names)}" for fp, names in groups.items())
+        raise ValueError(
+            "The task vectors were made from different pre-trained weights (base fingerprints differ): "
+            f"{listing}. Merge only experts fine-tuned from the same base model."
+        )
+    reference_keys = list(tvs[0])
+    reference_set = set(reference_keys)
+    for index, tv in enumerate(tvs[1:], start=1):
+        keys = set(tv)
+        if keys != reference_set:
+            missing = sorted(reference_set - keys)
+            extra = sorted(keys - reference_set)
+            raise ValueError(
+                f"Task vectors have different keys: {_label(tv, index)} lacks {len(missing)} key(s) of "
+                f"{_label(tvs[0], 0)} (e.g. {missing[:3]}) and has {len(extra)} it lacks (e.g. {extra[:3]}). "
+                "Make every task vector from the same module."
+            )
+    for key in reference_keys:
+        shape, dtype = _shape_dtype(tvs[0], key)
+        if not dtype.is_floating_point:
+            raise ValueError(f"Key '{key}' of {_label(tvs[0], 0)} has dtype {dtype}; task vectors are floating point.")
+        for index, tv in enumerate(tvs[1:], start=1):
+            other_shape, other_dtype = _shape_dtype(tv, key)
+            if other_shape != shape:
+                raise ValueError(
+                    f"Key '{key}' has shape {shape} in {_label(tvs[0], 0)} but {other_shape} in "
+                    f"{_label(tv, index)}: the experts must share one architecture."
+                )
+            if other_dtype != dtype:
+                raise ValueError(
+                    f"Key '{key}' has dtype {dtype} in {_label(tvs[0], 0)} but {other_dtype} in "
+                    f"{_label(tv, index)}: convert them to one dtype before merging."
+                )
+
+
+def _shape_dtype(tv: TaskVector, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    spec = tv.tensor_spec(key)
+    return tuple(spec[0]), spec[1]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return f"<{type(value).__name__}>"
+
+
+def merge_task_vectors(
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    method: str = "score",
+    *,
+    alpha: float = 1.0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    is_matrix: MatrixPredicate = is_matrix_key,
+    compute_dtype: torch.dtype | None = None,
+    **options: Any,
+) -> TaskVector:
+    """Merge T task vectors into one: θ = θ₀ + α·τ* once applied.
+
+    Args:
+        task_vectors: The experts' task vectors: :class:`~lightning_score.TaskVector` objects (lazy ones
+            stream from disk) or any mappings from keys to tensors, all with the same keys, shapes and dtypes.
+        method: A name from :func:`list_methods` (``"score"`` by default).
+        alpha: The global scaling coefficient α (1.0 in the SCORE paper's protocol).
+        device: Where to compute; default CUDA when available, else CPU. The result is always on CPU.
+        progress: Show a progress bar over the keys.
+        is_matrix: Which keys the method treats as matrices (default :func:`is_matrix_key`); the rest
+            get the mean over tasks, unless the method merges every key itself.
+        compute_dtype: The dtype to compute in; default the inputs' dtype promoted to at least float32.
+        **options: The method's options (see its docstring); unknown ones are rejected.
+
+    Returns:
+        α·τ* as a :class:`~lightning_score.TaskVector` in the inputs' dtype, on CPU, whose metadata records
+        the method, its options, α and the inputs.
+
+    Raises:
+        ValueError: An empty list, task vectors with different keys, shapes, dtypes or base fingerprints,
+            non-finite values, or an unknown method or option; the message names what and where.
+
+    Example:
+        >>> import torch
+        >>> from lightning_score.merging import merge_task_vectors
+        >>> tvs = [{"w": torch.randn(8, 6), "b": torch.full((6,), float(t))} for t in range(3)]
+        >>> merged = merge_task_vectors(tvs, "score", device="cpu")
+        >>> merged["w"].shape, merged["b"][0].item(), merged.metadata["merge"]["method"]
+        (torch.Size([8, 6]), 1.0, 'score')
+    """
+    spec = get_method(method)
+    resolved_options = spec.resolve_options(options)
+    merger = spec.build(resolved_options)
+    tvs = _as_task_vectors(task_vectors)
+    _check_compatible(tvs)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
+    target = resolve_device(device)
+    keys = list(tvs[0])
+
+    def load(key: str) -> Tensor:
+        """One key's T slices on the compute device, checked for NaN/inf."""
+        input_dtype = _shape_dtype(tvs[0], key)[1]
+        dtype = compute_dtype or torch.promote_types(input_dtype, torch.float32)
+        deltas = torch.stack([tv[key].to(device=target, dtype=dtype, non_blocking=True) for tv in tvs])
+        finite = torch.isfinite(deltas.reshape(len(tvs), -1)).all(dim=1)
+        if not bool(finite.all()):
+            index = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"Key '{key}' of {_label(tvs[index], index)} has non-finite values (NaN or inf): that expert "
+                "diverged. Re-train it (lower the learning rate) or leave it out of the merge."
+            )
+        return deltas
+
+    def in_scope(key: str) -> bool:
+        return spec.scope == "all" or is_matrix(key, _shape_dtype(tvs[0], key)[0])
+
+    started = time.perf_counter()
+    merger.prepare(KeyStream([k for k in keys if in_scope(k)], load))
+    merged: dict[str, Tensor] = {}
+    iterator: Any = keys
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(keys, desc=f"merge ({method})", unit="key", leave=False)
+    for key in iterator:
+        deltas = load(key)
+        result = merger.merge_key(key, deltas) if in_scope(key) else deltas.mean(dim=0)
+        if result.shape != deltas.shape[1:]:
+            raise RuntimeError(f"Method '{method}' returned shape {tuple(result.shape)} for key '{key}'.")
+        merged[key] = result
+        del deltas
+    merger.finalize(merged)
+    for key in keys:
+        scale = alpha if merger.scales_with_alpha(key) else 1.0
+        input_dtype = _shape_dtype(tvs[0], key)[1]
+        merged[key] = (merged[key] * scale).to(device="cpu", dtype=input_dtype).contiguous()
+    seconds = time.perf_counter() - started
+    log.info(
+        "Merged %d task vectors (%d keys) with '%s' on %s in %.2f s.", len(tvs), len(keys), method, target, seconds
+    )
+
+    first = tvs[0]
+    metadata = {
+        "name": f"merged-{method}",
+        "base_model": first.base_model,
+        "base_fingerprint": first.base_fingerprint,
+        "merge": {
+            "method": method,
+            "options": _json_safe(resolved_options),
+            "alpha": float(alpha),
+            "inputs": [{"name": tv.name, "domain": tv.domain, "path": str(tv.path) if tv.path else None} for tv in tvs],
+            "device": str(target),
+            "seconds": round(seconds, 3),
+            "lightning_score_version": __version__,
+        },
+    }
+    return TaskVector(merged, {k: v for k, v in metadata.items() if v is not None})

@@ -1,0 +1,243 @@
+"""The registry of merge methods: one registration per method, with its paper and validated options.
+
+A method is registered either as a **function** that merges one key,
+``fn(deltas: Tensor[T, *shape], *, option=default, ...) -> Tensor[*shape]``, or as a **class**
+(:class:`KeyMerger` subclass) when it needs statistics over the whole model before merging any key
+(TIES, PCB) or data besides the task vectors (ESM). Either way the options are the keyword-only
+parameters with their defaults, so the registry can list them, fill defaults and reject unknown ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor
+
+__all__ = [
+    "KeyMerger",
+    "KeyStream",
+    "MethodSpec",
+    "get_method",
+    "list_methods",
+    "register_method",
+]
+
+KeyScope = Literal["matrix", "all"]
+
+
+class KeyStream:
+    """Re-iterable stream of ``(key, deltas)`` over the whole model, one key's T slices at a time.
+
+    ``deltas`` is a ``[T, *shape]`` tensor on the compute device in the compute dtype. The engine
+    hands a stream to :meth:`KeyMerger.prepare` for methods that need global statistics; each
+    iteration reads the task vectors again (from memory or from the memory-mapped files).
+    """
+
+    def __init__(self, keys: Sequence[str], load: Callable[[str], Tensor]) -> None:
+        self.keys = list(keys)
+        self._load = load
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        for key in self.keys:
+            yield key, self._load(key)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class KeyMerger:
+    """A merge method with state: options in ``__init__``, statistics in :meth:`prepare`.
+
+    Subclasses declare their options as keyword-only ``__init__`` parameters with defaults and
+    implement :meth:`merge_key`. The engine calls, in order: ``prepare(stream)`` once, ``merge_key``
+    for every key in scope, then ``finalize(merged)`` once.
+    """
+
+    def prepare(self, stream: KeyStream) -> None:
+        """Collect statistics over the whole model (default: nothing to collect)."""
+
+    def merge_key(self, key: str, deltas: Tensor) -> Tensor:
+        """Merge the T slices ``deltas[t]`` of one key into one tensor of the same shape."""
+        raise NotImplementedError
+
+    def finalize(self, merged: MutableMapping[str, Tensor]) -> None:
+        """Adjust the merged update in place after every key is merged (default: nothing)."""
+
+    def scales_with_alpha(self, key: str) -> bool:
+        """Whether the global coefficient α multiplies this key's merged update (default: yes)."""
+        return True
+
+
+class _FunctionMerger(KeyMerger):
+    """Adapts a per-key merge function with bound options to the :class:`KeyMerger` protocol."""
+
+    def __init__(self, fn: Callable[..., Tensor], options: Mapping[str, Any]) -> None:
+        self._fn = fn
+        self._options = dict(options)
+
+    def merge_key(self, key: str, deltas: Tensor) -> Tensor:
+        return self._fn(deltas, **self._options)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered merge method.
+
+    Attributes:
+        name: The name users pass as ``method=``.
+        reference: The paper (authors, venue, arXiv id).
+        summary: One line on what it does.
+        scope: ``"matrix"``: the method merges matrix keys and every other key gets the mean over tasks
+            (spec section 0); ``"all"``: the method merges every key itself.
+        defaults: Option names and their default values.
+        choices: For options with a fixed set of valid values, that set.
+        needs_data: True for data-dependent methods (ESM), which need more than task vectors.
+    """
+
+    name: str
+    reference: str
+    summary: str
+    scope: KeyScope
+    defaults: Mapping[str, Any]
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    needs_data: bool = False
+    _factory: Callable[[dict[str, Any]], KeyMerger] | None = field(default=None, repr=False, compare=False)
+
+    def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Fill defaults and reject unknown options or values outside an option's choices."""
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
+            raise ValueError(f"Unknown option(s) {unknown} for merge method '{self.name}'. Valid options: {valid}.")
+        resolved = {**self.defaults, **options}
+        for option, value in options.items():
+            _check_type(self.name, option, value, self.defaults[option])
+        for option, valid_values in self.choices.items():
+            if resolved[option] not in valid_values:
+                raise ValueError(
+                    f"Option {option}={resolved[option]!r} is not valid for merge method '{self.name}'; "
+                    f"choose one of {list(valid_values)}."
+                )
+        return resolved
+
+    def build(self, options: Mapping[str, Any]) -> KeyMerger:
+        """A fresh merger for one merge run, with validated options."""
+        assert self._factory is not None
+        return self._factory(self.resolve_options(options))
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def _check_type(method: str, option: str, value: Any, default: Any) -> None:
+    """Reject a value whose type does not match the option's default (a number for a number, and so on)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        kind = "True or False"
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "a finite number"
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+        kind = "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"Option {option}={value!r} of merge method '{method}' must be {kind}.")
+
+
+def _keyword_defaults(signature: inspect.Signature, owner: str) -> dict[str, Any]:
+    defaults = {}
+    for param in signature.parameters.values():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise TypeError(f"Option '{param.name}' of merge method {owner} needs a default value.")
+        defaults[param.name] = param.default
+    return defaults
+
+
+def register_method(
+    name: str,
+    *,
+    reference: str,
+    scope: KeyScope = "matrix",
+    choices: Mapping[str, Sequence[Any]] | None = None,
+    needs_data: bool = False,
+) -> Callable[[Any], Any]:
+    """Register a merge method under ``name`` (decorator for a function or a :class:`KeyMerger` class).
+
+    Args:
+        name: The method name, lower case (``"score"``, ``"ties"``...).
+        reference: The paper the method comes from.
+        scope: ``"matrix"`` or ``"all"``; see :class:`MethodSpec`.
+        choices: Valid values of options that take one of a few settings.
+        needs_data: Whether the method needs data besides the task vectors.
+
+    Returns:
+        The decorator; it returns the function or class unchanged.
+    """
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"Method name {name!r} must be a lower-case identifier.")
+
+    def decorator(obj: Any) -> Any:
+        if name in _REGISTRY:
+            raise ValueError(f"A merge method named '{name}' is already registered.")
+        doc = inspect.getdoc(obj) or ""
+        summary = doc.splitlines()[0] if doc else name
+        if inspect.isclass(obj) and issubclass(obj, KeyMerger):
+            defaults = _keyword_defaults(inspect.signature(obj.__init__), obj.__name__)
+
+            def factory(options: dict[str, Any]) -> KeyMerger:
+                return obj(**options)
+        elif callable(obj):
+            defaults = _keyword_defaults(inspect.signature(obj), obj.__name__)
+
+            def factory(options: dict[str, Any]) -> KeyMerger:
+                return _FunctionMerger(obj, options)
+        else:
+            raise TypeError(f"Cannot register {obj!r}: expected a function or a KeyMerger subclass.")
+        unknown_choices = set(choices or {}) - set(defaults)
+        if unknown_choices:
+            raise ValueError(f"choices given for unknown option(s) {sorted(unknown_choices)} of '{name}'.")
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            reference=reference,
+            summary=summary,
+            scope=scope,
+            defaults=defaults,
+            choices={k: tuple(v) for k, v in (choices or {}).items()},
+            needs_data=needs_data,
+            _factory=factory,
+        )
+        return obj
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    """The names of every registered merge method, in registration order.
+
+    Example:
+        >>> from lightning_score.merging import list_methods
+        >>> "score" in list_methods()
+        True
+    """
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registration of method ``name``.
+
+    Raises:
+        ValueError: No method has that name; the message lists the registered ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Unknown merge method {name!r}. Registered methods: {', '.join(_REGISTRY)}.") from None

@@ -1,0 +1,100 @@
+"""The shared orthogonal basis of TSV-M and SCORE (spec section 1, steps 1-3).
+
+Notation, per matrix key: T tasks with updates Δ_t ∈ ℝ^{m×n}, r = min(m, n), per-task rank budget
+k = ⌊r/T⌋. Each task contributes its k leading singular vectors; the concatenations
+
+    U_cat = [U_1[:, :k] | … | U_T[:, :k] | 0] ∈ ℝ^{m×r},   V_catᵀ = [V_1ᵀ[:k]; …; V_Tᵀ[:k]; 0] ∈ ℝ^{r×n}
+
+are orthogonalised by their polar factors, U⊥ = polar(U_cat) and V⊥ᵀ = polar(V_catᵀ). When T·k < r the
+last r − T·k slots are zero, and the polar factor completes them with some orthonormal basis.
+
+Every function here takes batched tensors (leading dimensions are batch dimensions), so one call
+serves all T tasks of a key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["canonicalize_signs", "concatenate_leading", "polar", "rank_budget", "thin_svd"]
+
+
+def rank_budget(shape: tuple[int, ...] | torch.Size, num_tasks: int) -> tuple[int, int]:
+    """Return ``(r, k)``: r = min(m, n) slots, k = ⌊r/T⌋ of them per task."""
+    r = min(shape[-2], shape[-1])
+    return r, r // num_tasks
+
+
+def thin_svd(deltas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD Δ = U S Vᵀ of each matrix in a batch: ``U [..., m, r]``, ``S [..., r]``, ``Vh [..., r, n]``.
+
+    This is ``torch.linalg.svd(full_matrices=False)`` on the matrices as given (never on their
+    transposes), so that the singular vectors, signs included, are the ones the spec's reference gets.
+    """
+    return torch.linalg.svd(deltas, full_matrices=False)
+
+
+def canonicalize_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each singular pair (u_i, v_i) so that the largest-magnitude entry of u_i is positive.
+
+    A singular pair is defined only up to a joint sign, and LAPACK, cuSOLVER and MAGMA choose
+    differently. SCORE's trimming statistics (the mean of the off-diagonal coefficients) are not
+    invariant to those signs, so this fixed convention is what makes results identical across backends.
+    """
+    index = U.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(U, -2, index))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, Vh * signs.mT
+
+
+def concatenate_leading(U: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Concatenate each task's k leading singular vectors into r slots (zero-padded).
+
+    Args:
+        U: ``[T, m, r]`` left singular vectors of the T tasks.
+        Vh: ``[T, r, n]`` right singular vectors (as rows).
+        k: Per-task rank budget.
+
+    Returns:
+        ``U_cat [m, r]`` and ``V_catᵀ [r, n]``; task t fills slots t·k … (t+1)·k − 1.
+    """
+    num_tasks, m, r = U.shape
+    n = Vh.shape[-1]
+    U_cat = U.new_zeros(m, r)
+    Vh_cat = Vh.new_zeros(r, n)
+    used = num_tasks * k
+    U_cat[:, :used] = U[:, :, :k].permute(1, 0, 2).reshape(m, used)
+    Vh_cat[:used] = Vh[:, :k, :].reshape(used, n)
+    return U_cat, Vh_cat
+
+
+def _polar_by_svd(A: Tensor) -> Tensor:
+    P, _, Qh = torch.linalg.svd(A, full_matrices=False)
+    return P @ Qh
+
+
+def polar(A: Tensor) -> Tensor:
+    """Return the polar factor P Qᵀ of A = P S Qᵀ: the nearest matrix with orthonormal columns (or rows).
+
+    When A is well conditioned this uses the identity polar(A) = A (AᵀA)^{-1/2} (or (AAᵀ)^{-1/2} A for a
+    wide A), an eigendecomposition of the small r×r Gram matrix that is several times cheaper than an SVD of
+    A and agrees with it to rounding (its error grows like eps·cond(A)², so it is only taken when
+    cond(A)² ≤ eps^{-1/4}). A rank-deficient or ill-conditioned A (zero-padded slots, near-identical tasks)
+    goes through the SVD, which completes the missing directions as the spec describes.
+
+    Args:
+        A: ``[..., m, n]``.
+
+    Returns:
+        ``[..., m, n]`` with orthonormal columns (m ≥ n) or rows (m < n).
+    """
+    tall = A.shape[-2] >= A.shape[-1]
+    gram = A.mT @ A if tall else A @ A.mT
+    eigenvalues, W = torch.linalg.eigh(gram)
+    smallest, largest = eigenvalues[..., 0], eigenvalues[..., -1]
+    rcond = torch.finfo(A.dtype).eps ** 0.25
+    if not bool((smallest > rcond * largest).all()):
+        return _polar_by_svd(A)
+    inverse_sqrt = (W * eigenvalues.rsqrt().unsqueeze(-2)) @ W.mT
+    return A @ inverse_sqrt if tall else inverse_sqrt @ A
