@@ -5,7 +5,8 @@ time and hands each key's T slices to a registered method. One file per method f
 package registers every method.
 """
 
-from lightning_score.merging import score  # noqa: F401  (registers the method)
+# importing a method module registers it; the order is the order of list_methods()
+from lightning_score.merging import score, tsv, iso, ties, magmax, pcb, arithmetic  # noqa: F401  # isort: skip
 from lightning_score.merging.engine import is_matrix_key, merge_task_vectors, resolve_device
 from lightning_score.merging.registry import KeyMerger, KeyStream, MethodSpec, get_method, list_methods, register_method
 

@@ -205,7 +205,8 @@ def merge_task_vectors(
         return spec.scope == "all" or is_matrix(key, _shape_dtype(tvs[0], key)[0])
 
     started = time.perf_counter()
-    merger.prepare(KeyStream([k for k in keys if in_scope(k)], load))
+    shapes = {key: _shape_dtype(tvs[0], key)[0] for key in keys}
+    merger.prepare(KeyStream([k for k in keys if in_scope(k)], load, shapes, len(tvs)))
     merged: dict[str, Tensor] = {}
     iterator: Any = keys
     if progress:

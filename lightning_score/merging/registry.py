@@ -38,9 +38,23 @@ class KeyStream:
     iteration reads the task vectors again (from memory or from the memory-mapped files).
     """
 
-    def __init__(self, keys: Sequence[str], load: Callable[[str], Tensor]) -> None:
+    def __init__(
+        self, keys: Sequence[str], load: Callable[[str], Tensor], shapes: Mapping[str, tuple[int, ...]], num_tasks: int
+    ) -> None:
         self.keys = list(keys)
+        self.shapes = {key: tuple(shapes[key]) for key in self.keys}
+        self.num_tasks = num_tasks
         self._load = load
+
+    def numel(self) -> int:
+        """Entries per task over the streamed keys (P), known without reading any tensor."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def flat(self, transform: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
+        """Each key's slices as ``[T, n]`` chunks, optionally transformed first (e.g. ``torch.abs``)."""
+        for _, deltas in self:
+            values = transform(deltas) if transform is not None else deltas
+            yield values.reshape(self.num_tasks, -1)
 
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         for key in self.keys:

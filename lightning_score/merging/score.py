@@ -29,29 +29,13 @@ import torch
 from torch import Tensor
 
 from lightning_score.merging.registry import register_method
-from lightning_score.merging.shared_basis import (
-    canonicalize_signs,
-    concatenate_leading,
-    polar,
-    rank_budget,
-    thin_svd,
-)
+from lightning_score.merging.shared_basis import shared_orthogonal_basis
 
-__all__ = ["VARIANTS", "aggregate", "project", "score_merge", "shared_orthogonal_basis", "trim_mask"]
+__all__ = ["VARIANTS", "aggregate", "project", "score_merge", "trim_mask"]
 
 Variant = Literal["trimmed", "diagonal", "off_diagonal", "full"]
 VARIANTS: tuple[str, ...] = ("trimmed", "diagonal", "off_diagonal", "full")
 SIGN_CONVENTIONS: tuple[str, ...] = ("svd", "canonical")
-
-
-def shared_orthogonal_basis(deltas: Tensor, sign_convention: str = "svd") -> tuple[Tensor, Tensor]:
-    """Steps 1-3: the shared bases U⊥ ``[m, r]`` and V⊥ᵀ ``[r, n]`` of T task matrices ``[T, m, n]``."""
-    _, k = rank_budget(deltas.shape, deltas.shape[0])
-    U, _, Vh = thin_svd(deltas)
-    if sign_convention == "canonical":
-        U, Vh = canonicalize_signs(U, Vh)
-    U_cat, Vh_cat = concatenate_leading(U, Vh, k)
-    return polar(U_cat), polar(Vh_cat)
 
 
 def project(deltas: Tensor, U_perp: Tensor, Vh_perp: Tensor) -> Tensor:
@@ -124,7 +108,7 @@ def score_merge(
     Returns:
         Δ* ``[m, n]``.
     """
-    U_perp, Vh_perp = shared_orthogonal_basis(deltas, sign_convention)
+    U_perp, _, Vh_perp = shared_orthogonal_basis(deltas, sign_convention)  # singular values unused
     C = project(deltas, U_perp, Vh_perp)
     sigma = aggregate(C, variant, z, divide_by_tasks)
     return U_perp @ sigma @ Vh_perp

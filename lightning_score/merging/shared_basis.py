@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["canonicalize_signs", "concatenate_leading", "polar", "rank_budget", "thin_svd"]
+__all__ = [
+    "canonicalize_signs",
+    "concatenate_leading",
+    "polar",
+    "rank_budget",
+    "shared_orthogonal_basis",
+    "thin_svd",
+]
 
 
 def rank_budget(shape: tuple[int, ...] | torch.Size, num_tasks: int) -> tuple[int, int]:
@@ -48,25 +55,42 @@ def canonicalize_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     return U * signs, Vh * signs.mT
 
 
-def concatenate_leading(U: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Concatenate each task's k leading singular vectors into r slots (zero-padded).
+def concatenate_leading(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate each task's k leading singular triplets into r slots (zero-padded).
 
     Args:
         U: ``[T, m, r]`` left singular vectors of the T tasks.
+        S: ``[T, r]`` singular values.
         Vh: ``[T, r, n]`` right singular vectors (as rows).
         k: Per-task rank budget.
 
     Returns:
-        ``U_cat [m, r]`` and ``V_catᵀ [r, n]``; task t fills slots t·k … (t+1)·k − 1.
+        ``U_cat [m, r]``, ``s_cat [r]`` and ``V_catᵀ [r, n]``; task t fills slots t·k … (t+1)·k − 1.
     """
     num_tasks, m, r = U.shape
     n = Vh.shape[-1]
-    U_cat = U.new_zeros(m, r)
-    Vh_cat = Vh.new_zeros(r, n)
+    U_cat, s_cat, Vh_cat = U.new_zeros(m, r), S.new_zeros(r), Vh.new_zeros(r, n)
     used = num_tasks * k
     U_cat[:, :used] = U[:, :, :k].permute(1, 0, 2).reshape(m, used)
+    s_cat[:used] = S[:, :k].reshape(used)
     Vh_cat[:used] = Vh[:, :k, :].reshape(used, n)
-    return U_cat, Vh_cat
+    return U_cat, s_cat, Vh_cat
+
+
+def shared_orthogonal_basis(deltas: Tensor, sign_convention: str = "svd") -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-3 for T task matrices ``[T, m, n]``: U⊥ ``[m, r]``, s_cat ``[r]``, V⊥ᵀ ``[r, n]``.
+
+    Args:
+        deltas: The T task matrices of one key.
+        sign_convention: ``"svd"`` keeps ``torch.linalg.svd``'s singular vectors as they are;
+            ``"canonical"`` applies :func:`canonicalize_signs` first.
+    """
+    _, k = rank_budget(deltas.shape, deltas.shape[0])
+    U, S, Vh = thin_svd(deltas)
+    if sign_convention == "canonical":
+        U, Vh = canonicalize_signs(U, Vh)
+    U_cat, s_cat, Vh_cat = concatenate_leading(U, S, Vh, k)
+    return polar(U_cat), s_cat, polar(Vh_cat)
 
 
 def _polar_by_svd(A: Tensor) -> Tensor:

@@ -69,3 +69,149 @@ def score(deltas: list[Tensor], variant: str = "trimmed", z: float = 1.96, divid
         else:
             raise ValueError(variant)
     return U_perp @ total @ Vh_perp
+
+
+# --- TSV-M and Iso (spec sections 3-4) ------------------------------------------------------------------
+
+
+def tsv(deltas: list[Tensor]) -> Tensor:
+    """TSV-M: U⊥ diag(s_cat) V⊥ᵀ."""
+    U_perp, Vh_perp, s_cat = shared_basis(deltas)
+    return U_perp @ torch.diag(s_cat) @ Vh_perp
+
+
+def iso_c(deltas: list[Tensor]) -> Tensor:
+    total = sum(d.double() for d in deltas)
+    U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+    return S.mean() * U @ Vh
+
+
+def iso_cts(deltas: list[Tensor], common_fraction: float = 0.8) -> Tensor:
+    T = len(deltas)
+    m, n = deltas[0].shape
+    r = min(m, n)
+    c0 = math.floor(common_fraction * r)
+    p = round((r - c0) / T)
+    c = r - T * p
+    total = sum(d.double() for d in deltas)
+    U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+    U_c, S_c, Vh_c = U[:, :c], S[:c], Vh[:c]
+    u_blocks, s_blocks, v_blocks = [], [], []
+    for delta in deltas:
+        residual = delta.double() - U_c @ U_c.T @ delta.double()
+        Ut, St, Vht = torch.linalg.svd(residual, full_matrices=False)
+        u_blocks.append(Ut[:, :p])
+        s_blocks.append(St[:p])
+        v_blocks.append(Vht[:p])
+    U_cat = torch.cat([*u_blocks, U_c], dim=1)
+    s_cat = torch.cat([*s_blocks, S_c])
+    Vh_cat = torch.cat([*v_blocks, Vh_c], dim=0)
+    return s_cat.mean() * polar(U_cat) @ polar(Vh_cat)
+
+
+# --- whole-model methods (spec section 6), on the flattened T×P matrix -----------------------------------
+
+
+def flatten(task_vectors: list[dict[str, Tensor]]) -> tuple[Tensor, list[tuple[str, torch.Size]]]:
+    layout = [(key, task_vectors[0][key].shape) for key in task_vectors[0]]
+    flat = torch.stack([torch.cat([tv[key].double().flatten() for key, _ in layout]) for tv in task_vectors])
+    return flat, layout
+
+
+def unflatten(vector: Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str, Tensor]:
+    out, start = {}, 0
+    for key, shape in layout:
+        size = math.prod(shape)
+        out[key] = vector[start : start + size].reshape(shape)
+        start += size
+    return out
+
+
+def order_statistic(values: Tensor, q: float) -> float:
+    """The ⌈q·P⌉-th smallest (1-indexed): the inverse empirical CDF."""
+    ordered = sorted(values.tolist())
+    rank = min(max(math.ceil(q * len(ordered) - 1e-9), 1), len(ordered))
+    return ordered[rank - 1]
+
+
+def ties(task_vectors: list[dict[str, Tensor]], density: float = 0.2) -> dict[str, Tensor]:
+    flat, layout = flatten(task_vectors)
+    T, P = flat.shape
+    k = max(int(density * P), 1)
+    trimmed = torch.zeros_like(flat)
+    for t in range(T):
+        threshold = sorted(flat[t].abs().tolist(), reverse=True)[k - 1]
+        for i in range(P):
+            if abs(flat[t, i].item()) >= threshold:
+                trimmed[t, i] = flat[t, i]
+    gamma = torch.sign(trimmed.sum(dim=0))
+    majority = torch.sign(gamma.sum())
+    gamma[gamma == 0] = majority
+    merged = torch.zeros(P, dtype=torch.float64)
+    for i in range(P):
+        chosen = [trimmed[t, i].item() for t in range(T) if torch.sign(trimmed[t, i]) == gamma[i]]
+        merged[i] = sum(chosen) / max(len(chosen), 1)
+    return unflatten(merged, layout)
+
+
+def magmax(task_vectors: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    flat, layout = flatten(task_vectors)
+    T, P = flat.shape
+    merged = torch.zeros(P, dtype=torch.float64)
+    for i in range(P):
+        best = 0
+        for t in range(T):
+            if abs(flat[t, i].item()) >= abs(flat[best, i].item()):  # ties go to the later task
+                best = t
+        merged[i] = flat[best, i]
+    return unflatten(merged, layout)
+
+
+def pcb(task_vectors: list[dict[str, Tensor]], ratio: float = 0.05, clip: float = 0.01) -> dict[str, Tensor]:
+    flat, layout = flatten(task_vectors)
+    T = flat.shape[0]
+    clipped = torch.zeros_like(flat)
+    a = torch.zeros_like(flat)
+    for t in range(T):
+        low = order_statistic(flat[t].abs(), clip)
+        high = order_statistic(flat[t].abs(), 1 - clip)
+        magnitude = flat[t].abs().clamp(low, high)
+        clipped[t] = torch.sign(flat[t]) * magnitude
+        a[t] = (magnitude - magnitude.min()) / (magnitude.max() - magnitude.min())
+    nu = torch.sign(flat) * a
+    weights = torch.zeros_like(flat)
+    for t in range(T):
+        intra = torch.exp(T * a[t] ** 2)
+        inter = sum(torch.tanh(nu[t] * nu[j]) for j in range(T))
+        beta = intra * inter
+        floor = order_statistic(beta, 1 - ratio)
+        beta = beta.clamp(min=floor)
+        weights[t] = (beta - beta.min()) / (beta.max() - beta.min())
+    merged = (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    return unflatten(merged, layout)
+
+
+# --- a whole model -------------------------------------------------------------------------------------
+
+MATRIX_METHODS = {"score": score, "tsv": tsv, "iso_c": iso_c, "iso_cts": iso_cts}
+MODEL_METHODS = {
+    "ties": ties,
+    "magmax": magmax,
+    "pcb": pcb,
+    "task_arithmetic": lambda tvs: {k: sum(tv[k].double() for tv in tvs) for k in tvs[0]},
+    "average": lambda tvs: {k: sum(tv[k].double() for tv in tvs) / len(tvs) for k in tvs[0]},
+}
+
+
+def merge_model(task_vectors: list[dict[str, Tensor]], method: str, **options: object) -> dict[str, Tensor]:
+    """Spec section 0: matrix keys (2-D, not text_projection) by the method, the rest by the mean."""
+    if method in MODEL_METHODS:
+        return MODEL_METHODS[method](task_vectors, **options)
+    out = {}
+    for key in task_vectors[0]:
+        slices = [tv[key].double() for tv in task_vectors]
+        if slices[0].ndim == 2 and "text_projection" not in key:
+            out[key] = MATRIX_METHODS[method](slices, **options)
+        else:
+            out[key] = sum(slices) / len(slices)
+    return out

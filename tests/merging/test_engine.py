@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_score import TaskVector
-from lightning_score.merging import is_matrix_key, list_methods, merge_task_vectors
+from lightning_score.merging import get_method, is_matrix_key, list_methods, merge_task_vectors
 from lightning_score.merging.score import score_merge
 
 
@@ -97,7 +97,7 @@ class _Tracking(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
 
-@pytest.mark.parametrize("method", ["score"])
+@pytest.mark.parametrize("method", [m for m in list_methods() if not get_method(m).needs_data])
 def test_the_engine_holds_one_key_at_a_time(method: str) -> None:
     alive: dict[str, list[weakref.ref]] = {}
     tvs = [_Tracking(_model(s), alive) for s in range(3)]

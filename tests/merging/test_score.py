@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_score.merging import merge_task_vectors
-from lightning_score.merging.score import VARIANTS, score_merge, shared_orthogonal_basis
+from lightning_score.merging.score import VARIANTS, score_merge
+from lightning_score.merging.shared_basis import shared_orthogonal_basis
 from tests.merging import reference
 
 # (m, n, T) with T dividing r = min(m, n): square, tall and wide, T = 2..5.
@@ -105,7 +106,7 @@ def test_orthogonal_tasks_are_kept_whole() -> None:
 @pytest.mark.parametrize(("m", "n"), [(30, 12), (12, 30)])
 def test_output_lies_in_the_span_of_the_shared_basis(m: int, n: int, variant: str) -> None:
     deltas = torch.stack(_tasks(m, n, 3, seed=9))
-    U, Vh = shared_orthogonal_basis(deltas)
+    U, _, Vh = shared_orthogonal_basis(deltas)
     merged = score_merge(deltas, variant=variant)
     outside_columns = merged - U @ (U.mT @ merged)
     outside_rows = merged - (merged @ Vh.mT) @ Vh
@@ -148,7 +149,7 @@ def test_low_precision_inputs_return_their_dtype_on_cpu(dtype: torch.dtype) -> N
 def test_trimmed_result_depends_on_svd_signs_unless_canonical(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another solver may return singular pairs with other joint signs. The trim's mean is not invariant to
     that (the spec's reference keeps torch.linalg.svd's signs); the canonical convention removes it."""
-    from lightning_score.merging import score as score_module
+    from lightning_score.merging import shared_basis
 
     deltas = torch.stack(_tasks(16, 16, 2, seed=21))
     defaults = {c: score_merge(deltas, sign_convention=c) for c in ("svd", "canonical")}
@@ -158,7 +159,7 @@ def test_trimmed_result_depends_on_svd_signs_unless_canonical(monkeypatch: pytes
         U, S, Vh = torch.linalg.svd(x, full_matrices=False)
         return U * flip, S, Vh * flip.mT
 
-    monkeypatch.setattr(score_module, "thin_svd", flipped_svd)
+    monkeypatch.setattr(shared_basis, "thin_svd", flipped_svd)
     flipped = {c: score_merge(deltas, sign_convention=c) for c in ("svd", "canonical")}
     torch.testing.assert_close(flipped["canonical"], defaults["canonical"], rtol=0, atol=1e-12)
     assert (flipped["svd"] - defaults["svd"]).norm() > 1e-3 * defaults["svd"].norm()

@@ -1,0 +1,233 @@
+"""Benchmark: SCORE through the merge engine against a deliberately plain implementation of the same maths.
+
+Task vectors have the shapes of open_clip's ViT-B-32 image tower (the model is built from its config,
+with no download), T experts (default 3). Both implementations run side by side in one process:
+
+* plain: one key and one task at a time, every SVD in full (all singular triplets, as the published
+  code does), polar factors by SVD, one projection and one trim per task;
+* engine: ``merge_task_vectors(method="score")``: the T tasks of a key batched through one SVD call and
+  one GEMM chain, polar factors from r×r eigendecompositions when well conditioned.
+
+Printed: wall time of each and the ratio, peak memory of each (CPU: resident set growth; CUDA: allocator
+peak), and the relative error ‖engine − plain‖_F / ‖plain‖_F per key (max over keys where T divides r,
+and over all keys). SCORE's trim is a hard threshold, so an entry within rounding of it can flip between
+kept and dropped; ``--float64`` also runs both in float64, where that cannot happen, to show the engine
+is exact, and reports how far the float32 plain result itself is from the float64 one.
+
+Usage::
+
+    python benchmarks/merge.py                      # T=3, CPU (or CUDA when present)
+    python benchmarks/merge.py --tasks 4 --device cuda --float64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import Tensor
+
+from lightning_score.merging import is_matrix_key, merge_task_vectors, resolve_device
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+
+def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
+    """Floating-point entries of open_clip's ViT-B-32 image tower, from its config (no weights downloaded)."""
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    return {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if v.is_floating_point()}
+
+
+def synthetic_task_vectors(shapes: dict[str, tuple[int, ...]], num_tasks: int, seed: int = 0) -> list[dict[str, Tensor]]:
+    """Fine-tuning-like updates: decaying spectra, a component shared by all tasks (so they conflict)."""
+    generator = torch.Generator().manual_seed(seed)
+    tasks: list[dict[str, Tensor]] = [{} for _ in range(num_tasks)]
+    for key, shape in shapes.items():
+        if len(shape) == 2:
+            m, n = shape
+            r = min(m, n)
+            spectrum = torch.arange(1, r + 1, dtype=torch.float32) ** -0.5
+
+            def low_rank() -> Tensor:
+                left = torch.randn(m, r, generator=generator) * spectrum
+                return left @ torch.randn(r, n, generator=generator) / r**0.5
+
+            shared = low_rank()
+            for task in tasks:
+                task[key] = 1e-3 * (0.5 * shared + low_rank())
+        else:
+            for task in tasks:
+                task[key] = 1e-3 * torch.randn(shape, generator=generator)
+    return tasks
+
+
+# --- the plain implementation ---------------------------------------------------------------------------
+
+
+def plain_score(task_vectors: list[dict[str, Tensor]], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """SCORE as the published code computes it: per key, per task, every SVD in full."""
+
+    def polar(A: Tensor) -> Tensor:
+        P, _, Qh = torch.linalg.svd(A, full_matrices=False)
+        return P @ Qh
+
+    merged = {}
+    T = len(task_vectors)
+    for key in task_vectors[0]:
+        deltas = [tv[key].to(device, dtype) for tv in task_vectors]
+        if not is_matrix_key(key, tuple(deltas[0].shape)):
+            merged[key] = (sum(deltas) / T).cpu()
+            continue
+        m, n = deltas[0].shape
+        r = min(m, n)
+        k = r // T
+        U_cat = torch.zeros(m, r, device=device, dtype=dtype)
+        Vh_cat = torch.zeros(r, n, device=device, dtype=dtype)
+        for t, delta in enumerate(deltas):
+            U, _, Vh = torch.linalg.svd(delta, full_matrices=False)
+            U_cat[:, t * k : (t + 1) * k] = U[:, :k]
+            Vh_cat[t * k : (t + 1) * k] = Vh[:k]
+        U_perp, Vh_perp = polar(U_cat), polar(Vh_cat)
+        sigma = torch.zeros(r, r, device=device, dtype=dtype)
+        eye = torch.eye(r, device=device, dtype=torch.bool)
+        for delta in deltas:
+            C = U_perp.T @ delta @ Vh_perp.T
+            off = C.masked_fill(eye, 0.0)
+            h = 1.96 * off.std() / T
+            keep = ((off - off.mean()).abs() <= h) & ~eye
+            sigma += torch.diag(torch.diagonal(C)) + C * keep
+        merged[key] = (U_perp @ sigma @ Vh_perp).cpu()
+    return merged
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory growth while the block runs: CUDA allocator peak, or resident set size sampled on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = self._rss()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self._rss())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._peak, self._rss()) - self._base
+
+
+def timed(fn: Callable[[], dict[str, Tensor]], device: torch.device) -> tuple[dict[str, Tensor], float, int]:
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return result, seconds, memory.peak_bytes
+
+
+def relative_errors(a: dict[str, Tensor], b: dict[str, Tensor], num_tasks: int) -> tuple[float, float, int]:
+    """Max ‖a − b‖/‖b‖ over matrix keys where T divides r, over all keys, and how many keys differ at all."""
+    divisible, every, differing = 0.0, 0.0, 0
+    for key in b:
+        error = ((a[key].double() - b[key].double()).norm() / b[key].double().norm().clamp_min(1e-30)).item()
+        every = max(every, error)
+        differing += int(error > 0)
+        shape = tuple(b[key].shape)
+        if len(shape) != 2 or min(shape) % num_tasks == 0:
+            divisible = max(divisible, error)
+    return divisible, every, differing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=3, help="number of task vectors T (default 3)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--blocks", type=int, default=None, help="only the first N transformer blocks")
+    parser.add_argument("--float64", action="store_true", help="also compare both implementations in float64")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    shapes = vit_b32_shapes()
+    if args.blocks is not None:
+        shapes = {
+            k: s
+            for k, s in shapes.items()
+            if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < args.blocks
+        }
+    tvs = synthetic_task_vectors(shapes, args.tasks)
+    matrices = sum(is_matrix_key(k, s) for k, s in shapes.items())
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"ViT-B/32 image tower: {len(shapes)} keys ({matrices} matrices), {params / 1e6:.1f} M parameters")
+    print(f"T = {args.tasks}, device = {device}, torch threads = {torch.get_num_threads()}")
+
+    def engine(dtype: torch.dtype) -> Callable[[], dict[str, Tensor]]:
+        return lambda: dict(merge_task_vectors(tvs, "score", device=device, compute_dtype=dtype))
+
+    # warm-up (library loading, kernel caches) on one small key
+    warm = {k: v for k, v in tvs[0].items() if k == "proj"}
+    merge_task_vectors([warm] * args.tasks, device=device)
+    plain_score([warm] * args.tasks, device, torch.float32)
+
+    plain32, t_plain, m_plain = timed(lambda: plain_score(tvs, device, torch.float32), device)
+    engine32, t_engine, m_engine = timed(engine(torch.float32), device)
+    err_div, err_all, differing = relative_errors(engine32, plain32, args.tasks)
+    print()
+    print(f"{'':10}{'wall time':>12}{'peak memory':>14}")
+    print(f"{'plain':10}{t_plain:>10.2f} s{m_plain / 2**20:>10.0f} MiB")
+    print(f"{'engine':10}{t_engine:>10.2f} s{m_engine / 2**20:>10.0f} MiB")
+    print(f"speed-up (plain / engine): {t_plain / t_engine:.2f}x")
+    print(f"float32 relative error engine vs plain: max {err_div:.2e} (keys with T | r), {err_all:.2e} (all keys)")
+    if args.float64:
+        plain64, t_plain64, _ = timed(lambda: plain_score(tvs, device, torch.float64), device)
+        engine64, t_engine64, _ = timed(engine(torch.float64), device)
+        exact_div, exact_all, _ = relative_errors(engine64, plain64, args.tasks)
+        noise_div, noise_all, _ = relative_errors(plain32, plain64, args.tasks)
+        print(f"float64 wall time: plain {t_plain64:.2f} s, engine {t_engine64:.2f} s ({t_plain64 / t_engine64:.2f}x)")
+        print(f"float64 relative error engine vs plain: max {exact_div:.2e} (T | r), {exact_all:.2e} (all keys)")
+        print(f"float32 plain vs float64 plain (the float32 result's own error): max {noise_div:.2e} (T | r)")
+        engine_noise, _, _ = relative_errors(engine32, plain64, args.tasks)
+        print(f"float32 engine vs float64 plain: max {engine_noise:.2e} (T | r)")
+
+
+if __name__ == "__main__":
+    main()
