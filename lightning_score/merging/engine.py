@@ -8,6 +8,7 @@ keys itself. The result is α·τ*, in the inputs' dtype, on CPU.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -125,15 +126,12 @@ def _shape_dtype(tv: TaskVector, key: str) -> tuple[tuple[int, ...], torch.dtype
 
 
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, torch.dtype):
-        return str(value)
-    return f"<{type(value).__name__}>"
+    """The value if it is plain JSON; otherwise a short placeholder (data such as ESM's activations)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return f"<{type(value).__name__} not recorded>"
+    return value
 
 
 def merge_task_vectors(
@@ -237,7 +235,7 @@ def merge_task_vectors(
         "base_fingerprint": first.base_fingerprint,
         "merge": {
             "method": method,
-            "options": _json_safe(resolved_options),
+            "options": {name: _json_safe(value) for name, value in resolved_options.items()},
             "alpha": float(alpha),
             "inputs": [{"name": tv.name, "domain": tv.domain, "path": str(tv.path) if tv.path else None} for tv in tvs],
             "device": str(target),

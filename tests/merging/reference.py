@@ -215,3 +215,60 @@ def merge_model(task_vectors: list[dict[str, Tensor]], method: str, **options: o
         else:
             out[key] = sum(slices) / len(slices)
     return out
+
+
+# --- ESM (spec section 5), data-dependent ---------------------------------------------------------------
+
+
+def esm_layer(deltas: list[Tensor], inputs: list[Tensor], power: float = 0.15) -> Tensor:
+    """Polarized merging of one target layer (steps 1-4); the layer-type scaling comes after all layers."""
+    T = len(deltas)
+    m = deltas[0].shape[0]
+    rank = m // T
+    us, vs, a = [], [], []
+    for delta, x in zip(deltas, inputs, strict=True):
+        shift = x.double() @ delta.double().T  # ΔO_t, N×m
+        _, sv, Vh = torch.linalg.svd(shift, full_matrices=False)  # PCA without centring
+        k = min(rank, Vh.shape[0])
+        u = Vh[:k].T  # output-space directions
+        lam = sv[:k] ** 2
+        e = (lam / lam.mean()) ** power
+        e = e / e.mean()
+        v = u.T @ delta.double()
+        a.append(torch.linalg.norm(v).item())
+        us.append(u @ torch.diag(e))
+        vs.append(torch.diag(e) @ v)
+    a_bar = sum(a) / T
+    vs = [v * (a_t / a_bar) ** 2 for v, a_t in zip(vs, a, strict=True)]
+    U_cat = torch.cat(us, dim=1)
+    V_cat = torch.cat(vs, dim=0)
+    g = torch.tensor([torch.linalg.norm(V_cat[:, j]).item() for j in range(V_cat.shape[1])], dtype=torch.float64)
+    V_cat = V_cat @ torch.diag((g / g.mean()) ** 2)
+    U_o = polar(U_cat) * torch.linalg.svd(U_cat)[1].mean()
+    V_o = polar(V_cat) * torch.linalg.svd(V_cat)[1].mean()
+    return 2 * U_o @ V_o
+
+
+def esm(
+    task_vectors: list[dict[str, Tensor]], activations: list[dict[str, Tensor]], alpha: float = 1.0
+) -> dict[str, Tensor]:
+    import re
+
+    targets = list(activations[0])
+    out = {}
+    for key in task_vectors[0]:
+        slices = [tv[key].double() for tv in task_vectors]
+        if key in targets:
+            out[key] = esm_layer(slices, [acts[key] for acts in activations])
+        elif slices[0].ndim == 2 and "text_projection" not in key:
+            out[key] = tsv(slices)  # α multiplies only the target layers
+        else:
+            out[key] = sum(slices) / len(slices)
+    groups: dict[str, list[str]] = {}
+    for key in targets:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", key), []).append(key)
+    for keys in groups.values():
+        mean_norm = sum(torch.linalg.norm(out[k]).item() for k in keys) / len(keys)
+        for k in keys:
+            out[k] = alpha * out[k] * (torch.linalg.norm(out[k]).item() / mean_norm) ** 2
+    return out
