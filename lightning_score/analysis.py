@@ -47,9 +47,9 @@ from lightning_score.task_vector import TaskVector
 __all__ = [
     "SingularSpectra",
     "SubspaceAlignment",
+    "depth_key",
     "effective_rank",
     "key_alignment",
-    "natural_key",
     "singular_spectra",
     "subspace_alignment",
 ]
@@ -182,7 +182,7 @@ class SubspaceAlignment:
         matrix: ``[T, T]`` float64, the mean over the selected keys of the per-key values (for column j,
             over the keys where Δ_j ≠ 0; 0 if there are none).
         per_key: ``key -> [T, T]`` float64 per-key SAR (0 where Δ_j = 0), keys in
-            :func:`natural_key` order (block 2 before block 10).
+            :func:`depth_key` order (embeddings, blocks 0, 1, …, 10, head).
         names: The task names (a TaskVector's ``name``, else ``"task i"``).
         energy: The energy threshold used for the effective ranks.
         ranks: ``key -> [T]`` int64 effective ranks k_i of the basis tasks.
@@ -283,7 +283,7 @@ class SingularSpectra:
         names: The task names (a TaskVector's ``name``, else ``"task i"``).
         energy: The energy threshold of the effective ranks.
         top: How many leading singular values were kept per key (None: all r).
-        shapes: ``key -> (m, n)``, keys in :func:`natural_key` order.
+        shapes: ``key -> (m, n)``, keys in :func:`depth_key` order.
         effective_rank: ``key -> [T]`` int64 effective ranks k_t at ``energy`` (0 for a zero matrix).
         singular_values: ``key -> [T, min(top, r)]`` float64 leading singular values, descending.
         frobenius_norm: ``key -> [T]`` float64 ‖Δ_t‖_F (the norm over all r singular values, so the energy
@@ -314,17 +314,29 @@ class SingularSpectra:
         """
         return self.effective_rank[key].to(torch.float64) / min(self.shapes[key])
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable record (plain lists and numbers); :meth:`from_dict` reads it back."""
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        """A JSON-serialisable record (plain lists and numbers); :meth:`from_dict` reads it back.
+
+        Args:
+            top: Keep only this many leading singular values per key and task (a full ViT-L spectrum is
+                about 600 000 numbers); default: all that are stored. Ranks and norms are always exact.
+
+        Returns:
+            The record.
+        """
+        if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1):
+            raise ValueError(f"top must be a positive integer (or None for every stored value), got {top!r}.")
+        kept = self.top if top is None else top if self.top is None else min(top, self.top)
+        values = self.singular_values if top is None else {k: v[:, :top] for k, v in self.singular_values.items()}
         return {
             "kind": "singular_spectra",
             "energy": float(self.energy),
-            "top": self.top,
+            "top": kept,
             "names": list(self.names),
             "keys": self.keys,
             "shapes": {key: list(shape) for key, shape in self.shapes.items()},
             "effective_rank": {k: [int(v) for v in t.tolist()] for k, t in self.effective_rank.items()},
-            "singular_values": {k: _matrix_rows(t) for k, t in self.singular_values.items()},
+            "singular_values": {k: _matrix_rows(t) for k, t in values.items()},
             "frobenius_norm": {k: [float(v) for v in t.tolist()] for k, t in self.frobenius_norm.items()},
         }
 
@@ -453,7 +465,7 @@ def _select_keys(
                 "defined for 2-D matrix keys (see is_matrix_key). Leave it out, or pass another is_matrix predicate."
             )
         candidates = [k for k in candidates if k in wanted]
-    selected = sorted((k for k in candidates if is_matrix(k, tuple(reference.tensor_spec(k)[0]))), key=natural_key)
+    selected = sorted((k for k in candidates if is_matrix(k, tuple(reference.tensor_spec(k)[0]))), key=depth_key)
     if not selected:
         raise ValueError(
             f"No matrix keys selected (the task vectors have {len(all_keys)} key(s); prefix={prefix!r}, "
@@ -463,17 +475,29 @@ def _select_keys(
     return selected
 
 
-def natural_key(key: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that compares runs of digits as numbers: ``resblocks.2`` before ``resblocks.10``.
+def depth_key(key: str) -> tuple[int, tuple[tuple[int, int | str], ...]]:
+    """Sort key that puts state-dict keys in depth order: embeddings, numbered blocks, then the rest.
 
-    Results list keys in this order whatever the task vectors' own order (a safetensors file stores its
-    keys alphabetically), so in-memory and on-disk inputs agree and layers come out in depth order.
+    Keys with ``embed`` in their name and no block number come first, keys with a block number (``.N.``)
+    next, everything else (the output projection, final norms) last; within each group runs of digits
+    compare as numbers, so ``resblocks.2`` comes before ``resblocks.10``. Results list their keys in this
+    order whatever the task vectors' own order (a safetensors file stores its keys alphabetically), so
+    in-memory and on-disk inputs agree and per-layer plots read from input to output.
 
     Example:
-        >>> sorted(["b.10.w", "b.2.w", "a"], key=natural_key)
-        ['a', 'b.2.w', 'b.10.w']
+        >>> keys = ["proj", "transformer.resblocks.10.mlp.c_fc.weight", "positional_embedding",
+        ...         "transformer.resblocks.2.mlp.c_fc.weight"]
+        >>> sorted(keys, key=depth_key)  # doctest: +NORMALIZE_WHITESPACE
+        ['positional_embedding', 'transformer.resblocks.2.mlp.c_fc.weight',
+         'transformer.resblocks.10.mlp.c_fc.weight', 'proj']
     """
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", key) if part)
+    natural = tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", key) if part)
+    if _BLOCK.search(key):
+        return 1, natural
+    return (0 if "embed" in key.lower() else 2), natural
+
+
+_BLOCK = re.compile(r"(?:^|\.)\d+\.")
 
 
 def _names(tvs: list[TaskVector]) -> list[str]:
@@ -595,7 +619,7 @@ def subspace_alignment(
 def singular_spectra(
     task_vectors: Sequence[Mapping[str, Tensor]],
     energy: float = 0.97,
-    top: int | None = 32,
+    top: int | None = None,
     *,
     is_matrix: MatrixPredicate = is_matrix_key,
     keys: Collection[str] | None = None,
@@ -609,7 +633,8 @@ def singular_spectra(
     Args:
         task_vectors: The experts' task vectors (as for :func:`subspace_alignment`).
         energy: The effective-rank threshold, in (0, 1].
-        top: How many leading singular values to keep per key and task (None: all r = min(m, n)).
+        top: How many leading singular values to keep per key and task (default None: all r = min(m, n),
+            a few MB for a ViT-L; the rank and norm are exact either way).
         is_matrix: Which keys are matrices (default :func:`~lightning_score.merging.is_matrix_key`).
         keys: Only these keys (each must exist and be a matrix key).
         prefix: Only keys starting with this prefix (or any of these prefixes).

@@ -20,6 +20,7 @@ from lightning_score import TaskVector
 from lightning_score.analysis import (
     SingularSpectra,
     SubspaceAlignment,
+    depth_key,
     effective_rank,
     key_alignment,
     singular_spectra,
@@ -43,21 +44,22 @@ def reference_rank(delta: torch.Tensor, energy: float) -> int:
     return len(s)
 
 
-def reference_sar(basis: torch.Tensor, other: torch.Tensor, energy: float) -> float:
-    """SAR(other | basis) = ‖U_k U_kᵀ other‖_F / ‖other‖_F with a full SVD of the basis task."""
+def reference_basis(basis: torch.Tensor, energy: float) -> torch.Tensor:
+    """U_{:k}: the k leading left singular vectors from a full SVD of the basis task."""
     U, _, _ = torch.linalg.svd(basis.double(), full_matrices=True)
-    k = reference_rank(basis, energy)
-    Uk = U[:, :k]
-    projector = Uk @ Uk.T
-    return (torch.linalg.norm(projector @ other.double()) / torch.linalg.norm(other.double())).item()
+    return U[:, : reference_rank(basis, energy)]
 
 
 def reference_matrix(deltas: list[torch.Tensor], energy: float) -> torch.Tensor:
+    """Every ordered pair (i = j included): row i = basis task, column j = projected task."""
     T = len(deltas)
     out = torch.zeros(T, T, dtype=torch.float64)
     for i in range(T):
+        Uk = reference_basis(deltas[i], energy)
+        projector = Uk @ Uk.T
         for j in range(T):
-            out[i, j] = reference_sar(deltas[i], deltas[j], energy)
+            other = deltas[j].double()
+            out[i, j] = torch.linalg.norm(projector @ other) / torch.linalg.norm(other)
     return out
 
 
@@ -87,12 +89,12 @@ def model(seed: int, dtype: torch.dtype = torch.float64, decay: float = 0.8) -> 
     }
 
 
-MATRIX_KEYS = [  # natural order (numbers compared as numbers), whatever the task vectors' own order
+MATRIX_KEYS = [  # depth order (embeddings, blocks, head), whatever the task vectors' own order
     "positional_embedding",
-    "proj",
     "transformer.resblocks.0.attn.in_proj_weight",
     "transformer.resblocks.0.mlp.c_proj.weight",
     "transformer.resblocks.1.mlp.c_fc.weight",
+    "proj",
 ]
 
 
@@ -235,7 +237,7 @@ def test_key_selection_prefix_list_and_predicate() -> None:
         assert torch.equal(blocks.per_key[key], everything.per_key[key])
     torch.testing.assert_close(blocks.matrix, torch.stack([everything.per_key[k] for k in blocks.keys]).mean(0))
     two = subspace_alignment(tvs, keys=["proj", "positional_embedding"])
-    assert two.keys == ["positional_embedding", "proj"]  # natural order, not the request's
+    assert two.keys == ["positional_embedding", "proj"]  # depth order, not the request's
     both = subspace_alignment(tvs, prefix=("proj", "positional"))
     assert both.keys == two.keys
     only_square = subspace_alignment(tvs, is_matrix=lambda key, shape: len(shape) == 2 and shape[0] == shape[1])
@@ -488,3 +490,12 @@ def test_keys_come_out_in_depth_order_whatever_the_input_order() -> None:
     tv = {k: torch.randn(4, 3, generator=g, dtype=torch.float64) for k in scrambled}
     assert subspace_alignment([tv]).keys == names
     assert singular_spectra([tv]).keys == names
+    vit = ["proj", "positional_embedding", "class_embedding", "conv1.weight", *scrambled, "ln_post.weight"]
+    assert sorted(vit, key=depth_key) == [
+        "class_embedding",
+        "positional_embedding",
+        *names,
+        "conv1.weight",
+        "ln_post.weight",
+        "proj",
+    ]
