@@ -1,0 +1,271 @@
+"""Plots: the figures hold what a reader needs (names, values, colour bar), nothing is clipped, PNGs are written atomically."""
+
+from __future__ import annotations
+
+import doctest
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+import lightning_score.plots as plots_module
+from lightning_score.analysis import SingularSpectra, SubspaceAlignment, singular_spectra, subspace_alignment
+from lightning_score.plots import (
+    method_accuracy_figure,
+    plot_method_accuracy,
+    plot_singular_spectra,
+    plot_subspace_alignment,
+    save_png,
+    short_key,
+    singular_spectra_figure,
+    subspace_alignment_figure,
+)
+
+NAMES = ["art_painting", "cartoon", "photo", "sketch", "clipart", "infograph"]
+
+
+def vit_b32_keys() -> dict[str, tuple[int, int]]:
+    """The matrix keys of an open_clip ViT-B/32 image tower: 12 blocks × 4 matrices + 2."""
+    d = 768
+    shapes = {"positional_embedding": (50, d)}
+    for b in range(12):
+        shapes[f"transformer.resblocks.{b}.attn.in_proj_weight"] = (3 * d, d)
+        shapes[f"transformer.resblocks.{b}.attn.out_proj.weight"] = (d, d)
+        shapes[f"transformer.resblocks.{b}.mlp.c_fc.weight"] = (4 * d, d)
+        shapes[f"transformer.resblocks.{b}.mlp.c_proj.weight"] = (d, 4 * d)
+    shapes["proj"] = (d, 512)
+    return shapes
+
+
+def synthetic_alignment(names: list[str]) -> SubspaceAlignment:
+    T = len(names)
+    g = torch.Generator().manual_seed(0)
+    matrix = 0.2 + 0.6 * torch.rand(T, T, generator=g, dtype=torch.float64)
+    matrix.fill_diagonal_(0.99)
+    keys = list(vit_b32_keys())
+    return SubspaceAlignment(matrix=matrix, per_key={k: matrix for k in keys}, names=names, energy=0.97)
+
+
+def synthetic_spectra(names: list[str]) -> SingularSpectra:
+    """ViT-B/32-shaped spectra without any SVD: geometric decays with task-dependent rates."""
+    shapes = vit_b32_keys()
+    values, ranks, norms = {}, {}, {}
+    for index, (key, (m, n)) in enumerate(shapes.items()):
+        r = min(m, n)
+        rates = torch.tensor([0.990 - 0.002 * t - 0.0001 * index for t in range(len(names))], dtype=torch.float64)
+        s = rates[:, None] ** torch.arange(r, dtype=torch.float64)[None, :]
+        values[key] = s
+        norms[key] = s.norm(dim=1)
+        cumulative = (s**2).cumsum(1) / (s**2).sum(1, keepdim=True)
+        ranks[key] = (cumulative < 0.97).sum(1) + 1
+    return SingularSpectra(
+        names=names,
+        energy=0.97,
+        top=None,
+        shapes=shapes,
+        effective_rank=ranks,
+        singular_values=values,
+        frobenius_norm=norms,
+    )
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def assert_nothing_clipped(figure) -> None:
+    """Everything drawn (texts, legends, colour bar) lies inside the figure, to 1 px."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    drawn = figure.get_tightbbox(renderer)  # inches, over the artists actually drawn
+    page = figure.bbox_inches
+    slack = 1.0 / figure.dpi
+    assert drawn.x0 >= page.x0 - slack and drawn.y0 >= page.y0 - slack, (drawn, page)
+    assert drawn.x1 <= page.x1 + slack and drawn.y1 <= page.y1 + slack, (drawn, page)
+
+
+# --- SAR heat-map ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", [NAMES, ["a", "b"], [f"domain number {i}" for i in range(10)]])
+def test_heat_map_has_names_values_orientation_and_a_colour_bar(names: list[str]) -> None:
+    sar = synthetic_alignment(names)
+    figure = subspace_alignment_figure(sar)
+    heat, colour_bar = figure.axes  # the heat-map and its colour bar
+    assert [t.get_text() for t in heat.get_xticklabels()] == names
+    assert [t.get_text() for t in heat.get_yticklabels()] == names
+    cells = [t.get_text() for t in heat.texts]
+    assert len(cells) == len(names) ** 2
+    assert cells[1] == f"{sar.matrix[0, 1].item():.2f}"  # row-major: row i = basis task, column j = projected task
+    assert "basis task" in heat.get_ylabel() and "projected task" in heat.get_xlabel()
+    assert "row $i$ = basis task" in heat.get_title() and "energy 0.97" in heat.get_title()
+    assert "SAR" in colour_bar.get_ylabel()
+    image = heat.images[0]
+    assert image.get_clim() == (0.0, 1.0)
+    assert_nothing_clipped(figure)
+
+
+def test_heat_map_png_from_a_real_analysis_and_from_its_json(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tvs = [{"w": torch.randn(12, 8, generator=g), "v": torch.randn(8, 8, generator=g)} for _ in range(3)]
+    sar = subspace_alignment(tvs)
+    path = plot_subspace_alignment(sar, tmp_path / "out" / "sar.png")
+    assert path == tmp_path / "out" / "sar.png" and path.stat().st_size > 20_000
+    width, height = png_size(path)
+    assert 600 <= width <= 3000 and 600 <= height <= 3000
+    again = plot_subspace_alignment(sar.to_dict(), tmp_path / "sar-from-json.png", title="PACS, ViT-B/32", dpi=80)
+    assert png_size(again)[0] < width
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sar-from-json.png"]  # no temporary files left
+    with pytest.raises(TypeError, match="SubspaceAlignment"):
+        subspace_alignment_figure([[1.0]])  # type: ignore[arg-type]
+
+
+# --- spectra --------------------------------------------------------------------------------------
+
+
+def test_spectrum_plot_is_readable_for_vit_b32(tmp_path: Path) -> None:
+    spectra = synthetic_spectra(NAMES)
+    figure = singular_spectra_figure(spectra)
+    top, *curves = figure.axes
+    labels = [t.get_text() for t in top.get_xticklabels()]
+    assert len(labels) == 50 and labels[0] == "positional_embedding" and labels[1] == "b0.attn.in_proj"
+    assert labels[-1] == "proj" and labels[-2] == "b11.mlp.c_proj"
+    assert [t.get_text() for t in top.get_legend().get_texts()] == NAMES
+    assert len(top.get_lines()) >= len(NAMES)
+    # by default the decay panels are spread over the transformer blocks, first to last
+    assert [ax.get_title().split()[0] for ax in curves] == [
+        "b0.attn.in_proj",
+        "b4.attn.in_proj",
+        "b7.mlp.c_proj",
+        "b11.mlp.c_proj",
+    ]
+    assert all(ax.get_yscale() == "log" for ax in curves)
+    assert_nothing_clipped(figure)
+    path = save_png(figure, tmp_path / "spectra.png", dpi=100)
+    width, height = png_size(path)
+    assert width >= 1200 and 600 <= height <= 1500 and path.stat().st_size > 50_000
+
+
+def test_spectrum_plot_options_and_a_tiny_real_model(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    tvs = [{"a": torch.randn(6, 4, generator=g), "b.0.w": torch.zeros(5, 5)} for _ in range(2)]
+    spectra = singular_spectra(tvs)  # `b.0.w` is zero in every task: no curve, rank 0
+    figure = singular_spectra_figure(spectra, layers=["a", "b.0.w"])
+    assert len(figure.axes) == 3 and figure.axes[1].get_title().startswith("a  (6×4)")
+    assert [t.get_text() for t in figure.axes[2].texts] == ["zero in every task"]
+    assert_nothing_clipped(figure)
+    only_ranks = singular_spectra_figure(spectra.to_dict(), max_layers=0)
+    assert len(only_ranks.axes) == 1
+    truncated = singular_spectra_figure(singular_spectra(tvs, top=2), layers=["a"])
+    assert "leading 2" in truncated.axes[1].get_title()
+    with pytest.raises(ValueError, match="Layer 'nope' is not among the spectra's keys"):
+        singular_spectra_figure(spectra, layers=["nope"])
+    assert png_size(plot_singular_spectra(spectra, tmp_path / "tiny.png"))[0] > 500
+
+
+# --- merge-method accuracy ------------------------------------------------------------------------
+
+
+def test_method_accuracy_bars_highlight_the_best_and_show_domains(tmp_path: Path) -> None:
+    table = {
+        "zero-shot": {"art": 0.61, "cartoon": 0.55, "photo": 0.90, "sketch": 0.40},
+        "tsv": {"art": 0.68, "cartoon": 0.63, "photo": 0.93, "sketch": 0.53},
+        "score": {"art": 0.69, "cartoon": 0.65, "photo": 0.94, "sketch": 0.55},
+        "per-domain expert": {"art": 0.80, "cartoon": 0.80, "photo": 0.97, "sketch": 0.70},
+    }
+    figure = method_accuracy_figure(table, exclude_from_best=["per-domain expert"])
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(table)
+    bars = ax.patches
+    assert [round(b.get_width(), 6) for b in bars] == [61.5, 69.25, 70.75, 81.75]  # fractions drawn as %
+    colours = [b.get_facecolor() for b in bars]
+    assert colours[2] != colours[0] and colours[0] == colours[1] == colours[3]  # score, not the upper bound
+    assert ax.get_yticklabels()[2].get_fontweight() == "bold"
+    assert "70.75  (best)" in [t.get_text() for t in ax.texts]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["art", "cartoon", "photo", "sketch"]
+    assert ax.get_xlabel() == "accuracy (%)"
+    assert_nothing_clipped(figure)
+    path = plot_method_accuracy(table, tmp_path / "methods.png")
+    assert png_size(path)[0] > 800 and path.stat().st_size > 20_000
+
+
+def test_method_accuracy_plain_means_missing_values_and_units() -> None:
+    table = {"score": 65.69, "tsv": 64.95, "ties": 64.84, "iso_cts": float("nan"), "zero-shot": 55.63}
+    ax = method_accuracy_figure(table).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "65.69  (best)" in texts and "n/a" in texts
+    assert ax.patches[0].get_width() == pytest.approx(65.69)  # already percentages: drawn as given
+    ax = method_accuracy_figure({"a": 0.5, "b": 0.7}, unit="percent", highlight_best=False).axes[0]
+    assert [b.get_width() for b in ax.patches] == [0.5, 0.7]
+    assert len({b.get_facecolor() for b in ax.patches}) == 1
+    ax = method_accuracy_figure({"a": {"mean": 0.6, "x": 0.2, "y": 0.4}}).axes[0]
+    assert ax.patches[0].get_width() == pytest.approx(60.0)  # an explicit "mean" wins over the domains' mean
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({}, "non-empty mapping"),
+        ([("score", 0.6)], "non-empty mapping"),
+        ({"score": "high"}, "expected a number or a mapping"),
+        ({"score": {}}, "empty mapping of per-domain accuracies"),
+    ],
+)
+def test_method_accuracy_bad_tables(table: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        method_accuracy_figure(table)  # type: ignore[arg-type]
+
+
+def test_method_accuracy_bad_unit() -> None:
+    with pytest.raises(ValueError, match="unit must be"):
+        method_accuracy_figure({"a": 0.5}, unit="ratio")
+
+
+# --- writing, imports -----------------------------------------------------------------------------
+
+
+def test_save_png_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figure = method_accuracy_figure({"a": 0.5})
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old")
+    assert save_png(figure, target) == target and png_size(target)[0] > 100
+
+    def broken(*args: object, **kwargs: object) -> None:
+        Path(args[0]).write_bytes(b"partial")  # type: ignore[arg-type]
+        raise RuntimeError("disk full")
+
+    before = target.read_bytes()
+    monkeypatch.setattr(figure, "savefig", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_png(figure, target)
+    assert target.read_bytes() == before  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # and no temporary file is left
+
+
+def test_missing_matplotlib_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'lightning-score\[plot\]'"):
+        subspace_alignment_figure(synthetic_alignment(["a", "b"]))
+
+
+def test_short_key_and_docstring_examples() -> None:
+    assert short_key("transformer.resblocks.3.mlp.c_fc.weight") == "b3.mlp.c_fc"
+    assert short_key("transformer.resblocks.10.attn.out_proj.weight") == "b10.attn.out_proj"
+    result = doctest.testmod(plots_module)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def test_plots_never_touch_pyplot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # any `import matplotlib.pyplot` now fails
+    save_png(subspace_alignment_figure(synthetic_alignment(["a", "b"])), tmp_path / "a.png", dpi=40)
+    save_png(method_accuracy_figure({"a": 0.5}), tmp_path / "b.png", dpi=40)
+    tiny = singular_spectra([{"w": torch.randn(4, 3)}])
+    save_png(singular_spectra_figure(tiny), tmp_path / "c.png", dpi=40)
