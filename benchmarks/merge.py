@@ -6,7 +6,7 @@ with no download), T experts (default 3). Both implementations run side by side 
 * plain: one key and one task at a time, every SVD in full (all singular triplets, as the published
   code does), polar factors by SVD, one projection and one trim per task;
 * engine: ``merge_task_vectors(method="score")``: the T tasks of a key batched through one SVD call and
-  one GEMM chain, polar factors from r×r eigendecompositions when well conditioned.
+  one GEMM chain.
 
 Printed: wall time of each and the ratio, peak memory of each (CPU: resident set growth; CUDA: allocator
 peak), and the relative error ‖engine − plain‖_F / ‖plain‖_F per key (max over keys where T divides r,
@@ -14,10 +14,14 @@ and over all keys). SCORE's trim is a hard threshold, so an entry within roundin
 kept and dropped; ``--float64`` also runs both in float64, where that cannot happen, to show the engine
 is exact, and reports how far the float32 plain result itself is from the float64 one.
 
+Then every data-free method of the registry runs through the engine on the same inputs and one table
+prints each one's wall time and peak memory.
+
 Usage::
 
     python benchmarks/merge.py                      # T=3, CPU (or CUDA when present)
     python benchmarks/merge.py --tasks 4 --device cuda --float64
+    python benchmarks/merge.py --blocks 2 --no-table   # a quick look
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import Tensor
 
-from lightning_score.merging import is_matrix_key, merge_task_vectors, resolve_device
+from lightning_score.merging import get_method, is_matrix_key, list_methods, merge_task_vectors, resolve_device
 
 # --- inputs -------------------------------------------------------------------------------------------
 
@@ -48,23 +52,26 @@ def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if v.is_floating_point()}
 
 
-def synthetic_task_vectors(shapes: dict[str, tuple[int, ...]], num_tasks: int, seed: int = 0) -> list[dict[str, Tensor]]:
+def _low_rank(m: int, n: int, generator: torch.Generator) -> Tensor:
+    """A random m×n matrix with a decaying spectrum (σ_i ∝ i^-1/2)."""
+    r = min(m, n)
+    spectrum = torch.arange(1, r + 1, dtype=torch.float32) ** -0.5
+    left = torch.randn(m, r, generator=generator) * spectrum
+    return left @ torch.randn(r, n, generator=generator) / r**0.5
+
+
+def synthetic_task_vectors(
+    shapes: dict[str, tuple[int, ...]], num_tasks: int, seed: int = 0
+) -> list[dict[str, Tensor]]:
     """Fine-tuning-like updates: decaying spectra, a component shared by all tasks (so they conflict)."""
     generator = torch.Generator().manual_seed(seed)
     tasks: list[dict[str, Tensor]] = [{} for _ in range(num_tasks)]
     for key, shape in shapes.items():
         if len(shape) == 2:
             m, n = shape
-            r = min(m, n)
-            spectrum = torch.arange(1, r + 1, dtype=torch.float32) ** -0.5
-
-            def low_rank() -> Tensor:
-                left = torch.randn(m, r, generator=generator) * spectrum
-                return left @ torch.randn(r, n, generator=generator) / r**0.5
-
-            shared = low_rank()
+            shared = _low_rank(m, n, generator)
             for task in tasks:
-                task[key] = 1e-3 * (0.5 * shared + low_rank())
+                task[key] = 1e-3 * (0.5 * shared + _low_rank(m, n, generator))
         else:
             for task in tasks:
                 task[key] = 1e-3 * torch.randn(shape, generator=generator)
@@ -184,6 +191,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--blocks", type=int, default=None, help="only the first N transformer blocks")
     parser.add_argument("--float64", action="store_true", help="also compare both implementations in float64")
+    parser.add_argument("--no-table", action="store_true", help="skip the table of every data-free method")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
@@ -210,7 +218,7 @@ def main() -> None:
 
     plain32, t_plain, m_plain = timed(lambda: plain_score(tvs, device, torch.float32), device)
     engine32, t_engine, m_engine = timed(engine(torch.float32), device)
-    err_div, err_all, differing = relative_errors(engine32, plain32, args.tasks)
+    err_div, err_all, _ = relative_errors(engine32, plain32, args.tasks)
     print()
     print(f"{'':10}{'wall time':>12}{'peak memory':>14}")
     print(f"{'plain':10}{t_plain:>10.2f} s{m_plain / 2**20:>10.0f} MiB")
@@ -221,12 +229,22 @@ def main() -> None:
         plain64, t_plain64, _ = timed(lambda: plain_score(tvs, device, torch.float64), device)
         engine64, t_engine64, _ = timed(engine(torch.float64), device)
         exact_div, exact_all, _ = relative_errors(engine64, plain64, args.tasks)
-        noise_div, noise_all, _ = relative_errors(plain32, plain64, args.tasks)
+        noise_div, _, _ = relative_errors(plain32, plain64, args.tasks)
         print(f"float64 wall time: plain {t_plain64:.2f} s, engine {t_engine64:.2f} s ({t_plain64 / t_engine64:.2f}x)")
         print(f"float64 relative error engine vs plain: max {exact_div:.2e} (T | r), {exact_all:.2e} (all keys)")
         print(f"float32 plain vs float64 plain (the float32 result's own error): max {noise_div:.2e} (T | r)")
         engine_noise, _, _ = relative_errors(engine32, plain64, args.tasks)
         print(f"float32 engine vs float64 plain: max {engine_noise:.2e} (T | r)")
+    if not args.no_table:
+        print()
+        print(f"Every data-free method through the engine (T = {args.tasks}, float32, {device}):")
+        print(f"| {'method':16} | {'wall time (s)':>13} | {'peak memory (MiB)':>17} |")
+        print(f"|{'-' * 18}|{'-' * 15}:|{'-' * 19}:|")
+        for method in list_methods():
+            if get_method(method).needs_data:
+                continue
+            _, seconds, peak = timed(lambda m=method: dict(merge_task_vectors(tvs, m, device=device)), device)
+            print(f"| {method:16} | {seconds:13.2f} | {peak / 2**20:17.0f} |")
 
 
 if __name__ == "__main__":

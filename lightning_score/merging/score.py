@@ -16,9 +16,8 @@ Notation, per matrix key: T tasks with updates Δ_t ∈ ℝ^{m×n}, r = min(m, n
 6. Aggregate by sum: Σ* = Σ_t Trim(C_t), where Trim keeps the whole diagonal.
 7. Reconstruct: Δ* = U⊥ Σ* V⊥ᵀ.
 
-Cost per m×n key: T SVDs of m×n, two polar factors (r×r eigendecompositions, or SVDs when the
-factors are ill conditioned), 2T + 2 GEMMs of m·n·r, T trims of r² entries. The T tasks of a key go
-through each step as one batch.
+Cost per m×n key: T SVDs of m×n, two polar factors (SVDs of m×r and r×n), 2T + 2 GEMMs of m·n·r, T trims
+of r² entries. The T tasks of a key go through each step as one batch.
 """
 
 from __future__ import annotations

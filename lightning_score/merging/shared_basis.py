@@ -93,19 +93,12 @@ def shared_orthogonal_basis(deltas: Tensor, sign_convention: str = "svd") -> tup
     return polar(U_cat), s_cat, polar(Vh_cat)
 
 
-def _polar_by_svd(A: Tensor) -> Tensor:
-    P, _, Qh = torch.linalg.svd(A, full_matrices=False)
-    return P @ Qh
-
-
 def polar(A: Tensor) -> Tensor:
-    """Return the polar factor P Qᵀ of A = P S Qᵀ: the nearest matrix with orthonormal columns (or rows).
+    """Return the polar factor P Qᵀ of A = P S Qᵀ (thin SVD): the nearest matrix with orthonormal columns (rows).
 
-    When A is well conditioned this uses the identity polar(A) = A (AᵀA)^{-1/2} (or (AAᵀ)^{-1/2} A for a
-    wide A), an eigendecomposition of the small r×r Gram matrix that is several times cheaper than an SVD of
-    A and agrees with it to rounding (its error grows like eps·cond(A)², so it is only taken when
-    cond(A)² ≤ eps^{-1/4}). A rank-deficient or ill-conditioned A (zero-padded slots, near-identical tasks)
-    goes through the SVD, which completes the missing directions as the spec describes.
+    Computed from the SVD, as the spec defines it: the concatenated factors are often badly conditioned
+    (the experts' leading directions overlap, which is the very conflict SCORE resolves), where cheaper
+    Gram-matrix formulas lose accuracy, and the SVD completes zero-padded slots with an orthonormal basis.
 
     Args:
         A: ``[..., m, n]``.
@@ -113,12 +106,5 @@ def polar(A: Tensor) -> Tensor:
     Returns:
         ``[..., m, n]`` with orthonormal columns (m ≥ n) or rows (m < n).
     """
-    tall = A.shape[-2] >= A.shape[-1]
-    gram = A.mT @ A if tall else A @ A.mT
-    eigenvalues, W = torch.linalg.eigh(gram)
-    smallest, largest = eigenvalues[..., 0], eigenvalues[..., -1]
-    rcond = torch.finfo(A.dtype).eps ** 0.25
-    if not bool((smallest > rcond * largest).all()):
-        return _polar_by_svd(A)
-    inverse_sqrt = (W * eigenvalues.rsqrt().unsqueeze(-2)) @ W.mT
-    return A @ inverse_sqrt if tall else inverse_sqrt @ A
+    P, _, Qh = torch.linalg.svd(A, full_matrices=False)
+    return P @ Qh
