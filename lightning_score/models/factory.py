@@ -1,0 +1,269 @@
+"""One function that builds an open_clip CLIP with its transforms and tokenizer: :func:`build_clip`.
+
+``pretrained`` says where the weights come from:
+
+- ``None``: random initialisation (seeded by torch's global generator).
+- an open_clip tag such as ``"openai"`` or ``"laion2b_s34b_b79k"``: downloaded from the hub on first use.
+  When the download fails (offline machine, ``HF_HUB_OFFLINE=1``) the error says how to pass a local file.
+- a local weights file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``): read without unpickling arbitrary
+  objects (safetensors, or ``torch.load(weights_only=True)``) and loaded strictly.
+- ``"builtin:digits"``: the offline base model pre-trained by :mod:`lightning_score.data.digits`; built
+  into the cache the first time, then loaded as a local file, through exactly the code path above.
+
+:func:`save_clip_weights` writes the safetensors files that this function reads back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import open_clip
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_score.models.cache import atomic_write_file
+from lightning_score.task_vector import state_dict_fingerprint
+
+__all__ = [
+    "BUILTIN_PREFIX",
+    "LOCAL_WEIGHT_SUFFIXES",
+    "WEIGHTS_FORMAT",
+    "CLIPComponents",
+    "build_clip",
+    "read_weights_metadata",
+    "resolve_builtin_weights",
+    "save_clip_weights",
+    "weights_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FORMAT = "lightning-score/open-clip-weights"
+BUILTIN_PREFIX = "builtin:"
+LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+# builtin name -> (module, function(model_name=...) -> Path of a weights file)
+_BUILTIN_WEIGHTS = {"digits": ("lightning_score.data.digits", "build_digits_base")}
+
+
+class CLIPComponents(NamedTuple):
+    """What :func:`build_clip` returns."""
+
+    model: nn.Module
+    """The open_clip model (``model.visual`` is the image encoder), in eval mode, on the requested device."""
+    train_transform: Callable[[Any], torch.Tensor]
+    """open_clip's training preprocessing (random resized crop, normalisation) for a PIL image."""
+    val_transform: Callable[[Any], torch.Tensor]
+    """open_clip's evaluation preprocessing (resize, centre crop, normalisation)."""
+    tokenizer: Callable[..., torch.Tensor]
+    """The model's tokenizer: a list of strings to a ``[N, context_length]`` token tensor."""
+    base_model: str
+    """A label for the pre-trained model, e.g. ``"ViT-B-32/openai"`` or ``"tiny-ViT-W96-L3/builtin:digits"``."""
+    weights: str | None
+    """The tag or the resolved local file the weights came from (``None`` for random initialisation)."""
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], keys: list[str] | None = None) -> str:
+    """:func:`~lightning_score.task_vector.state_dict_fingerprint` that also accepts 0-d tensors (``logit_scale``).
+
+    0-d entries are hashed as 1-element vectors; image-encoder state dicts have none, so for them the result
+    equals ``state_dict_fingerprint`` (the value task vectors record as ``base_fingerprint``).
+    """
+    return state_dict_fingerprint({k: (v.reshape(1) if v.ndim == 0 else v) for k, v in state_dict.items()}, keys)
+
+
+def _check_model_name(model_name: str) -> None:
+    if open_clip.get_model_config(model_name) is None:
+        tiny = [m for m in open_clip.list_models() if m.startswith("tiny-")]
+        raise ValueError(
+            f"Unknown open_clip model {model_name!r}. Use an open_clip architecture (e.g. 'ViT-B-32', 'ViT-B-16', "
+            f"'ViT-L-14'; see open_clip.list_models()) or one of lightning-score's tiny CPU models {tiny}."
+        )
+
+
+def resolve_builtin_weights(token: str, model_name: str) -> Path:
+    """The local weights file behind a ``builtin:<name>`` token, built into the cache if missing.
+
+    Args:
+        token: ``"builtin:digits"``.
+        model_name: The architecture the weights are built for.
+
+    Returns:
+        The path of a safetensors file that :func:`build_clip` loads like any user file.
+    """
+    name = token[len(BUILTIN_PREFIX) :]
+    if name not in _BUILTIN_WEIGHTS:
+        raise ValueError(
+            f"Unknown built-in weights {token!r}; available: {[BUILTIN_PREFIX + n for n in _BUILTIN_WEIGHTS]}."
+        )
+    module_name, function_name = _BUILTIN_WEIGHTS[name]
+    builder = getattr(importlib.import_module(module_name), function_name)
+    return Path(builder(model_name=model_name))
+
+
+def read_weights_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata header of a safetensors weights file (``{}`` for other files or none).
+
+    Files written by :func:`save_clip_weights` carry ``format``, ``model_name`` and ``fingerprint``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"'{path}' is not a readable safetensors file ({error}).") from error
+
+
+def save_clip_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    model_name: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write an open_clip model's full state dict to a safetensors file, atomically.
+
+    The file loads back with ``build_clip(model_name, pretrained=path)`` to bit-identical weights.
+
+    Args:
+        model: The open_clip model (image and text towers).
+        path: Destination ``.safetensors`` file; parent folders are created.
+        model_name: The open_clip architecture name, recorded in the file and checked on loading.
+        metadata: Extra string fields for the header (e.g. how the weights were made).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"save_clip_weights writes safetensors only; give a path ending in .safetensors, not '{path}'."
+        )
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    header = {
+        "format": WEIGHTS_FORMAT,
+        "model_name": model_name,
+        "fingerprint": weights_fingerprint(tensors),
+        **(metadata or {}),
+    }
+    return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def _load_local(model_name: str, path: Path, **kwargs: Any) -> tuple[nn.Module, Callable, Callable]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Weights file '{path}' does not exist. Pass an existing .safetensors/.pt file, an open_clip tag "
+            f"(e.g. 'openai'), 'builtin:digits', or None for random weights."
+        )
+    if path.suffix not in LOCAL_WEIGHT_SUFFIXES:
+        raise ValueError(f"Weights file '{path}' must end in one of {LOCAL_WEIGHT_SUFFIXES}.")
+    header = read_weights_metadata(path)
+    if header.get("format") == WEIGHTS_FORMAT and header.get("model_name") not in (None, model_name):
+        raise ValueError(
+            f"Weights file '{path}' was written for model '{header['model_name']}', not '{model_name}': "
+            f"pass model_name='{header['model_name']}'."
+        )
+    try:
+        return open_clip.create_model_and_transforms(model_name, pretrained=str(path), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"Refusing to load '{path}': it holds pickled Python objects beyond tensors, and lightning-score only "
+            f"reads weights without unpickling code (torch.load(weights_only=True)). Re-save it as a plain state "
+            f"dict (torch.save(model.state_dict(), path)) or as .safetensors. Detail: {str(error).splitlines()[0]}"
+        ) from error
+    except (RuntimeError, AssertionError, KeyError) as error:
+        if isinstance(error, RuntimeError) and "state_dict" not in str(error):
+            raise
+        first = "; ".join(str(error).splitlines()[:3]) or type(error).__name__
+        raise ValueError(
+            f"Weights file '{path}' does not fit open_clip model '{model_name}' ({first}). Pass the model_name the "
+            "file was saved from."
+        ) from error
+
+
+def _load_tag(model_name: str, tag: str, cfg: dict[str, Any], cache_dir: str | None, **kwargs: Any) -> tuple:
+    model_cfg = open_clip.get_model_config(model_name) or {}
+    if cfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
+        log.info("Weights '%s' of %s were trained with QuickGELU; building the model with it.", tag, model_name)
+        kwargs["force_quick_gelu"] = True
+    try:
+        return open_clip.create_model_and_transforms(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
+    except (RuntimeError, OSError) as error:
+        source = cfg.get("hf_hub") or cfg.get("url") or "the open_clip hub"
+        offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        raise RuntimeError(
+            f"Could not get open_clip weights '{tag}' for '{model_name}'{offline}: {error}. These weights download "
+            f"from {source} on first use. On a machine without internet, download them elsewhere (e.g. "
+            f"open_clip.create_model('{model_name}', pretrained='{tag}') fills the Hugging Face cache, or fetch the "
+            f"file from {source}), copy the weights file over and pass its path instead: "
+            f"pretrained='/path/to/open_clip_model.safetensors' (.safetensors, .pt, .pth or .bin)."
+        ) from error
+
+
+def build_clip(
+    model_name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+) -> CLIPComponents:
+    """Build an open_clip CLIP model with its train/val transforms and tokenizer.
+
+    Args:
+        model_name: An open_clip architecture (``"ViT-B-32"``, ``"ViT-L-14"``, ...) or one of the tiny CPU
+            models registered by :mod:`lightning_score.models` (``"tiny-ViT-W96-L3"``, ``"tiny-ViT-W64-L2"``).
+        pretrained: ``None`` (random), an open_clip tag (``"openai"``), a local ``.safetensors``/``.pt`` file, or
+            ``"builtin:digits"`` (the offline base model, built into the cache on first use).
+        device: Where to put the model.
+        cache_dir: Download cache for open_clip tags (default: the Hugging Face cache).
+
+    Returns:
+        The model (eval mode) with its transforms, tokenizer, a ``base_model`` label and the weights' source.
+
+    Raises:
+        ValueError: Unknown model or tag, a weights file for another model, or one that would need unpickling.
+        FileNotFoundError: A local weights file that does not exist.
+        RuntimeError: A tag whose weights could not be downloaded (the message says how to pass a file).
+
+    Example:
+        >>> import lightning_score.models as models
+        >>> clip = models.build_clip("tiny-ViT-W64-L2")
+        >>> clip.model.visual.image_size, clip.base_model
+        ((32, 32), 'tiny-ViT-W64-L2/random')
+    """
+    _check_model_name(model_name)
+    source = None if pretrained is None else os.fspath(pretrained)
+    if source is None:
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=None)
+        label, weights = "random", None
+    elif source.startswith(BUILTIN_PREFIX):
+        path = resolve_builtin_weights(source, model_name)
+        model, train_tf, val_tf = _load_local(model_name, path)
+        label, weights = source, str(path)
+    elif tag_cfg := open_clip.get_pretrained_cfg(model_name, source):
+        model, train_tf, val_tf = _load_tag(model_name, source, tag_cfg, cache_dir)
+        label, weights = source, source
+    elif os.path.isfile(source) or Path(source).suffix in LOCAL_WEIGHT_SUFFIXES or os.sep in source:
+        path = Path(source).expanduser()
+        model, train_tf, val_tf = _load_local(model_name, path)
+        label, weights = path.name, str(path)
+    else:
+        raise ValueError(
+            f"pretrained={source!r} is neither an open_clip tag of '{model_name}' "
+            f"({open_clip.list_pretrained_tags_by_model(model_name) or 'it has none'}), nor an existing weights file, "
+            f"nor a built-in ({[BUILTIN_PREFIX + n for n in _BUILTIN_WEIGHTS]}). Pass one of those, or None for "
+            "random weights."
+        )
+    model = model.to(device).eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return CLIPComponents(model, train_tf, val_tf, tokenizer, f"{model_name}/{label}", weights)

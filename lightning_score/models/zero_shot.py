@@ -1,0 +1,147 @@
+"""Zero-shot classification heads: class prompts → one frozen, bias-free linear layer.
+
+For class c and templates t₁…t_K: e_{c,k} = normalise(text_encoder(t_k.format(c))); w_c = normalise(mean_k e_{c,k});
+W = logit_scale · [w_1; …; w_C]. An image is classified by ``normalise(image_features) @ Wᵀ``. The scale is
+the model's own (``exp(logit_scale)``, 100 for OpenAI's CLIP).
+
+The head is the same for every expert and every merged model of a dataset, so it is cached on disk,
+keyed by a fingerprint of the text-side weights, the class names and the templates: a second fit
+reads it back instead of re-encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightning_score.models.cache import atomic_write_file, cache_key, cache_root
+from lightning_score.models.factory import weights_fingerprint
+
+__all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "text_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+_HEAD_VERSION = 1
+
+
+class ZeroShotHead(nn.Module):
+    """A frozen, bias-free linear classifier whose rows are scaled class-prompt embeddings.
+
+    The weight is a buffer (saved in checkpoints, never given to an optimiser).
+
+    Args:
+        weight: ``[num_classes, embed_dim]``, already multiplied by the logit scale.
+        classnames: The class names, in label order.
+        templates: The templates the rows were built from.
+
+    Example:
+        >>> head = ZeroShotHead(torch.eye(2) * 100, ["cat", "dog"], ["a photo of a {}."])
+        >>> head(torch.tensor([[0.0, 1.0]])).argmax(-1).item()
+        1
+    """
+
+    weight: Tensor
+
+    def __init__(self, weight: Tensor, classnames: Sequence[str], templates: Sequence[str]) -> None:
+        super().__init__()
+        if weight.ndim != 2 or weight.shape[0] != len(classnames):
+            raise ValueError(f"Head weight has shape {tuple(weight.shape)}; expected [{len(classnames)}, embed_dim].")
+        self.register_buffer("weight", weight.detach().clone())
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (rows)."""
+        return self.weight.shape[0]
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits ``features @ weightᵀ`` (pass L2-normalised image features)."""
+        return features @ self.weight.to(features.dtype).T
+
+    def extra_repr(self) -> str:
+        """Shape and template count, for ``print(module)``."""
+        return f"num_classes={self.num_classes}, embed_dim={self.weight.shape[1]}, templates={len(self.templates)}"
+
+
+def text_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of everything in an open_clip model except the image encoder (``visual.*``)."""
+    state = model.state_dict()
+    return weights_fingerprint(
+        state, [k for k, v in state.items() if not k.startswith("visual.") and torch.is_floating_point(v)]
+    )
+
+
+@torch.no_grad()
+def encode_class_prompts(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 256,
+) -> Tensor:
+    """The unscaled head: one L2-normalised mean prompt embedding per class, ``[C, D]`` float32 on CPU.
+
+    Args:
+        model: An open_clip model (its ``encode_text`` is used on the model's current device).
+        tokenizer: The model's tokenizer.
+        classnames: Class names, substituted into each template.
+        templates: Templates with one ``{}``.
+        batch_size: Prompts per text-encoder call.
+    """
+    device = next(model.parameters()).device
+    prompts = [t.format(c) for c in classnames for t in templates]
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    model.train(was_training)
+    per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1).cpu()
+
+
+def build_zero_shot_head(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+) -> ZeroShotHead:
+    """Build (or read from the disk cache) the zero-shot head of ``model`` for ``classnames``.
+
+    Args:
+        model: An open_clip model; its text tower and ``logit_scale`` are used.
+        tokenizer: The model's tokenizer.
+        classnames: Class names in label order.
+        templates: Prompt templates (see :mod:`lightning_score.models.templates`).
+        cache: Read and write the on-disk cache.
+        cache_dir: Folder for cached heads (default ``<cache root>/zero_shot_heads``).
+
+    Returns:
+        The frozen head, on CPU, rows of norm ``exp(logit_scale)``.
+    """
+    classnames, templates = list(classnames), list(templates)
+    if not classnames:
+        raise ValueError("A zero-shot head needs at least one class name.")
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "zero_shot_heads"
+    key = cache_key(_HEAD_VERSION, text_fingerprint(model), classnames, templates)
+    path = folder / f"{key}.safetensors"
+    if cache and path.is_file():
+        log.debug("Zero-shot head read from %s", path)
+        return ZeroShotHead(load_file(str(path))["weight"], classnames, templates)
+    scale = model.logit_scale.detach().float().exp().cpu()
+    weight = encode_class_prompts(model, tokenizer, classnames, templates) * scale
+    if cache:
+        atomic_write_file(path, lambda tmp: save_file({"weight": weight.contiguous()}, str(tmp)))
+        log.debug("Zero-shot head for %d classes x %d templates cached at %s", len(classnames), len(templates), path)
+    return ZeroShotHead(weight, classnames, templates)
