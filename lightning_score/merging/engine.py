@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -143,6 +143,7 @@ def merge_task_vectors(
     progress: bool = False,
     is_matrix: MatrixPredicate = is_matrix_key,
     compute_dtype: torch.dtype | None = None,
+    keys: Collection[str] | None = None,
     **options: Any,
 ) -> TaskVector:
     """Merge T task vectors into one: θ = θ₀ + α·τ* once applied.
@@ -157,6 +158,8 @@ def merge_task_vectors(
         is_matrix: Which keys the method treats as matrices (default :func:`is_matrix_key`); the rest
             get the mean over tasks, unless the method merges every key itself.
         compute_dtype: The dtype to compute in; default the inputs' dtype promoted to at least float32.
+        keys: Merge only these keys (the result holds only them), e.g. one process's share of a merge split
+            across processes. Statistics over the whole model (TIES, PCB) still read every key.
         **options: The method's options (see its docstring); unknown ones are rejected.
 
     Returns:
@@ -183,7 +186,14 @@ def merge_task_vectors(
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
     target = resolve_device(device)
-    keys = list(tvs[0])
+    all_keys = list(tvs[0])
+    if keys is not None:
+        unknown = sorted(set(keys) - set(all_keys))
+        if unknown:
+            raise ValueError(f"keys={unknown[:3]}... are not keys of the task vectors.")
+        if not merger.shardable and set(keys) != set(all_keys):
+            raise ValueError(f"Method '{method}' needs every key in one process (it rescales across layers).")
+    selected = [k for k in all_keys if keys is None or k in keys]
 
     def load(key: str) -> Tensor:
         """One key's T slices on the compute device, checked for NaN/inf."""
@@ -203,14 +213,14 @@ def merge_task_vectors(
         return spec.scope == "all" or is_matrix(key, _shape_dtype(tvs[0], key)[0])
 
     started = time.perf_counter()
-    shapes = {key: _shape_dtype(tvs[0], key)[0] for key in keys}
-    merger.prepare(KeyStream([k for k in keys if in_scope(k)], load, shapes, len(tvs)))
+    shapes = {key: _shape_dtype(tvs[0], key)[0] for key in all_keys}
+    merger.prepare(KeyStream([k for k in all_keys if in_scope(k)], load, shapes, len(tvs)))
     merged: dict[str, Tensor] = {}
-    iterator: Any = keys
+    iterator: Any = selected
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(keys, desc=f"merge ({method})", unit="key", leave=False)
+        iterator = tqdm(selected, desc=f"merge ({method})", unit="key", leave=False)
     for key in iterator:
         deltas = load(key)
         result = merger.merge_key(key, deltas) if in_scope(key) else deltas.mean(dim=0)
@@ -219,13 +229,13 @@ def merge_task_vectors(
         merged[key] = result
         del deltas
     merger.finalize(merged)
-    for key in keys:
+    for key in selected:
         scale = alpha if merger.scales_with_alpha(key) else 1.0
         input_dtype = _shape_dtype(tvs[0], key)[1]
         merged[key] = (merged[key] * scale).to(device="cpu", dtype=input_dtype).contiguous()
     seconds = time.perf_counter() - started
     log.info(
-        "Merged %d task vectors (%d keys) with '%s' on %s in %.2f s.", len(tvs), len(keys), method, target, seconds
+        "Merged %d task vectors (%d keys) with '%s' on %s in %.2f s.", len(tvs), len(selected), method, target, seconds
     )
 
     first = tvs[0]
@@ -238,6 +248,7 @@ def merge_task_vectors(
             "options": {name: _json_safe(value) for name, value in resolved_options.items()},
             "alpha": float(alpha),
             "inputs": [{"name": tv.name, "domain": tv.domain, "path": str(tv.path) if tv.path else None} for tv in tvs],
+            "alpha_exempt_keys": [k for k in selected if not merger.scales_with_alpha(k)],
             "device": str(target),
             "seconds": round(seconds, 3),
             "lightning_score_version": __version__,

@@ -72,6 +72,9 @@ class KeyMerger:
     for every key in scope, then ``finalize(merged)`` once.
     """
 
+    #: Whether keys may be merged in separate processes (False when ``finalize`` needs every key).
+    shardable: bool = True
+
     def prepare(self, stream: KeyStream) -> None:
         """Collect statistics over the whole model (default: nothing to collect)."""
 

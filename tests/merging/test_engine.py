@@ -199,3 +199,21 @@ def test_path_that_is_not_a_task_vector(tmp_path: Path) -> None:
     bogus.write_text("hello")
     with pytest.raises(ValueError, match="notes.safetensors' is not a safetensors file"):
         merge_task_vectors([TaskVector.load(bogus)])
+
+
+@pytest.mark.parametrize("method", ["score", "ties", "pcb"])
+def test_merging_key_subsets_and_joining_them_equals_one_merge(method: str) -> None:
+    """What a merge split across processes does: each merges its keys, statistics still see the whole model."""
+    tvs = [_model(s, torch.float64) for s in range(3)]
+    whole = merge_task_vectors(tvs, method, device="cpu")
+    keys = list(tvs[0])
+    parts = [merge_task_vectors(tvs, method, device="cpu", keys=keys[i::2]) for i in range(2)]
+    assert sorted(parts[0]) == sorted(keys[0::2]) and sorted(parts[1]) == sorted(keys[1::2])
+    for part in parts:
+        for key in part:
+            assert torch.equal(part[key], whole[key]), key
+
+
+def test_unknown_keys_subset() -> None:
+    with pytest.raises(ValueError, match="are not keys of the task vectors"):
+        merge_task_vectors([_model(0)], keys=["nope"])
