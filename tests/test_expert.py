@@ -14,26 +14,13 @@ from lightning_score.classifier import BalancedAccuracy, CLIPClassifier
 from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
 from lightning_score.task_vector import state_dict_fingerprint
+from tests.models.fixtures import QUICK_BASE, lightning_score_cache, quick_base
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-MODEL = "tiny-ViT-W64-L2"
-QUICK_BASE = {"model_name": MODEL, "steps": 200, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20}  # as tests/models
+
+MODEL = QUICK_BASE["model_name"]
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def lightning_score_cache(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.getbasetemp() / "lightning-score-cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LIGHTNING_SCORE_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="session")
-def quick_base(lightning_score_cache: Path) -> str:
-    from lightning_score.data import digits
-
-    return str(digits.build_digits_base(**QUICK_BASE, progress_bar=False))
+__all__ = ["lightning_score_cache", "quick_base"]  # fixtures, imported for pytest
 
 
 def _digits(**kwargs) -> DomainDataModule:
@@ -42,12 +29,12 @@ def _digits(**kwargs) -> DomainDataModule:
 
 
 @pytest.fixture(scope="module")
-def fitted(quick_base: str) -> dict:
+def fitted(quick_base: Path) -> dict:
     """A quick expert on rot45, with what it looked like before fit and the base model's score."""
     base = L.Trainer(**QUIET).test(
-        CLIPClassifier(MODEL, quick_base), datamodule=_digits(test_domains=["rot45"]), verbose=False
+        CLIPClassifier(MODEL, str(quick_base)), datamodule=_digits(test_domains=["rot45"]), verbose=False
     )[0]
-    expert = CLIPExpert(MODEL, quick_base, lr=1e-3, warmup_steps=3)
+    expert = CLIPExpert(MODEL, str(quick_base), lr=1e-3, warmup_steps=3)
     before = {k: v.clone() for k, v in expert.clip.state_dict().items()}
     datamodule = _digits(train_domains=["rot45"], test_domains=["rot45", "rot0"])
     trainer = L.Trainer(max_steps=20, gradient_clip_val=1.0, num_sanity_val_steps=0, **QUIET)
@@ -72,7 +59,7 @@ def test_expert_beats_the_base_on_its_own_domain(fitted: dict) -> None:
     assert {"val/acc", "val/balanced_acc", "val/loss", "train/loss"} <= set(fitted["fit"])
 
 
-def test_only_the_image_encoder_changes(fitted: dict, quick_base: str) -> None:
+def test_only_the_image_encoder_changes(fitted: dict, quick_base: Path) -> None:
     expert, before = fitted["expert"], fitted["before"]
     after = expert.clip.state_dict()
     text_keys = [k for k in before if not k.startswith("visual.")]
@@ -85,7 +72,7 @@ def test_only_the_image_encoder_changes(fitted: dict, quick_base: str) -> None:
     assert optimised == {id(p) for p in expert.image_encoder.parameters()}
     assert fitted["trainer"].optimizers[0].defaults["weight_decay"] == 0.1
 
-    fresh = CLIPClassifier(MODEL, quick_base)
+    fresh = CLIPClassifier(MODEL, str(quick_base))
     fresh.trainer = None
     head = fresh.build_head(expert.head.classnames, "digits")
     assert torch.equal(head.weight, expert.head.weight)  # the head is bit-identical to one built from θ₀
@@ -111,9 +98,9 @@ def test_checkpoint_round_trip_restores_head_and_weights(fitted: dict, tmp_path:
         torch.testing.assert_close(loaded(images), expert(images.to(expert.device)).cpu())
 
 
-def test_test_metrics_equal_a_direct_computation(quick_base: str) -> None:
+def test_test_metrics_equal_a_direct_computation(quick_base: Path) -> None:
     datamodule = _digits(test_domains=["rot0", "rot30"])
-    model = CLIPClassifier(MODEL, quick_base, templates="auto")
+    model = CLIPClassifier(MODEL, str(quick_base), templates="auto")
     results = L.Trainer(**QUIET).test(model, datamodule=datamodule, verbose=False)[0]
     assert model.template_set == "digits"
     assert list(model.head.parameters()) == [] and not any(p.requires_grad for p in model.parameters())
@@ -141,19 +128,21 @@ def test_balanced_accuracy_ignores_absent_classes_like_sklearn() -> None:
         assert float(metric.compute()) == pytest.approx(balanced_accuracy_score(y, p), abs=1e-6)
 
 
-def test_head_class_list_must_agree_with_the_datamodule(quick_base: str) -> None:
+def test_head_class_list_must_agree_with_the_datamodule(quick_base: Path) -> None:
     datamodule = _digits(test_domains=["rot0"])
-    model = CLIPClassifier(MODEL, quick_base, templates="digits", classnames=list(reversed(datamodule.classnames)))
+    model = CLIPClassifier(MODEL, str(quick_base), templates="digits", classnames=list(reversed(datamodule.classnames)))
     with pytest.raises(ValueError, match="must agree"):
         L.Trainer(**QUIET).test(model, datamodule=datamodule, verbose=False)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(quick_base: str) -> None:
+def test_gradient_checkpointing_gives_the_same_gradients(quick_base: Path) -> None:
     classnames = _digits().classnames
     images, labels = torch.randn(6, 3, 32, 32), torch.arange(6)
     grads = []
     for checkpointing in (False, True):
-        expert = CLIPExpert(MODEL, quick_base, templates="digits", classnames=classnames, gradient_checkpointing=True)
+        expert = CLIPExpert(
+            MODEL, str(quick_base), templates="digits", classnames=classnames, gradient_checkpointing=True
+        )
         expert.image_encoder.set_grad_checkpointing(checkpointing)
         torch.nn.functional.cross_entropy(expert(images), labels).backward()
         grads.append([p.grad.clone() for p in expert.image_encoder.parameters()])
@@ -162,8 +151,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(quick_base: str) -> Non
         torch.testing.assert_close(a, b)
 
 
-def test_warmup_longer_than_the_run_warns(quick_base: str) -> None:
-    expert = CLIPExpert(MODEL, quick_base, warmup_steps=500)
+def test_warmup_longer_than_the_run_warns(quick_base: Path) -> None:
+    expert = CLIPExpert(MODEL, str(quick_base), warmup_steps=500)
     trainer = L.Trainer(max_steps=1, limit_val_batches=0, **QUIET)
     with pytest.warns(UserWarning, match="never reaches"):
         trainer.fit(expert, datamodule=_digits(train_domains=["rot0"]))
@@ -183,7 +172,7 @@ def test_recipes_are_valid_lightning_cli_configs(
 
 
 def test_digits_recipe_fits_and_tests_through_lightning_cli(
-    quick_base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    quick_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-score"])
     cli = LightningCLI(
@@ -210,8 +199,8 @@ def test_digits_recipe_fits_and_tests_through_lightning_cli(
 
 
 @pytest.mark.slow
-def test_compiled_image_encoder_keeps_its_state_dict_keys(quick_base: str) -> None:
-    expert = CLIPExpert(MODEL, quick_base, lr=1e-3, warmup_steps=1, compile_image_encoder=True)
+def test_compiled_image_encoder_keeps_its_state_dict_keys(quick_base: Path) -> None:
+    expert = CLIPExpert(MODEL, str(quick_base), lr=1e-3, warmup_steps=1, compile_image_encoder=True)
     keys = set(expert.image_encoder.state_dict())
     trainer = L.Trainer(max_steps=2, limit_val_batches=0, **QUIET)
     trainer.fit(expert, datamodule=_digits(train_domains=["rot0"]))

@@ -1,31 +1,5 @@
-"""Fixtures for model tests: a session-wide temporary cache, shared with tests/data and tests/test_expert.py."""
+"""The session-wide temporary cache and quick digits base (see tests/models/fixtures.py)."""
 
-from __future__ import annotations
+from tests.models.fixtures import lightning_score_cache, quick_base, quick_base_settings
 
-from pathlib import Path
-
-import pytest
-
-QUICK_BASE = {"model_name": "tiny-ViT-W64-L2", "steps": 200, "batch_size": 64, "lr": 1e-3, "warmup_steps": 20}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def lightning_score_cache(tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.getbasetemp() / "lightning-score-cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LIGHTNING_SCORE_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="session")
-def quick_base_settings() -> dict:
-    """The settings of the quick base (``build_digits_base`` arguments)."""
-    return dict(QUICK_BASE)
-
-
-@pytest.fixture(scope="session")
-def quick_base(lightning_score_cache: Path) -> Path:
-    """A tiny digits base pre-trained for a few seconds (the default build takes about a minute)."""
-    from lightning_score.data import digits
-
-    return digits.build_digits_base(**QUICK_BASE, progress_bar=False)
+__all__ = ["lightning_score_cache", "quick_base", "quick_base_settings"]
