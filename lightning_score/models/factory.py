@@ -199,7 +199,8 @@ def _load_tag(model_name: str, tag: str, cfg: dict[str, Any], cache_dir: str | N
     try:
         return open_clip.create_model_and_transforms(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
     except (RuntimeError, OSError) as error:
-        source = cfg.get("hf_hub") or cfg.get("url") or "the open_clip hub"
+        hub = cfg.get("hf_hub", "").rstrip("/")
+        source = f"the Hugging Face hub repository '{hub}'" if hub else cfg.get("url") or "open_clip's hub"
         offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
         raise RuntimeError(
             f"Could not get open_clip weights '{tag}' for '{model_name}'{offline}: {error}. These weights download "
