@@ -55,6 +55,8 @@ def state_dict_fingerprint(state_dict: Mapping[str, Tensor], keys: Iterable[str]
         True
         >>> state_dict_fingerprint(a) == state_dict_fingerprint({"w": torch.zeros(2, 2)})
         False
+        >>> state_dict_fingerprint({"logit_scale": torch.tensor(4.6)})[:8]  # 0-d entries too
+        'blake2b:'
     """
     if keys is None:
         keys = [k for k, v in state_dict.items() if torch.is_floating_point(v)]
@@ -62,7 +64,7 @@ def state_dict_fingerprint(state_dict: Mapping[str, Tensor], keys: Iterable[str]
     for key in sorted(keys):
         tensor = state_dict[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return "blake2b:" + digest.hexdigest()
 
 

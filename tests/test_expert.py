@@ -14,13 +14,12 @@ from lightning_score.classifier import BalancedAccuracy, CLIPClassifier
 from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
 from lightning_score.task_vector import state_dict_fingerprint
-from tests.models.fixtures import QUICK_BASE, lightning_score_cache, quick_base
+from tests.conftest import QUICK_BASE
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 MODEL = QUICK_BASE["model_name"]
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
-__all__ = ["lightning_score_cache", "quick_base"]  # fixtures, imported for pytest
 
 
 def _digits(**kwargs) -> DomainDataModule:

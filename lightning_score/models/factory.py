@@ -41,7 +41,6 @@ __all__ = [
     "read_weights_metadata",
     "resolve_builtin_weights",
     "save_clip_weights",
-    "weights_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,15 +68,6 @@ class CLIPComponents(NamedTuple):
     """A label for the pre-trained model, e.g. ``"ViT-B-32/openai"`` or ``"tiny-ViT-W96-L3/builtin:digits"``."""
     weights: str | None
     """The tag or the resolved local file the weights came from (``None`` for random initialisation)."""
-
-
-def weights_fingerprint(state_dict: dict[str, torch.Tensor], keys: list[str] | None = None) -> str:
-    """:func:`~lightning_score.task_vector.state_dict_fingerprint` that also accepts 0-d tensors (``logit_scale``).
-
-    0-d entries are hashed as 1-element vectors; image-encoder state dicts have none, so for them the result
-    equals ``state_dict_fingerprint`` (the value task vectors record as ``base_fingerprint``).
-    """
-    return state_dict_fingerprint({k: (v.reshape(1) if v.ndim == 0 else v) for k, v in state_dict.items()}, keys)
 
 
 def _check_model_name(model_name: str) -> None:
@@ -153,7 +143,7 @@ def save_clip_weights(
     header = {
         "format": WEIGHTS_FORMAT,
         "model_name": model_name,
-        "fingerprint": weights_fingerprint(tensors),
+        "fingerprint": state_dict_fingerprint(tensors),
         **(metadata or {}),
     }
     return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))

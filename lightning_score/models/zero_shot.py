@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_score.models.cache import atomic_write_file, cache_key, cache_root
-from lightning_score.models.factory import weights_fingerprint
+from lightning_score.task_vector import state_dict_fingerprint
 
 __all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "text_fingerprint"]
 
@@ -73,7 +73,7 @@ class ZeroShotHead(nn.Module):
 def text_fingerprint(model: nn.Module) -> str:
     """Fingerprint of everything in an open_clip model except the image encoder (``visual.*``)."""
     state = model.state_dict()
-    return weights_fingerprint(
+    return state_dict_fingerprint(
         state, [k for k, v in state.items() if not k.startswith("visual.") and torch.is_floating_point(v)]
     )
 
