@@ -27,11 +27,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_score.merging import get_method, is_matrix_key, list_methods, merge_task_vectors, resolve_device
+from lightning_score.profiling import Measure
 
 # --- inputs -------------------------------------------------------------------------------------------
 
@@ -120,56 +118,10 @@ def plain_score(task_vectors: list[dict[str, Tensor]], device: torch.device, dty
 # --- measuring ------------------------------------------------------------------------------------------
 
 
-class PeakMemory:
-    """Peak memory growth while the block runs: CUDA allocator peak, or resident set size sampled on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        self._base = self._rss()
-        self._peak = self._base
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self._peak = max(self._peak, self._rss())
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self._peak, self._rss()) - self._base
-
-
 def timed(fn: Callable[[], dict[str, Tensor]], device: torch.device) -> tuple[dict[str, Tensor], float, int]:
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
+    with Measure(device) as measure:
         result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return result, seconds, memory.peak_bytes
+    return result, measure.seconds, measure.peak_bytes
 
 
 def relative_errors(a: dict[str, Tensor], b: dict[str, Tensor], num_tasks: int) -> tuple[float, float, int]:

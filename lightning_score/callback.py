@@ -132,15 +132,23 @@ class ScoreMergeCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot θ₀, unless a checkpoint being resumed already restored the original snapshot."""
-        path, submodule, keys = self.select_module(pl_module)
-        self._module_path = path
+        _, submodule, keys = self.select_module(pl_module)
+        self._module_path = self._state_prefix(pl_module, submodule)
         if self._pretrained is not None:
             rank_zero_info("ScoreMergeCallback: using the pre-trained weights saved in the checkpoint being resumed.")
             return
-        state = self._submodule_state(trainer, path)
-        self._keys = sorted(
-            keys if keys is not None else [k for k, v in submodule.state_dict().items() if v.is_floating_point()]
-        )
+        state = self._submodule_state(trainer, self._module_path)
+        if keys is None:
+            keys = [k for k, v in submodule.state_dict().items() if v.is_floating_point()]
+        self._keys = sorted(keys)
+        if not self._keys:
+            raise ValueError(
+                f"The module selected for the task vector ({type(submodule).__name__}) has no floating-point weights."
+            )
+        if trainer.is_global_zero:  # under FSDP only rank zero holds the gathered full state
+            missing = [k for k in self._keys if k not in state]
+            if missing:
+                raise RuntimeError(f"ScoreMergeCallback: '{missing[0]}' is missing from the gathered state dict.")
         self._pretrained = {k: state[k].detach().to("cpu", copy=True) for k in self._keys if k in state}
         if self.merge_with and trainer.is_global_zero:
             fingerprint = state_dict_fingerprint(self._pretrained)
@@ -218,8 +226,16 @@ class ScoreMergeCallback(Callback):
     # --- helpers ----------------------------------------------------------------------------------
 
     @staticmethod
+    def _state_prefix(pl_module: pl.LightningModule, submodule: nn.Module) -> str:
+        """The submodule's name in the module's state dict (``clip.visual`` for ``image_encoder``, say)."""
+        for name, candidate in pl_module.named_modules():
+            if candidate is submodule:
+                return name
+        raise ValueError(f"The selected {type(submodule).__name__} is not a submodule of {type(pl_module).__name__}.")
+
+    @staticmethod
     def _get_submodule(pl_module: pl.LightningModule, path: str) -> nn.Module:
-        return operator.attrgetter(path)(pl_module) if path else pl_module
+        return pl_module.get_submodule(path) if path else pl_module
 
     @staticmethod
     def _submodule_state(trainer: pl.Trainer, path: str) -> dict[str, Tensor]:

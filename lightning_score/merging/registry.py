@@ -114,6 +114,7 @@ class MethodSpec:
         defaults: Option names and their default values.
         choices: For options with a fixed set of valid values, that set.
         needs_data: True for data-dependent methods (ESM), which need more than task vectors.
+        shardable: Whether keys may be merged in separate processes (see :attr:`KeyMerger.shardable`).
     """
 
     name: str
@@ -123,6 +124,7 @@ class MethodSpec:
     defaults: Mapping[str, Any]
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     needs_data: bool = False
+    shardable: bool = True
     _factory: Callable[[dict[str, Any]], KeyMerger] | None = field(default=None, repr=False, compare=False)
 
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,6 +232,7 @@ def register_method(
             defaults=defaults,
             choices={k: tuple(v) for k, v in (choices or {}).items()},
             needs_data=needs_data,
+            shardable=bool(getattr(obj, "shardable", True)) if inspect.isclass(obj) else True,
             _factory=factory,
         )
         return obj

@@ -155,3 +155,23 @@ def test_merge_with_checks_files_before_training(tmp_path: Path) -> None:
     assert model.seen.item() == 0
     with pytest.raises(ValueError, match="Unknown merge method 'magic'"):
         ScoreMergeCallback(merge_with=[tmp_path / "foreign.safetensors"], method="magic")
+
+
+def test_clip_expert_task_vector_is_its_image_encoder_update(quick_base: Path, tmp_path: Path) -> None:
+    """On CLIPExpert the snapshot is the image encoder (a property over clip.visual), keys relative to it."""
+    from lightning_score import CLIPExpert
+    from tests.lightning.conftest import MODEL, digits
+
+    expert = CLIPExpert(MODEL, str(quick_base), templates="digits", lr=1e-3, warmup_steps=1)
+    before = {k: v.clone() for k, v in expert.image_encoder.state_dict().items()}
+    callback = ScoreMergeCallback(dirpath=tmp_path)
+    _trainer(tmp_path, [callback], max_steps=3, num_sanity_val_steps=0).fit(
+        expert, datamodule=digits(train_domains=["rot15"])
+    )
+    tv = TaskVector.load(callback.task_vector_path)
+    assert callback.task_vector_path.name == "rot15.safetensors" and tv.domain == "rot15"
+    assert sorted(tv) == sorted(k for k, v in before.items() if v.is_floating_point())
+    assert "transformer.resblocks.0.attn.in_proj_weight" in tv
+    for key in tv:
+        torch.testing.assert_close(tv[key], expert.image_encoder.state_dict()[key] - before[key], rtol=0, atol=0)
+    assert tv.base_fingerprint == expert.pretrained_fingerprint

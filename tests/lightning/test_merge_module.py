@@ -1,0 +1,148 @@
+"""MergeModule: every mode through Trainer.test on the digits data, the merged weights, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_score import MergeModule, TaskVector
+from lightning_score.classifier import CLIPClassifier
+from lightning_score.merging import merge_task_vectors
+from lightning_score.models import build_clip
+from tests.lightning.conftest import MODEL, QUIET, digits
+
+
+def _sources(paths: dict[str, Path], *domains: str) -> list[str]:
+    return [str(paths[d]) for d in domains]
+
+
+def _test(module: L.LightningModule, **data: object) -> dict[str, float]:
+    return L.Trainer(**QUIET).test(module, datamodule=digits(**data), verbose=False)[0]
+
+
+def test_task_vectors_name_their_domain(expert_task_vectors: dict[str, Path]) -> None:
+    tv = TaskVector.load(expert_task_vectors["rot30"])
+    assert tv.domain == "rot30" and tv.name == "rot30" and tv.base_model.startswith(MODEL)
+
+
+def test_merge_mode_applies_the_engine_result_and_tests_the_target(quick_base: Path, expert_task_vectors: dict) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="score", templates="digits")
+    results = _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
+    assert {"test/rot30/acc", "test/rot30/balanced_acc"} <= set(results)
+    expected = merge_task_vectors([TaskVector.load(p) for p in tvs], "score", device="cpu")
+    base = build_clip(MODEL, str(quick_base)).model.visual.state_dict()
+    for key, value in module.image_encoder.state_dict().items():
+        torch.testing.assert_close(
+            value, base[key] + expected[key] if key in expected else base[key], rtol=0, atol=1e-6
+        )
+    assert module.merge_seconds is not None and module.merge_seconds > 0
+
+
+def test_merged_model_keeps_what_the_experts_learnt(quick_base: Path, expert_task_vectors: dict) -> None:
+    """The merge of the rot0 and rot60 experts beats zero-shot on rot60's held-out test split, which the
+    upright-only base handles badly (the quick experts are too short-trained for held-out claims)."""
+    data = {"train_domains": ["rot0", "rot60"], "test_domains": ["rot60"]}
+    zeroshot = _test(MergeModule(MODEL, str(quick_base), mode="zeroshot", templates="digits"), **data)["test/rot60/acc"]
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    for method in ("score", "average"):
+        merged = _test(MergeModule(MODEL, str(quick_base), task_vectors=tvs, method=method, templates="digits"), **data)
+        assert merged["test/rot60/acc"] > zeroshot + 0.05, method
+
+
+def test_zeroshot_equals_the_plain_classifier(quick_base: Path) -> None:
+    data = {"test_domains": ["rot15"]}
+    a = _test(MergeModule(MODEL, str(quick_base), mode="zeroshot", templates="digits"), **data)
+    b = _test(CLIPClassifier(MODEL, str(quick_base), templates="digits"), **data)
+    assert a == b
+
+
+def test_expert_mode_applies_one_task_vector(quick_base: Path, expert_task_vectors: dict) -> None:
+    path = expert_task_vectors["rot30"]
+    module = MergeModule(MODEL, str(quick_base), task_vectors=[str(path)], mode="expert", alpha=0.5, templates="digits")
+    _test(module, test_domains=["rot30"])
+    base = build_clip(MODEL, str(quick_base)).model.visual.state_dict()
+    tv = TaskVector.load(path)
+    for key in tv:
+        torch.testing.assert_close(module.image_encoder.state_dict()[key], base[key] + 0.5 * tv[key], rtol=0, atol=1e-6)
+
+
+def test_ensemble_averages_the_experts_logits(quick_base: Path, expert_task_vectors: dict) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, mode="ensemble", templates="digits")
+    results = _test(module, test_domains=["rot30"])
+    assert "test/rot30/acc" in results and len(module.experts) == 2
+    images = torch.randn(4, 3, 32, 32)
+    experts = [
+        MergeModule(MODEL, str(quick_base), task_vectors=[p], mode="expert", classnames=module.head.classnames,
+                    templates="digits")
+        for p in tvs
+    ]  # fmt: skip
+    for expert in experts:
+        expert.setup("test")
+    with torch.no_grad():
+        expected = torch.stack([expert(images) for expert in experts]).mean(0)
+        torch.testing.assert_close(module(images), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="nothing to save"):
+        module.save_merged("x.safetensors")
+
+
+def test_alpha_auto_picks_from_the_grid_on_source_validation(quick_base: Path, expert_task_vectors: dict) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="tsv", alpha="auto", alpha_grid=[0.0, 0.5, 1.0],
+                         templates="digits")  # fmt: skip
+    results = _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
+    search = module.alpha_search
+    assert search["grid"] == [0.0, 0.5, 1.0] and len(search["val_acc"]) == 3
+    assert search["selected"] == search["grid"][max(range(3), key=lambda i: search["val_acc"][i])]
+    assert results["alpha"] == search["selected"]
+    assert search["val_acc"][search["grid"].index(search["selected"])] > search["val_acc"][0]  # better than zero-shot
+
+
+def test_esm_draws_proxy_images_from_the_sources_only(quick_base: Path, expert_task_vectors: dict) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="esm", templates="digits", proxy_images=8)
+    results = _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
+    assert "test/rot30/acc" in results
+    assert module.merged.metadata["merge"]["alpha_exempt_keys"]  # ESM's α applies to its target layers only
+    leaking = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="esm", templates="digits")
+    with pytest.raises(ValueError, match="expert of 'rot60', a test domain"):
+        _test(leaking, train_domains=["rot0"], test_domains=["rot60"])
+
+
+def test_saved_merge_loads_through_the_model_factory(
+    quick_base: Path, expert_task_vectors: dict, tmp_path: Path
+) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="ties", templates="digits")
+    _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
+    path = module.save_merged(tmp_path / "merged.safetensors")
+    loaded = build_clip(MODEL, str(path)).model
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.visual(images), module.image_encoder.eval()(images), rtol=0, atol=0)
+    again = MergeModule(MODEL, str(path), mode="zeroshot", templates="digits")
+    assert again.pretrained_fingerprint != MergeModule(MODEL, str(quick_base), mode="zeroshot").pretrained_fingerprint
+
+
+def test_bad_inputs_fail_before_any_work(quick_base: Path, expert_task_vectors: dict, tmp_path: Path) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors' does not exist"):
+        MergeModule(MODEL, str(quick_base), task_vectors=[str(tmp_path / "missing.safetensors")])
+    with pytest.raises(ValueError, match="was made from different pre-trained weights than"):
+        MergeModule(MODEL, None, task_vectors=tvs)  # a randomly initialised model is not their base
+    with pytest.raises(ValueError, match="Unknown merge method 'scor'"):
+        MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="scor")
+    with pytest.raises(ValueError, match="Unknown option"):
+        MergeModule(MODEL, str(quick_base), task_vectors=tvs, method_options={"zz": 1})
+    with pytest.raises(ValueError, match="needs exactly one task vector"):
+        MergeModule(MODEL, str(quick_base), task_vectors=tvs, mode="expert")
+    with pytest.raises(ValueError, match="needs at least one task vector"):
+        MergeModule(MODEL, str(quick_base), task_vectors=[])
+    with pytest.raises(ValueError, match="mode='average' is not one of"):
+        MergeModule(MODEL, str(quick_base), task_vectors=tvs, mode="average")
+    with pytest.raises(ValueError, match="alpha must be a number or 'auto'"):
+        MergeModule(MODEL, str(quick_base), task_vectors=tvs, alpha="best")
