@@ -38,3 +38,28 @@ def test_two_process_fit_writes_exactly_one_valid_task_vector(tmp_path: Path) ->
         assert tv[key].abs().sum() > 0
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["score"])
+def test_two_rank_sharded_merge_equals_the_single_process_merge(
+    method: str, quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
+) -> None:
+    from lightning_score.merging import merge_task_vectors
+    from tests.lightning.conftest import MODEL
+
+    paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
+    _run("ddp_merge.py", str(tmp_path), MODEL, str(quick_base), method, *paths)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank does: LAPACK's rounding depends on the thread count
+    try:
+        single = merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for rank in (0, 1):
+        sharded = TaskVector.load(tmp_path / f"merged-rank{rank}.safetensors")
+        assert sharded.metadata["merge"]["sharded_over_ranks"] == 2
+        assert sorted(sharded) == sorted(single)
+        for key in single:
+            assert torch.equal(sharded[key], single[key]), key
+    assert "test/rot30/acc" in torch.load(tmp_path / "results.pt")
