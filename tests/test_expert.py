@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.cli import LightningCLI
 from sklearn.metrics import balanced_accuracy_score
 
 from lightning_score.classifier import BalancedAccuracy, CLIPClassifier
@@ -15,8 +13,6 @@ from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
 from lightning_score.task_vector import state_dict_fingerprint
 from tests.conftest import QUICK_BASE
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 MODEL = QUICK_BASE["model_name"]
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
@@ -156,45 +152,6 @@ def test_warmup_longer_than_the_run_warns(quick_base: Path) -> None:
     with pytest.warns(UserWarning, match="never reaches"):
         trainer.fit(expert, datamodule=_digits(train_domains=["rot0"]))
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(1e-5 * 2 / 500)
-
-
-@pytest.mark.parametrize("recipe", ["digits/expert.yaml", "pacs/vit_b32_expert.yaml"])
-def test_recipes_are_valid_lightning_cli_configs(
-    recipe: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "argv", ["lightning-score"])
-    with pytest.raises(SystemExit) as exit_info:
-        LightningCLI(CLIPExpert, DomainDataModule, args=["fit", "--config", str(RECIPES / recipe), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "gradient_clip_val: 1.0" in printed and "weight_decay: 0.1" in printed
-
-
-def test_digits_recipe_fits_and_tests_through_lightning_cli(
-    quick_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "argv", ["lightning-score"])
-    cli = LightningCLI(
-        CLIPExpert,
-        DomainDataModule,
-        run=False,
-        args=[
-            "--config",
-            str(RECIPES / "digits/expert.yaml"),
-            f"--model.model_name={MODEL}",
-            f"--model.pretrained={quick_base}",
-            "--trainer.max_steps=3",
-            "--model.warmup_steps=1",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--data.test_domains=[rot0, rot75]",
-        ],
-    )
-    assert cli.trainer.gradient_clip_val == 1.0 and cli.model.hparams.lr == 1e-4
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 3
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    assert set(results) == {f"test/{d}/{m}" for d in ("rot0", "rot75") for m in ("acc", "balanced_acc")}
 
 
 @pytest.mark.slow

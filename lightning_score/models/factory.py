@@ -153,7 +153,8 @@ def _load_local(model_name: str, path: Path, **kwargs: Any) -> tuple[nn.Module, 
     if not path.is_file():
         raise FileNotFoundError(
             f"Weights file '{path}' does not exist. Pass an existing .safetensors/.pt file, an open_clip tag "
-            f"(e.g. 'openai'), 'builtin:digits', or None for random weights."
+            f"(e.g. 'openai'), 'builtin:digits', or None for random weights. If it is a merged model, write it "
+            f"first with `lightning-score merge` (see its --output)."
         )
     if path.suffix not in LOCAL_WEIGHT_SUFFIXES:
         raise ValueError(f"Weights file '{path}' must end in one of {LOCAL_WEIGHT_SUFFIXES}.")

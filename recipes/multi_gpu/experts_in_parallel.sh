@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train all experts of a study at once, one per GPU: each domain's fit is an independent process pinned
+# to one GPU with CUDA_VISIBLE_DEVICES. Usage:
+#
+#   recipes/multi_gpu/experts_in_parallel.sh recipes/pacs/vit_b32_expert.yaml art_painting cartoon photo sketch
+#
+# Extra arguments for every fit go in FIT_ARGS, e.g. FIT_ARGS="--data.root /data/PACS".
+# The task vectors land where the recipe's ScoreMergeCallback points (one file per domain), ready for merge.
+set -euo pipefail
+recipe=$1; shift
+gpus=$(nvidia-smi --list-gpus | wc -l)
+i=0
+for domain in "$@"; do
+  CUDA_VISIBLE_DEVICES=$((i % gpus)) lightning-score fit --config "$recipe" --data.train_domains "[$domain]" \
+    --trainer.devices 1 ${FIT_ARGS:-} > "fit-$domain.log" 2>&1 &
+  i=$((i + 1))
+  if (( i % gpus == 0 )); then wait; fi   # more domains than GPUs: the next wave starts when one finishes
+done
+wait
+echo "experts trained: $*"
