@@ -48,6 +48,7 @@ Train-then-merge for CLIP experts with SCORE.
   merge     merge task vectors, write the merged weights and config, test on held-out domains
   validate  / test / predict   Lightning's loops on any module (default: MergeModule)
   analyze   Subspace Alignment Ratio and singular spectra of task vectors (table, PNG, JSON)
+  study     the whole leave-one-domain-out study from one recipe: experts, every merge, tables, figures
 
 Run `lightning-score <command> --help` for a command's arguments."""
 
@@ -170,7 +171,24 @@ def analyze(
     sys.stdout.write("Wrote " + ", ".join(str(p) for p in written) + "\n")
 
 
-_FUNCTION_COMMANDS = {"analyze": analyze}
+def _function_commands() -> dict[str, Any]:
+    from lightning_score.study import run_study
+
+    return {"analyze": analyze, "study": run_study}
+
+
+_FUNCTION_COMMANDS = ("analyze", "study")
+
+
+def _show_our_info_logs() -> None:
+    """lightning-score's INFO messages on stderr (as Lightning does for its own); other libraries stay quiet."""
+    ours = logging.getLogger("lightning_score")
+    ours.setLevel(logging.INFO)
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -187,12 +205,12 @@ def main(args: list[str] | None = None) -> None:
     for the full traceback.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _show_our_info_logs()
     try:
         if argv and argv[0] in _FUNCTION_COMMANDS:
             from jsonargparse import CLI
 
-            CLI(_FUNCTION_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
+            CLI(_function_commands()[argv[0]], args=argv[1:], as_positional=False, prog=f"lightning-score {argv[0]}")
             return
         LightningScoreCLI(args=args)
     except (ValueError, FileNotFoundError) as error:
