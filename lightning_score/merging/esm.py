@@ -104,6 +104,8 @@ class ESMMerge(KeyMerger):
         scale: The factor of Δ* = scale·U_o V_o (2.0).
     """
 
+    shardable = False  # the layer-type-wise scaling needs every target layer in one process
+
     def __init__(
         self,
         *,

@@ -102,3 +102,13 @@ def test_bad_activations() -> None:
         merge_task_vectors(tvs, "esm", activations=bad)
     with pytest.raises(ValueError, match="not matrix keys"):
         merge_task_vectors(tvs, "esm", activations=[{"nope": torch.zeros(2, 2)}] * 2)
+
+
+def test_esm_is_never_split_across_processes() -> None:
+    """Its layer-type scaling needs every target layer: the registry says so and the engine refuses a subset."""
+    from lightning_score.merging import get_method
+
+    assert get_method("esm").shardable is False and get_method("score").shardable is True
+    tvs = [_model(s, blocks=1) for s in range(2)]
+    with pytest.raises(ValueError, match="needs every key in one process"):
+        merge_task_vectors(tvs, "esm", activations=_activations(tvs), keys=["positional_embedding"])
