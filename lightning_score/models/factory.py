@@ -142,11 +142,22 @@ def save_clip_weights(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     header = {
         "format": WEIGHTS_FORMAT,
-        "model_name": model_name,
+        "model_name": model_name.removesuffix(_QUICKGELU_SUFFIX),
         "fingerprint": state_dict_fingerprint(tensors),
+        "quick_gelu": "true" if uses_quick_gelu(model) else "false",  # restored on loading: same network
         **(metadata or {}),
     }
     return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+_QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """Whether an open_clip model's activations are QuickGELU (OpenAI's CLIP weights need it)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(module, QuickGELU) for module in model.modules())
 
 
 def _load_local(model_name: str, path: Path, **kwargs: Any) -> tuple[nn.Module, Callable, Callable]:
@@ -159,11 +170,14 @@ def _load_local(model_name: str, path: Path, **kwargs: Any) -> tuple[nn.Module, 
     if path.suffix not in LOCAL_WEIGHT_SUFFIXES:
         raise ValueError(f"Weights file '{path}' must end in one of {LOCAL_WEIGHT_SUFFIXES}.")
     header = read_weights_metadata(path)
-    if header.get("format") == WEIGHTS_FORMAT and header.get("model_name") not in (None, model_name):
+    ours = header.get("format") == WEIGHTS_FORMAT
+    if ours and header.get("model_name") not in (None, model_name.removesuffix(_QUICKGELU_SUFFIX)):
         raise ValueError(
             f"Weights file '{path}' was written for model '{header['model_name']}', not '{model_name}': "
             f"pass model_name='{header['model_name']}'."
         )
+    if ours and header.get("quick_gelu") == "true":  # e.g. a merge of experts built on OpenAI's weights
+        kwargs["force_quick_gelu"] = True
     try:
         return open_clip.create_model_and_transforms(model_name, pretrained=str(path), weights_only=True, **kwargs)
     except pickle.UnpicklingError as error:

@@ -117,3 +117,25 @@ def test_builtin_digits_token_resolves_to_the_cached_base_file(
     direct = build_clip(name, pretrained=quick_base)
     for a, b in zip(_outputs(builtin), _outputs(direct), strict=True):
         assert torch.equal(a, b)
+
+
+def test_quick_gelu_survives_a_weights_file(tmp_path) -> None:
+    """OpenAI's weights run with QuickGELU; a merged model saved from them must load back as the same network."""
+    import open_clip
+    import torch
+
+    from lightning_score.models import build_clip, save_clip_weights
+    from lightning_score.models.factory import uses_quick_gelu
+
+    model = open_clip.create_model("tiny-ViT-W64-L2", force_quick_gelu=True).eval()
+    assert uses_quick_gelu(model)
+    path = save_clip_weights(model, tmp_path / "quick.safetensors", model_name="tiny-ViT-W64-L2")
+    loaded = build_clip("tiny-ViT-W64-L2", str(path)).model
+    assert uses_quick_gelu(loaded)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+    plain = save_clip_weights(
+        open_clip.create_model("tiny-ViT-W64-L2"), tmp_path / "plain.safetensors", model_name="tiny-ViT-W64-L2"
+    )
+    assert not uses_quick_gelu(build_clip("tiny-ViT-W64-L2", str(plain)).model)
