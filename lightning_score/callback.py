@@ -91,6 +91,14 @@ class ScoreMergeCallback(Callback):
         self.task_vector_path: Path | None = None  #: Where the task vector was written (rank zero).
         self.merged_path: Path | None = None  #: Where the merged task vector was written, with ``merge_with``.
 
+    @property
+    def state_key(self) -> str:
+        """Distinct per snapshotted submodule, stable across a resume even when the output folder changes.
+
+        One Trainer can carry one callback per submodule.
+        """
+        return self._generate_state_key(module=self.module)
+
     # --- the override point -----------------------------------------------------------------------
 
     def select_module(self, pl_module: pl.LightningModule) -> tuple[str, nn.Module, list[str] | None]:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -21,11 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
+from lightning_score.atomic import atomic_write_text
 from lightning_score.data import DomainDataModule
 from lightning_score.merge_module import MergeModule
 
@@ -93,12 +96,17 @@ class ScoreTrainer(Trainer):
         return results[0] if results and test else {}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, keeping the line breaks of the overview."""
+
+
 class LightningScoreCLI(LightningCLI):
     """``LightningCLI`` for lightning-score: any LightningModule as the model, the DomainDataModule as data."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("description", _OVERVIEW)
+        kwargs["parser_kwargs"].setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
             LightningModule,
@@ -158,8 +166,8 @@ def analyze(
     spectra = singular_spectra(tvs, energy=energy, prefix=prefix, device=device, progress=True)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sar.json").write_text(json.dumps(sar.to_dict(), indent=2))
-    (out / "spectra.json").write_text(json.dumps(spectra.to_dict(top=16), indent=2))
+    atomic_write_text(out / "sar.json", json.dumps(sar.to_dict(), indent=2))
+    atomic_write_text(out / "spectra.json", json.dumps(spectra.to_dict(top=16), indent=2))
     written = [out / "sar.json", out / "spectra.json"]
     try:
         from lightning_score.plots import plot_singular_spectra, plot_subspace_alignment

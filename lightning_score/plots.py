@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_score.analysis import SingularSpectra, SubspaceAlignment
+from lightning_score.atomic import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,17 +76,7 @@ def save_png(figure: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Pa
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi))
 
 
 def short_key(key: str) -> str:

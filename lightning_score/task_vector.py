@@ -15,7 +15,6 @@ import hashlib
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from lightning_score.atomic import atomic_write
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TaskVector", "state_dict_fingerprint"]
 
@@ -395,16 +396,7 @@ class TaskVector(Mapping[str, Tensor]):
             _VERSION_KEY: str(FORMAT_VERSION),
             _METADATA_KEY: json.dumps(self._metadata, sort_keys=True),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         self._path = path
         return path
 

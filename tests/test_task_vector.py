@@ -133,3 +133,17 @@ def test_load_rejects_what_is_not_a_task_vector(tmp_path: Path) -> None:
 def test_metadata_must_be_json() -> None:
     with pytest.raises(ValueError, match="JSON"):
         TaskVector({"w": torch.zeros(1)}, {"when": object()})
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path: Path) -> None:
+    """Atomic writes go through a temporary file, which is owner-only; the result must not be."""
+    import os
+
+    from lightning_score.atomic import ordinary_mode
+
+    old = os.umask(0o022)
+    try:
+        path = TaskVector({"w": torch.zeros(2)}).save(tmp_path / "tv.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and ordinary_mode() == 0o666 & ~old

@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_ENV", "atomic_publish_dir", "atomic_write_file", "cache_key", "cache_lock", "cache_root"]
+from lightning_score.atomic import ordinary_mode
+
+__all__ = ["CACHE_ENV", "atomic_publish_dir", "cache_key", "cache_lock", "cache_root"]
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +52,6 @@ def cache_key(*parts: Any) -> str:
     return hashlib.blake2b(payload, digest_size=8).hexdigest()
 
 
-def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write a file atomically: ``write(tmp)`` to a temporary file next to ``path``, then rename.
-
-    Args:
-        path: The destination; parent folders are created.
-        write: Called with the temporary path; must create the file there.
-
-    Returns:
-        ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_publish_dir(path: Path, build: Callable[[Path], None]) -> Path:
     """Build a folder under a temporary name and rename it to ``path``; keep an existing ``path``.
 
@@ -93,6 +70,7 @@ def atomic_publish_dir(path: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         build(tmp)
+        os.chmod(tmp, ordinary_mode(directory=True))
         try:
             os.rename(tmp, path)
         except OSError:

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_score.models.cache import atomic_write_file
+from lightning_score.atomic import atomic_write
 from lightning_score.task_vector import state_dict_fingerprint
 
 __all__ = [
@@ -147,7 +147,7 @@ def save_clip_weights(
         "quick_gelu": "true" if uses_quick_gelu(model) else "false",  # restored on loading: same network
         **(metadata or {}),
     }
-    return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 _QUICKGELU_SUFFIX = "-quickgelu"

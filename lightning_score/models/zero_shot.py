@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_score.models.cache import atomic_write_file, cache_key, cache_root
+from lightning_score.atomic import atomic_write
+from lightning_score.models.cache import cache_key, cache_root
 from lightning_score.task_vector import state_dict_fingerprint
 
 __all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "text_fingerprint"]
@@ -142,6 +143,6 @@ def build_zero_shot_head(
     scale = model.logit_scale.detach().float().exp().cpu()
     weight = encode_class_prompts(model, tokenizer, classnames, templates) * scale
     if cache:
-        atomic_write_file(path, lambda tmp: save_file({"weight": weight.contiguous()}, str(tmp)))
+        atomic_write(path, lambda tmp: save_file({"weight": weight.contiguous()}, str(tmp)))
         log.debug("Zero-shot head for %d classes x %d templates cached at %s", len(classnames), len(templates), path)
     return ZeroShotHead(weight, classnames, templates)

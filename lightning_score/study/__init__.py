@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from lightning_score.atomic import atomic_write_text
 from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row
 from lightning_score.study.report import markdown_table, write_report
 from lightning_score.study.runner import Study
@@ -104,13 +105,13 @@ def run_study(
         "eval_batch_size": eval_batch_size, "num_workers": num_workers, "split_seed": split_seed,
         "val_fraction": val_fraction, "proxy_images": proxy_images, "seed": seed,
     }  # fmt: skip
-    (folder / "study.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(folder / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
     records = study.run()
     experts = {domain: study.task_vector_path(domain) for domain in study.domains}
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and _cuda() else "cpu"
     written = write_report(records, study.rows, study.targets, folder, experts=experts, device=device)
-    study.console.print((folder / "results.md").read_text(), markup=False, highlight=False)
-    study.console.print("Wrote " + ", ".join(str(p) for p in written.values()), highlight=False)
+    study.console.print((folder / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    study.console.print("Wrote " + ", ".join(str(p) for p in written.values()), highlight=False, soft_wrap=True)
     return records
 
 

@@ -6,12 +6,11 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_score.atomic import atomic_write_text
 from lightning_score.study.config import Row
 
 __all__ = ["markdown_table", "write_report"]
@@ -19,14 +18,6 @@ __all__ = ["markdown_table", "write_report"]
 log = logging.getLogger(__name__)
 
 FIELDS = ("method", "mode", "target", "acc", "balanced_acc", "merge_seconds", "peak_memory_mb", "alpha", "sources")
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _accuracy_table(records: Sequence[Mapping[str, Any]], key: str = "acc") -> dict[str, dict[str, float]]:
@@ -94,19 +85,19 @@ def write_report(
         What was written, by name.
     """
     written: dict[str, Path] = {}
-    written["results.json"] = _atomic_text(output_dir / "results.json", json.dumps(list(records), indent=2) + "\n")
+    written["results.json"] = atomic_write_text(output_dir / "results.json", json.dumps(list(records), indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
     for record in records:
         writer.writerow({**record, "sources": " ".join(record.get("sources") or [])})
-    written["results.csv"] = _atomic_text(output_dir / "results.csv", buffer.getvalue())
+    written["results.csv"] = atomic_write_text(output_dir / "results.csv", buffer.getvalue())
     note = (
         "\nTop-1 accuracy on each held-out target domain, merging the other domains' experts at α = 1. "
         "Best weight merge per column in **bold**; reference rows in *italics* are not ranked (the logit "
         "ensemble runs every expert; the expert row is the target domain's own fine-tuned model, an upper bound).\n"
     )
-    written["results.md"] = _atomic_text(
+    written["results.md"] = atomic_write_text(
         output_dir / "results.md", f"# {title}\n\n" + markdown_table(records, rows, targets) + note
     )
     try:
@@ -127,6 +118,6 @@ def write_report(
         from lightning_score.task_vector import TaskVector
 
         sar = subspace_alignment([TaskVector.load(p) for p in experts.values()], device=device)
-        _atomic_text(output_dir / "sar.json", json.dumps(sar.to_dict(), indent=2) + "\n")
+        atomic_write_text(output_dir / "sar.json", json.dumps(sar.to_dict(), indent=2) + "\n")
         written["sar.png"] = plot_subspace_alignment(sar, output_dir / "sar.png")
     return written

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -26,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lightning_score.atomic import atomic_write_text
 from lightning_score.callback import ScoreMergeCallback
 from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
@@ -47,12 +46,7 @@ def _json(value: Any) -> Any:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 @contextlib.contextmanager
@@ -186,7 +180,7 @@ class Study:
 
     def _say(self, message: str) -> None:
         """One line per finished step: on the console (above the progress bar) and in study.log."""
-        self.console.print(message, highlight=False, markup=False)
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
         for handler in log.handlers:
             handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
 

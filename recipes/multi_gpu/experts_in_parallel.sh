@@ -10,11 +10,18 @@ set -euo pipefail
 recipe=$1; shift
 gpus=$(nvidia-smi --list-gpus | wc -l)
 i=0
+failed=0
+pids=()
 for domain in "$@"; do
   CUDA_VISIBLE_DEVICES=$((i % gpus)) lightning-score fit --config "$recipe" --data.train_domains "[$domain]" \
     --trainer.devices 1 ${FIT_ARGS:-} > "fit-$domain.log" 2>&1 &
+  pids+=("$!")
   i=$((i + 1))
-  if (( i % gpus == 0 )); then wait; fi   # more domains than GPUs: the next wave starts when one finishes
+  if (( i % gpus == 0 )); then   # more domains than GPUs: the next wave starts when this whole wave is done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+    pids=()
+  fi
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+if (( failed )); then echo "$failed expert fit(s) failed: see fit-<domain>.log" >&2; exit 1; fi
 echo "experts trained: $*"
