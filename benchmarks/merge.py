@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
-from collections.abc import Callable
+import tempfile
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,6 +41,7 @@ from torch import Tensor
 
 from lightning_score.merging import get_method, is_matrix_key, list_methods, merge_task_vectors, resolve_device
 from lightning_score.profiling import Measure
+from lightning_score.task_vector import TaskVector
 
 # --- inputs -------------------------------------------------------------------------------------------
 
@@ -118,10 +122,38 @@ def plain_score(task_vectors: list[dict[str, Tensor]], device: torch.device, dty
 # --- measuring ------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], dict[str, Tensor]], device: torch.device) -> tuple[dict[str, Tensor], float, int]:
+def _run_job(job: dict[str, Any], queue: Any) -> None:
+    """In a fresh process: load the task vectors lazily, merge, save the result, report time and peak memory."""
+    torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    dtype = getattr(torch, job["dtype"])
+    tvs = [TaskVector.load(path) for path in job["inputs"]]
+    if job["method"] == "plain":
+        run = lambda: plain_score(tvs, device, dtype)  # noqa: E731
+    else:
+        run = lambda: dict(merge_task_vectors(tvs, job["method"], device=device, compute_dtype=dtype))  # noqa: E731
+    run_key = next(k for k in tvs[0] if k == "proj")  # warm-up: library loading and kernel caches, one small key
+    merge_task_vectors([{run_key: tv[run_key]} for tv in tvs], "score", device=device)
     with Measure(device) as measure:
-        result = fn()
-    return result, measure.seconds, measure.peak_bytes
+        result = run()
+    if job["output"]:
+        TaskVector(result).save(job["output"])
+    queue.put((measure.seconds, measure.peak_bytes))
+
+
+def timed(inputs: list[Path], method: str, dtype: str, device: torch.device, output: Path | None) -> tuple[float, int]:
+    """Run one merge in a fresh process (so that memory freed by earlier runs does not hide its peak)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    job = {"inputs": [str(p) for p in inputs], "method": method, "dtype": dtype, "device": str(device),
+           "output": str(output) if output else None, "threads": torch.get_num_threads()}  # fmt: skip
+    process = context.Process(target=_run_job, args=(job, queue))
+    process.start()
+    seconds, peak = queue.get()
+    process.join()
+    if process.exitcode:
+        raise RuntimeError(f"the {method} merge failed in its process (exit code {process.exitcode})")
+    return seconds, peak
 
 
 def relative_errors(a: dict[str, Tensor], b: dict[str, Tensor], num_tasks: int) -> tuple[float, float, int]:
@@ -159,44 +191,55 @@ def main() -> None:
     params = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"ViT-B/32 image tower: {len(shapes)} keys ({matrices} matrices), {params / 1e6:.1f} M parameters")
     print(f"T = {args.tasks}, device = {device}, torch threads = {torch.get_num_threads()}")
-
-    def engine(dtype: torch.dtype) -> Callable[[], dict[str, Tensor]]:
-        return lambda: dict(merge_task_vectors(tvs, "score", device=device, compute_dtype=dtype))
-
-    # warm-up (library loading, kernel caches) on one small key
-    warm = {k: v for k, v in tvs[0].items() if k == "proj"}
-    merge_task_vectors([warm] * args.tasks, device=device)
-    plain_score([warm] * args.tasks, device, torch.float32)
-
-    plain32, t_plain, m_plain = timed(lambda: plain_score(tvs, device, torch.float32), device)
-    engine32, t_engine, m_engine = timed(engine(torch.float32), device)
-    err_div, err_all, _ = relative_errors(engine32, plain32, args.tasks)
-    print()
-    print(f"{'':10}{'wall time':>12}{'peak memory':>14}")
-    print(f"{'plain':10}{t_plain:>10.2f} s{m_plain / 2**20:>10.0f} MiB")
-    print(f"{'engine':10}{t_engine:>10.2f} s{m_engine / 2**20:>10.0f} MiB")
-    print(f"speed-up (plain / engine): {t_plain / t_engine:.2f}x")
-    print(f"float32 relative error engine vs plain: max {err_div:.2e} (keys with T | r), {err_all:.2e} (all keys)")
-    if args.float64:
-        plain64, t_plain64, _ = timed(lambda: plain_score(tvs, device, torch.float64), device)
-        engine64, t_engine64, _ = timed(engine(torch.float64), device)
-        exact_div, exact_all, _ = relative_errors(engine64, plain64, args.tasks)
-        noise_div, _, _ = relative_errors(plain32, plain64, args.tasks)
-        print(f"float64 wall time: plain {t_plain64:.2f} s, engine {t_engine64:.2f} s ({t_plain64 / t_engine64:.2f}x)")
-        print(f"float64 relative error engine vs plain: max {exact_div:.2e} (T | r), {exact_all:.2e} (all keys)")
-        print(f"float32 plain vs float64 plain (the float32 result's own error): max {noise_div:.2e} (T | r)")
-        engine_noise, _, _ = relative_errors(engine32, plain64, args.tasks)
-        print(f"float32 engine vs float64 plain: max {engine_noise:.2e} (T | r)")
-    if not args.no_table:
+    print("each merge runs in a fresh process over task vectors loaded lazily from disk")
+    with tempfile.TemporaryDirectory(prefix="lightning-score-bench-") as folder:
+        work = Path(folder)
+        inputs = [TaskVector(tv).save(work / f"task{t}.safetensors") for t, tv in enumerate(tvs)]
+        del tvs
+        t_plain, m_plain = timed(inputs, "plain", "float32", device, work / "plain32.safetensors")
+        t_engine, m_engine = timed(inputs, "score", "float32", device, work / "engine32.safetensors")
+        plain32, engine32 = (
+            TaskVector.load(work / "plain32.safetensors"),
+            TaskVector.load(work / "engine32.safetensors"),
+        )
+        err_div, err_all, _ = relative_errors(engine32, plain32, args.tasks)
         print()
-        print(f"Every data-free method through the engine (T = {args.tasks}, float32, {device}):")
-        print(f"| {'method':16} | {'wall time (s)':>13} | {'peak memory (MiB)':>17} |")
-        print(f"|{'-' * 18}|{'-' * 15}:|{'-' * 19}:|")
-        for method in list_methods():
-            if get_method(method).needs_data:
-                continue
-            _, seconds, peak = timed(lambda m=method: dict(merge_task_vectors(tvs, m, device=device)), device)
-            print(f"| {method:16} | {seconds:13.2f} | {peak / 2**20:17.0f} |")
+        print(f"{'':10}{'wall time':>12}{'peak memory':>14}")
+        print(f"{'plain':10}{t_plain:>10.2f} s{m_plain / 2**20:>10.0f} MiB")
+        print(f"{'engine':10}{t_engine:>10.2f} s{m_engine / 2**20:>10.0f} MiB")
+        print(f"speed-up (plain / engine): {t_plain / t_engine:.2f}x")
+        print(f"float32 relative error engine vs plain: max {err_div:.2e} (keys with T | r), {err_all:.2e} (all keys)")
+        print(f"(peak memory counts the merged update itself: {params * 4 / 2**20:.0f} MiB in float32)")
+        if args.float64:  # float64 inputs, so that both results stay in float64
+            inputs64 = []
+            for t, path in enumerate(inputs):
+                tv = TaskVector.load(path)
+                inputs64.append(TaskVector({k: tv[k].double() for k in tv}).save(work / f"task{t}-64.safetensors"))
+            t_plain64, _ = timed(inputs64, "plain", "float64", device, work / "plain64.safetensors")
+            t_engine64, _ = timed(inputs64, "score", "float64", device, work / "engine64.safetensors")
+            plain64, engine64 = (
+                TaskVector.load(work / "plain64.safetensors"),
+                TaskVector.load(work / "engine64.safetensors"),
+            )
+            exact_div, exact_all, _ = relative_errors(engine64, plain64, args.tasks)
+            noise_div, _, _ = relative_errors(plain32, plain64, args.tasks)
+            engine_noise, _, _ = relative_errors(engine32, plain64, args.tasks)
+            print(
+                f"float64 wall time: plain {t_plain64:.2f} s, engine {t_engine64:.2f} s ({t_plain64 / t_engine64:.2f}x)"
+            )
+            print(f"float64 relative error engine vs plain: max {exact_div:.2e} (T | r), {exact_all:.2e} (all keys)")
+            print(f"float32 plain vs float64 plain (the float32 result's own error): max {noise_div:.2e} (T | r)")
+            print(f"float32 engine vs float64 plain: max {engine_noise:.2e} (T | r)")
+        if not args.no_table:
+            print()
+            print(f"Every data-free method through the engine (T = {args.tasks}, float32, {device}, lazy inputs):")
+            print(f"| {'method':16} | {'wall time (s)':>13} | {'peak memory (MiB)':>17} |")
+            print(f"|{'-' * 18}|{'-' * 15}:|{'-' * 19}:|")
+            for method in list_methods():
+                if get_method(method).needs_data:
+                    continue
+                seconds, peak = timed(inputs, method, "float32", device, None)
+                print(f"| {method:16} | {seconds:13.2f} | {peak / 2**20:17.0f} |")
 
 
 if __name__ == "__main__":

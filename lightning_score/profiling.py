@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import os
 import threading
@@ -13,7 +15,22 @@ import torch
 __all__ = ["Measure"]
 
 
+def _release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc), so the resident-set baseline reflects live data only."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline may include freed memory
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _resident_bytes() -> int:
+    """Anonymous resident memory (heap): memory-mapped task-vector files, which the OS can drop, do not count."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     try:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -26,7 +43,9 @@ def _resident_bytes() -> int:
 class Measure:
     """Time a block and record how far memory rose above where it started.
 
-    On CUDA the allocator's peak is exact; on CPU the resident set size is sampled every 2 ms by a thread.
+    On CUDA the allocator's peak is exact; on CPU the anonymous resident memory (``RssAnon``: the heap, not
+    memory-mapped files) is sampled every 2 ms by a thread. Freed memory the C library keeps for reuse lowers
+    later measurements in the same process, so compare peaks measured in fresh processes.
 
     Args:
         device: The device the work runs on.
@@ -44,7 +63,7 @@ class Measure:
         self.peak_bytes = 0
 
     def __enter__(self) -> Measure:
-        gc.collect()
+        _release_free_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

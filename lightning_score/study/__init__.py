@@ -76,35 +76,14 @@ def run_study(
     Returns:
         One record per row and target (method, target, acc, balanced_acc, merge_seconds, peak_memory_mb...).
     """
-    study = Study(
-        output_dir=output_dir,
-        model_name=model_name,
-        pretrained=pretrained,
-        templates=templates,
-        root=root,
-        domains=domains,
-        targets=targets,
-        expert=expert,
-        rows=list(rows) if rows is not None else list(DEFAULT_ROWS),
-        accelerator=accelerator,
-        devices=devices,
-        eval_batch_size=eval_batch_size,
-        num_workers=num_workers,
-        split_seed=split_seed,
-        val_fraction=val_fraction,
-        proxy_images=proxy_images,
-        seed=seed,
-        restart=restart,
-    )
+    settings = dict(locals())  # the arguments, exactly as given
+    settings["rows"] = list(rows) if rows is not None else list(DEFAULT_ROWS)
+    study = Study(**settings)
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = {
-        "output_dir": output_dir, "model_name": model_name, "pretrained": pretrained, "templates": templates,
-        "root": root, "domains": study.domains, "targets": study.targets, "expert": asdict(expert),
-        "rows": [asdict(row) for row in study.rows], "accelerator": accelerator, "devices": devices,
-        "eval_batch_size": eval_batch_size, "num_workers": num_workers, "split_seed": split_seed,
-        "val_fraction": val_fraction, "proxy_images": proxy_images, "seed": seed,
-    }  # fmt: skip
+    resolved = {**settings, "domains": study.domains, "targets": study.targets, "expert": asdict(expert),
+                "rows": [asdict(row) for row in study.rows]}  # fmt: skip
+    resolved.pop("restart")
     atomic_write_text(folder / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
     records = study.run()
     experts = {domain: study.task_vector_path(domain) for domain in study.domains}
