@@ -101,11 +101,12 @@ class ScoreMergeCallback(Callback):
 
     # --- the override point -----------------------------------------------------------------------
 
-    def select_module(self, pl_module: pl.LightningModule) -> tuple[str, nn.Module, list[str] | None]:
-        """Choose what to snapshot: ``(attribute path, submodule, keys or None for all floating point)``.
+    def select_module(self, pl_module: pl.LightningModule) -> tuple[nn.Module, list[str] | None]:
+        """Choose what to snapshot: ``(submodule, keys or None for all its floating-point entries)``.
 
-        Override to snapshot something else. The default follows ``module``; without it, the module's
-        ``image_encoder`` if it has one, else the whole module restricted to parameters that require grad.
+        Override to snapshot something else; the submodule's state-dict prefix is found by identity. The
+        default follows ``module``; without it, the module's ``image_encoder`` if it has one, else the whole
+        module restricted to parameters that require grad.
         """
         if self.module is not None:
             try:
@@ -119,16 +120,16 @@ class ScoreMergeCallback(Callback):
                 raise ValueError(
                     f"ScoreMergeCallback(module={self.module!r}) is a {type(submodule).__name__}, not a module."
                 )
-            return self.module, submodule, None
+            return submodule, None
         if isinstance(getattr(pl_module, "image_encoder", None), nn.Module):
-            return "image_encoder", pl_module.image_encoder, None
+            return pl_module.image_encoder, None
         trainable = [name for name, param in pl_module.named_parameters() if param.requires_grad]
         if not trainable:
             raise ValueError(
                 f"{type(pl_module).__name__} has no trainable parameters when fitting starts, so there is no task "
                 "vector to snapshot. Pass ScoreMergeCallback(module='...') naming the submodule you fine-tune."
             )
-        return "", pl_module, trainable
+        return pl_module, trainable
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class ScoreMergeCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot θ₀, unless a checkpoint being resumed already restored the original snapshot."""
-        _, submodule, keys = self.select_module(pl_module)
+        submodule, keys = self.select_module(pl_module)
         self._module_path = self._state_prefix(pl_module, submodule)
         if self._pretrained is not None:
             rank_zero_info("ScoreMergeCallback: using the pre-trained weights saved in the checkpoint being resumed.")
