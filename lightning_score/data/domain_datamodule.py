@@ -94,6 +94,8 @@ class _Scan:
     domains: list[str]
     class_folders: list[str]
     samples: dict[str, list[Sample]]
+    presplit_train: dict[str, int] | None = None
+    """For the pre-split layout: how many of each domain's samples (the first ones) are its train split."""
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -102,6 +104,30 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def is_presplit(root: Path) -> bool:
+    """Whether ``root`` holds the pre-split layout ``ROOT/train/<domain>/<class>/…`` + ``ROOT/test/…``."""
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def scan_presplit_root(root: Path) -> _Scan:
+    """Read the pre-split layout: each domain's samples are its train images, then its test images."""
+    train, test = scan_domain_root(root / "train"), scan_domain_root(root / "test")
+    if train.domains != test.domains:
+        raise ValueError(
+            f"The pre-split dataset '{root}' has different domains in train/ ({train.domains}) and test/ "
+            f"({test.domains}); every domain needs both a train/<domain> and a test/<domain> folder."
+        )
+    if train.class_folders != test.class_folders:
+        raise ValueError(
+            f"The pre-split dataset '{root}' has different class folders in train/ and test/: "
+            f"{sorted(set(train.class_folders) ^ set(test.class_folders))}. Every domain must have the same class "
+            "folders in both (create the missing ones, even empty)."
+        )
+    samples = {d: train.samples[d] + test.samples[d] for d in train.domains}
+    counts = {d: len(train.samples[d]) for d in train.domains}
+    return _Scan(root, train.domains, train.class_folders, samples, presplit_train=counts)
 
 
 def scan_domain_root(root: Path) -> _Scan:
@@ -250,7 +276,8 @@ class DomainDataModule(LightningDataModule):
 
     def _scanned(self) -> _Scan:
         if self._scan is None:
-            scan = scan_domain_root(self.root_path)
+            root = self.root_path
+            scan = scan_presplit_root(root) if is_presplit(root) else scan_domain_root(root)
             for domain in (self._train_arg or []) + (self._test_arg or []):
                 if domain not in scan.domains:
                     raise ValueError(
@@ -307,6 +334,10 @@ class DomainDataModule(LightningDataModule):
         scan = self._scanned()
         if domain not in scan.domains:
             raise ValueError(f"Domain '{domain}' is not a folder of '{scan.root}'; its domains are {scan.domains}.")
+        if domain not in self._splits and scan.presplit_train is not None:
+            n_train, n = scan.presplit_train[domain], len(scan.samples[domain])
+            part = split_domain(n_train, 0.0, self.val_fraction, self.split_seed)  # val carved from train only
+            self._splits[domain] = DomainSplit(fit=sorted(part.fit), val=part.val, test=list(range(n_train, n)))
         if domain not in self._splits:
             self._splits[domain] = split_domain(
                 len(scan.samples[domain]), self.test_fraction, self.val_fraction, self.split_seed

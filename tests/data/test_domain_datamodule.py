@@ -159,3 +159,33 @@ def test_too_small_domain(tmp_path: Path) -> None:
     root = _make_root(tmp_path / "tiny", domains=["a", "b"], classes=["x"], per_class=2)
     with pytest.raises(ValueError, match="too small"):
         _dm(root, train_domains=["a"]).setup("fit")
+
+
+def test_presplit_layout_is_read_as_is(tmp_path: Path) -> None:
+    root = tmp_path / "presplit"
+    _make_root(root / "train", domains=["alpha", "beta"], per_class=6)
+    _make_root(root / "test", domains=["alpha", "beta"], per_class=2)
+    (root / "test" / "alpha" / "cat" / "000.png").rename(root / "test" / "alpha" / "cat" / "only_in_test.png")
+    dm = _dm(root, train_domains=["alpha"], test_domains=["alpha", "beta"], val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.domains == ["alpha", "beta"] and dm.class_folders == CLASSES
+    for domain in ("alpha", "beta"):
+        fit = {p for p, _ in dm.samples(domain, "fit")}
+        test = {p for p, _ in dm.samples(domain, "test")}
+        assert fit == {p for p in (root / "train" / domain).rglob("*.png")}
+        assert test == {p for p in (root / "test" / domain).rglob("*.png")}
+    labels = {p.name: y for p, y in dm.samples("alpha", "test")}
+    assert labels["only_in_test.png"] == CLASSES.index("cat")
+    assert [len(t.dataset) for t in dm.test_dataloader()] == [2 * len(CLASSES)] * 2
+    # a validation part, when asked for, comes out of the train folder only
+    carved = _dm(root, train_domains=["alpha"], val_fraction=0.25)
+    val = {p for p, _ in carved.samples("alpha", "val")}
+    assert len(val) == int(6 * len(CLASSES) * 0.25) and all(p.parts[-4] == "train" for p in val)
+
+
+def test_presplit_layout_with_a_domain_missing_from_test(tmp_path: Path) -> None:
+    root = tmp_path / "presplit"
+    _make_root(root / "train", domains=["alpha", "beta"], per_class=2)
+    _make_root(root / "test", domains=["alpha"], per_class=2)
+    with pytest.raises(ValueError, match=r"different domains in train/ \(\['alpha', 'beta'\]\) and test/"):
+        _dm(root).setup("fit")
