@@ -1,34 +1,26 @@
 """Exact order statistics over a whole model, streamed one key at a time (for TIES and PCB).
 
 TIES keeps each task's top 20 % entries over ALL keys, PCB clips at 1 %/99 % and drops below 95 %: both
-need the exact k-th smallest of P numbers per task, P being every entry of the model. Holding all P
+need the exact k-th smallest of P numbers per task (at ranks given by the method), P being every entry of
+the model. Holding all P
 numbers of a ViT-L/14 per task would break the engine's one-key-at-a-time memory bound, so this is a
 radix select: each float maps to an integer with the same order, and one pass over the model per
 16-bit digit (two for float32, four for float64) narrows every task's k-th value down to its exact bits,
 with a 65,536-bin histogram per task as the only state.
-
-The q-quantile order statistic (:func:`quantile_rank`) is the ⌈q·P⌉-th smallest value (1-indexed):
-the inverse of the empirical distribution function, with no interpolation.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["kth_smallest", "quantile_rank"]
+__all__ = ["kth_smallest"]
 
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 _INT_VIEW = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
-
-
-def quantile_rank(q: float, count: int) -> int:
-    """The 1-indexed rank of the q-quantile order statistic of ``count`` numbers: ⌈q·count⌉, at least 1."""
-    return min(max(math.ceil(q * count - 1e-9), 1), count)
 
 
 def _ordered_keys(values: Tensor) -> Tensor:

@@ -1,12 +1,14 @@
-"""TIES-Merging: trim, elect sign, disjoint merge (spec section 6).
+"""TIES-Merging: trim, elect sign, disjoint merge.
 
 Yadav, Tam, Choshen, Raffel, Bansal. "TIES-Merging: Resolving Interference When Merging Models",
 NeurIPS 2023, arXiv:2306.01708. Data-free.
 
 Over the whole model, flattened (every key, not per key):
 
-1. Trim: keep each task's top ``density`` fraction of entries by magnitude, k = ⌊density·P⌋, threshold =
-   the k-th largest |τ_t| (entries equal to it are kept too); zero the rest.
+1. Trim: keep each task's top ``density`` fraction of entries by magnitude over the P entries of the
+   flattened model: the threshold is the k-th smallest |τ_t| (1-indexed, ``torch.kthvalue``'s convention)
+   with k = P − int(P·density), as the authors' released code computes it; entries with |τ_t| ≥ threshold
+   are kept (ties too), so int(P·density) + 1 entries survive when the magnitudes are distinct. Zero the rest.
 2. Elect: γ = sign(Σ_t trimmed τ_t); entries where that sum is 0 take the sign of Σ γ over the model.
 3. Disjoint merge: per entry, the mean of the trimmed entries whose sign equals γ (divisor at least 1).
 
@@ -23,7 +25,20 @@ from torch import Tensor
 from lightning_score.merging.order_statistics import kth_smallest
 from lightning_score.merging.registry import KeyMerger, KeyStream, register_method
 
-__all__ = ["TiesMerge", "disjoint_mean", "elect_sign", "trim_to_top"]
+__all__ = ["TiesMerge", "disjoint_mean", "elect_sign", "threshold_rank", "trim_to_top"]
+
+
+def threshold_rank(total: int, density: float) -> int:
+    """The 1-indexed rank of the trim threshold among P = ``total`` magnitudes: k = P − int(P·density).
+
+    ``int`` truncates the double-precision product as Python computes it. ``density = 1`` would give k = 0
+    (an error in the authors' code); it is read as "keep everything" (k = 1).
+
+    Example:
+        >>> threshold_rank(10, 0.2), threshold_rank(15, 0.2), threshold_rank(4, 1.0)
+        (8, 12, 1)
+    """
+    return max(total - int(total * density), 1)
 
 
 def trim_to_top(deltas: Tensor, thresholds: Tensor) -> Tensor:
@@ -57,7 +72,8 @@ class TiesMerge(KeyMerger):
     65,536-bin histogram per task.
 
     Args:
-        density: The fraction of each task's entries kept, over the whole model (0.2).
+        density: The fraction K of each task's entries kept, over the whole model (0.2, the paper's and the
+            SCORE authors' setting); the threshold is the (P − int(P·K))-th smallest magnitude.
     """
 
     def __init__(self, *, density: float = 0.2) -> None:
@@ -67,9 +83,7 @@ class TiesMerge(KeyMerger):
 
     def prepare(self, stream: KeyStream) -> None:
         """Find each task's magnitude threshold over all keys, then the majority sign."""
-        total = stream.numel()
-        keep = max(int(self.density * total), 1)
-        ranks = torch.full((stream.num_tasks, 1), total - keep + 1)  # k-th largest = (P − k + 1)-th smallest
+        ranks = torch.full((stream.num_tasks, 1), threshold_rank(stream.numel(), self.density))
         self.thresholds = kth_smallest(lambda: stream.flat(torch.abs), ranks).squeeze(1)
         sign_sum = torch.zeros((), dtype=torch.float64)
         for _, deltas in stream:

@@ -1,4 +1,5 @@
-"""Float64 reference implementations written straight from ``shared/spec/merge-methods.md``.
+"""Float64 reference implementations written straight from the papers (and, where a paper leaves a detail
+open, from its authors' released code: TIES's and PCB's ranks, ESM's N < m basis), section by section.
 
 Deliberately plain: one task and one entry at a time, full SVDs, Python loops for the statistics, no
 code shared with the package. Every merged key is compared against these in float64.
@@ -127,20 +128,14 @@ def unflatten(vector: Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str,
     return out
 
 
-def order_statistic(values: Tensor, q: float) -> float:
-    """The ⌈q·P⌉-th smallest (1-indexed): the inverse empirical CDF."""
-    ordered = sorted(values.tolist())
-    rank = min(max(math.ceil(q * len(ordered) - 1e-9), 1), len(ordered))
-    return ordered[rank - 1]
-
-
 def ties(task_vectors: list[dict[str, Tensor]], density: float = 0.2) -> dict[str, Tensor]:
+    """Yadav et al. 2023 as the authors' code ranks: threshold = the k-th smallest |τ_t|, k = P − int(P·K)."""
     flat, layout = flatten(task_vectors)
     T, P = flat.shape
-    k = max(int(density * P), 1)
+    k = max(P - int(P * density), 1)  # density 1 would be k = 0: keep everything
     trimmed = torch.zeros_like(flat)
     for t in range(T):
-        threshold = sorted(flat[t].abs().tolist(), reverse=True)[k - 1]
+        threshold = sorted(abs(x) for x in flat[t].tolist())[k - 1]
         for i in range(P):
             if abs(flat[t, i].item()) >= threshold:
                 trimmed[t, i] = flat[t, i]
@@ -168,13 +163,14 @@ def magmax(task_vectors: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def pcb(task_vectors: list[dict[str, Tensor]], ratio: float = 0.05, clip: float = 0.01) -> dict[str, Tensor]:
+    """Du et al. 2024 with the authors' indices: s sorted ascending, 0-indexed, int() of Python floats."""
     flat, layout = flatten(task_vectors)
-    T = flat.shape[0]
+    T, P = flat.shape
     clipped = torch.zeros_like(flat)
     a = torch.zeros_like(flat)
     for t in range(T):
-        low = order_statistic(flat[t].abs(), clip)
-        high = order_statistic(flat[t].abs(), 1 - clip)
+        s = sorted(flat[t].abs().tolist())
+        low, high = s[int(P * clip)], s[int(P * (1 - clip) - 1)]
         magnitude = flat[t].abs().clamp(low, high)
         clipped[t] = torch.sign(flat[t]) * magnitude
         a[t] = (magnitude - magnitude.min()) / (magnitude.max() - magnitude.min())
@@ -184,7 +180,7 @@ def pcb(task_vectors: list[dict[str, Tensor]], ratio: float = 0.05, clip: float 
         intra = torch.exp(T * a[t] ** 2)
         inter = sum(torch.tanh(nu[t] * nu[j]) for j in range(T))
         beta = intra * inter
-        floor = order_statistic(beta, 1 - ratio)
+        floor = sorted(beta.tolist())[int(P * (1 - ratio))]
         beta = beta.clamp(min=floor)
         weights[t] = (beta - beta.min()) / (beta.max() - beta.min())
     merged = (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)

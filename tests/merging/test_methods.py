@@ -123,7 +123,18 @@ def test_ties_keeps_the_requested_density() -> None:
     trimmed = merge_task_vectors(tvs[:1], "ties", device="cpu", density=0.25)
     total = sum(v.numel() for v in trimmed.values())
     kept = sum(int((v != 0).sum()) for v in trimmed.values())
-    assert kept == int(0.25 * total)  # one task, continuous values: exactly k entries survive
+    # one task, distinct values: the threshold is the (P − int(P·K))-th smallest, so int(P·K) + 1 survive
+    assert kept == int(0.25 * total) + 1
+
+
+@pytest.mark.parametrize(("P", "density", "kept"), [(10, 0.2, 3), (15, 0.2, 4), (7, 0.2, 2), (4, 1.0, 4), (9, 0.05, 1)])
+def test_ties_threshold_rank_on_small_models(P: int, density: float, kept: int) -> None:
+    """The authors' rank k = P − int(P·K): int(P·K) + 1 entries kept (the old ⌊K·P⌋-th largest kept one fewer)."""
+    values = torch.arange(1, P + 1, dtype=torch.float64) * torch.tensor([(-1.0) ** i for i in range(P)])
+    merged = merge_task_vectors([{"w": values[: P // 2], "b": values[P // 2 :]}], "ties", device="cpu", density=density)
+    survivors = torch.cat([merged["w"], merged["b"]])
+    assert int((survivors != 0).sum()) == kept
+    assert torch.equal(survivors[survivors != 0].abs().sort().values, torch.arange(P - kept + 1, P + 1).double())
 
 
 @pytest.mark.parametrize("method", DATA_FREE)

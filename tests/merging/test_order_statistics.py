@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_score.merging.order_statistics import kth_smallest, quantile_rank
+from lightning_score.merging.order_statistics import kth_smallest
+from lightning_score.merging.pcb import PCBMerge
+from lightning_score.merging.registry import KeyStream
 
 
 @settings(max_examples=40, deadline=None)
@@ -50,9 +52,40 @@ def test_rank_out_of_range() -> None:
         kth_smallest(lambda: [torch.ones(1, 4)], torch.tensor([[5]]))
 
 
+# --- the ranks TIES and PCB select (the authors' indices, not the ⌈q·P⌉ quantile) --------------------------
+
+
+def _one_task_stream(magnitudes: list[float]) -> KeyStream:
+    """One task whose P entries have these magnitudes (alternating signs), split over two keys."""
+    signs = torch.tensor([(-1.0) ** i for i in range(len(magnitudes))], dtype=torch.float64)
+    values = (torch.tensor(magnitudes, dtype=torch.float64) * signs).view(1, -1)
+    cut = len(magnitudes) // 3
+    parts = {"a": values[:, :cut], "b": values[:, cut:]}
+    return KeyStream(list(parts), parts.__getitem__, {k: tuple(v.shape[1:]) for k, v in parts.items()}, 1)
+
+
 @pytest.mark.parametrize(
-    ("q", "count", "rank"),
-    [(0.01, 1000, 10), (0.99, 1000, 990), (0.95, 7, 7), (0.0, 10, 1), (0.2, 5, 1), (0.21, 5, 2), (1.0, 9, 9)],
+    ("P", "low", "high", "old_low", "old_high"),
+    [(100, 2.0, 99.0, 1.0, 99.0), (150, 2.0, 148.0, 2.0, 149.0), (300, 4.0, 297.0, 3.0, 297.0)],
 )
-def test_quantile_rank_is_the_inverse_empirical_cdf(q: float, count: int, rank: int) -> None:
-    assert quantile_rank(q, count) == rank == min(max(math.ceil(q * count - 1e-9), 1), count)
+def test_pcb_clips_at_the_authors_indices(P: int, low: float, high: float, old_low: float, old_high: float) -> None:
+    """Magnitudes 1..P shuffled: s[i] = i + 1, so the bounds are int(P·0.01) + 1 and int(P·0.99 − 1) + 1."""
+    order = torch.randperm(P, generator=torch.Generator().manual_seed(P)) + 1
+    merger = PCBMerge()
+    merger.prepare(_one_task_stream(order.double().tolist()))
+    assert (merger.low.item(), merger.high.item()) == (low, high)
+    assert (low, high) != (old_low, old_high)  # the ⌈q·P⌉-th smallest, used before, is another entry
+
+
+@pytest.mark.parametrize(("P", "kept"), [(100, 96), (40, 39), (7, 7)])
+def test_pcb_floor_is_the_authors_index(P: int, kept: int) -> None:
+    """One task: β grows with |τ|, so the floor s_β[int(P·0.95)] is the score of magnitude ``kept``."""
+    merger = PCBMerge()
+    merger.prepare(_one_task_stream([float(i) for i in range(1, P + 1)]))
+    low, high = merger.low.item(), merger.high.item()
+    a = (min(max(float(kept), low), high) - low) / (high - low)
+    assert merger.floor.item() == pytest.approx(math.exp(a * a) * math.tanh(a * a), rel=1e-12)
+    # the ⌈0.95·P⌉-th smallest would be the score of magnitude kept − 1 where 0.95·P is whole
+    if (P * 95) % 100 == 0:
+        b = (min(max(float(kept - 1), low), high) - low) / (high - low)
+        assert merger.floor.item() != pytest.approx(math.exp(b * b) * math.tanh(b * b), rel=1e-6)
