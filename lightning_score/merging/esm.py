@@ -1,8 +1,8 @@
-"""ESM: Essential Subspace Merging (spec section 5). Data-dependent.
+"""ESM: Essential Subspace Merging. Data-dependent.
 
-Li, Qi, Tian, Geng. "Model Merging in the Essential Subspace". The core stays free of Lightning and models:
-it takes, besides the task vectors, each expert's **inputs to the target layers** on a few unlabelled
-images of its own (source) domain, through one option::
+Li, Qi, Tian, Geng. "Model Merging in the Essential Subspace" (code: github.com/kiddo127/ESM). The core stays
+free of Lightning and models: it takes, besides the task vectors, each expert's **inputs to the target
+layers** on a few unlabelled images of its own (source) domain, through one option::
 
     activations = [  # one mapping per task, in the task vectors' order
         {"transformer.resblocks.0.attn.in_proj_weight": X_0,  # [N, n]: rows = images × tokens,
@@ -16,26 +16,31 @@ The keys present there are the target layers (the Lightning layer supplies per b
 never the target domain). Other matrix keys are merged by TSV-M, non-matrix keys by the mean, and α
 multiplies only the target layers.
 
-Per target layer, with Δ_t ∈ ℝ^{m×n} and X_t ∈ ℝ^{N×n}:
+Per target layer, with Δ_t ∈ ℝ^{m×n} and X_t ∈ ℝ^{N×n}, as the authors' released code computes it:
 
-1. Feature shift ΔO_t = X_t Δ_tᵀ ∈ ℝ^{N×m}; its uncentred PCA (an SVD) gives output directions P_t and
-   eigenvalues λ (squared singular values). Keep r_t = ⌊m/T⌋: u_t = P_t[:, :r_t], v_t = u_tᵀ Δ_t.
-2. Polarized scaling. Task weight (a_t/ā)² with a_t = ‖u_tᵀ Δ_t‖_F (the energy inside the essential
-   subspace; ā the mean over tasks), applied to v_t. Eigenvalue weights e = (λ/mean λ)^0.15 over the kept
-   directions, normalised to mean 1, on the columns of u_t and the rows of v_t.
+1. Essential subspace decomposition. Feature shift ΔO_t = X_t Δ_tᵀ ∈ ℝ^{N×m}; its uncentred PCA (an SVD)
+   gives output directions and eigenvalues λ (squared singular values). The basis P_t ∈ ℝ^{m×m} holds
+   the N' = min(N, m) principal directions; when N < m, the authors complete it with the standard basis
+   vectors e_{N'}, …, e_{m−1} (not orthogonalised) with eigenvalue 0. Keep r_t = ⌊m/T⌋ columns:
+   u_t = P_t[:, :r_t], v_t = (P_tᵀ Δ_t)[:r_t].
+2. Polarized scaling. Task weight (a_t/ā)² on v_t, with a_t = ‖P_tᵀ Δ_t‖_F over the FULL basis, before
+   truncation (= ‖Δ_t‖_F when N ≥ m; ‖P_{N'}ᵀΔ_t‖² + ‖Δ_t[N':]‖² under the square root otherwise) and ā
+   the mean over tasks. Eigenvalue weights e = (λ/mean λ)^0.15 over the r_t kept directions, normalised
+   to mean 1, on the columns of u_t and the rows of v_t (directions of eigenvalue 0 get weight 0).
 3. Stack U_cat = [u_1 | … | u_T], V_cat = [v_1; …; v_T]; column weights (g_j/mean g)² on the columns of
-   V_cat, g_j the norm of column j.
+   V_cat, g_j the norm of column j after step 2.
 4. U_o = polar(U_cat)·mean(svals(U_cat)), V_o = polar(V_cat)·mean(svals(V_cat)), Δ* = 2·U_o V_o.
-5. Layer-type-wise scaling: Δ*_ℓ times (‖Δ*_ℓ‖_F / mean of ‖Δ*‖_F over the target layers of the same type)².
+5. Layer-type-wise scaling, after every key is merged: each key of the four types ``attn.in_proj_weight``,
+   ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight`` (so the TSV-merged
+   ``attn.out_proj.weight`` layers too) is multiplied by (‖Δ*_ℓ‖_F / mean ‖Δ*‖_F over its type)².
 
-The spec leaves two quantities open; this implementation reads P_t in a_t as the kept directions u_t (with
-every direction a_t would be ‖Δ_t‖_F whatever the data) and g_j as the column norms of V_cat after steps
-1-2. Both are documented choices, not the authors' code, which we have not seen.
+Choosing α (golden-section search on [0, 2] over source-validation accuracy, as the authors do) and
+collecting the proxy activations belong to the Lightning layer (``MergeModule``).
 """
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
@@ -47,21 +52,45 @@ from lightning_score.merging.tsv import tsv_merge
 
 __all__ = ["ESMMerge", "essential_subspace", "layer_type", "polarized_merge"]
 
+log = logging.getLogger(__name__)
+
 ESM_TARGETS: tuple[str, ...] = ("attn.in_proj_weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+#: The layer types of step 5; a key belongs to the first type its name contains.
+LAYER_TYPES: tuple[str, ...] = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def layer_type(key: str) -> str:
-    """The key with its block index removed: the group of the layer-type-wise scaling."""
-    return re.sub(r"\.\d+\.", ".*.", key)
+def layer_type(key: str) -> str | None:
+    """The layer type of step 5 whose name the key contains, or None (the key is not rescaled)."""
+    return next((name for name in LAYER_TYPES if name in key), None)
 
 
-def essential_subspace(delta: Tensor, inputs: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Step 1 for one task: ``u [m, rank]``, ``v [rank, n]`` and the kept PCA eigenvalues ``λ [rank]``."""
-    shift = inputs @ delta.mT  # ΔO_t = X_t Δ_tᵀ
-    _, singular_values, directions = torch.linalg.svd(shift, full_matrices=False)
-    rank = min(rank, directions.shape[0])
-    u = directions[:rank].mT
-    return u, u.mT @ delta, singular_values[:rank].square()
+def essential_subspace(delta: Tensor, inputs: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Step 1 for one task: ``u [m, rank]``, ``v [rank, n]``, the kept eigenvalues ``λ [rank]`` and a_t.
+
+    a_t = ‖P_tᵀ Δ_t‖_F over the whole basis P_t (principal directions, completed by standard basis vectors
+    when there are fewer than m), before truncation to ``rank`` directions.
+    """
+    m = delta.shape[0]
+    _, singular_values, directions = torch.linalg.svd(inputs @ delta.mT, full_matrices=False)  # ΔO_t = X_t Δ_tᵀ
+    found = directions.shape[0]  # N' = min(N, m) principal directions
+    if found < rank:
+        log.warning(
+            "esm: only %d principal directions from %d proxy rows for a layer with %d outputs and %d kept per task; "
+            "as in the authors' code the rest are standard basis vectors of weight 0, and the polar factors complete "
+            "them arbitrarily (the result then depends on the linear-algebra backend). Give more proxy images.",
+            found, inputs.shape[0], m, rank,
+        )  # fmt: skip
+    projected = directions @ delta  # their rows of P_tᵀ Δ_t
+    energy = torch.sqrt(projected.square().sum() + delta[found:].square().sum())  # + rows of the e_i completion
+    basis = torch.cat([directions.mT, torch.eye(m, dtype=delta.dtype, device=delta.device)[:, found:]], dim=1)
+    eigenvalues = torch.cat([singular_values.square(), singular_values.new_zeros(m - found)])
+    v = torch.cat([projected, delta[found:]], dim=0)
+    return basis[:, :rank], v[:rank], eigenvalues[:rank], energy
+
+
+def _mean_one(values: Tensor) -> Tensor:
+    """Divide by the mean (0 where every value is 0: a task whose features do not move)."""
+    return values / values.mean().clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def polarized_merge(
@@ -72,24 +101,25 @@ def polarized_merge(
     rank = m // num_tasks
     us, vs, energies = [], [], []
     for delta, x in zip(deltas, inputs, strict=True):
-        u, v, eigenvalues = essential_subspace(delta, x.to(delta.dtype), rank)
-        e = (eigenvalues / eigenvalues.mean().clamp_min(torch.finfo(delta.dtype).tiny)) ** eigen_power
-        e = e / e.mean().clamp_min(torch.finfo(delta.dtype).tiny)
+        u, v, eigenvalues, energy = essential_subspace(delta, x.to(delta.dtype), rank)
+        e = _mean_one(_mean_one(eigenvalues) ** eigen_power)
         us.append(u * e)
         vs.append(v * e.unsqueeze(-1))
-        energies.append(torch.linalg.matrix_norm(v))  # a_t = ‖u_tᵀ Δ_t‖_F
-    a = torch.stack(energies)
-    task_weights = (a / a.mean().clamp_min(torch.finfo(a.dtype).tiny)).square()
+        energies.append(energy)
+    task_weights = _mean_one(torch.stack(energies)).square()  # (a_t / ā)²
     U_cat = torch.cat(us, dim=1)
     V_cat = torch.cat([v * w for v, w in zip(vs, task_weights, strict=True)], dim=0)
-    g = torch.linalg.vector_norm(V_cat, dim=0)
-    V_cat = V_cat * (g / g.mean().clamp_min(torch.finfo(g.dtype).tiny)).square()
+    V_cat = V_cat * _mean_one(torch.linalg.vector_norm(V_cat, dim=0)).square()  # (g_j / mean g)²
     U_o = polar(U_cat) * torch.linalg.svdvals(U_cat).mean()
     V_o = polar(V_cat) * torch.linalg.svdvals(V_cat).mean()
     return scale * U_o @ V_o
 
 
-@register_method("esm", reference="Li, Qi, Tian, Geng, Model Merging in the Essential Subspace", needs_data=True)
+@register_method(
+    "esm",
+    reference="Li, Qi, Tian, Geng, Model Merging in the Essential Subspace (code: github.com/kiddo127/ESM)",
+    needs_data=True,
+)
 class ESMMerge(KeyMerger):
     """Merge each target layer in the subspace where the experts' features actually move, from a few images.
 
@@ -157,12 +187,17 @@ class ESMMerge(KeyMerger):
         return polarized_merge(deltas, inputs, eigen_power=self.eigen_power, scale=self.scale)
 
     def finalize(self, merged: MutableMapping[str, Tensor]) -> None:
-        """Step 5: rescale each target layer by (its norm / its layer type's mean norm)²."""
+        """Step 5: rescale every key of each layer type by (its norm / its type's mean norm)².
+
+        The types cover ``attn.out_proj.weight`` too, which is merged by TSV-M, as in the authors' code.
+        """
         groups: dict[str, list[str]] = {}
-        for key in self.targets:
-            groups.setdefault(layer_type(key), []).append(key)
+        for key in merged:
+            group = layer_type(key)
+            if group is not None:
+                groups.setdefault(group, []).append(key)
         for keys in groups.values():
-            norms = {key: torch.linalg.matrix_norm(merged[key]) for key in keys}
+            norms = {key: torch.linalg.vector_norm(merged[key]) for key in keys}
             mean = torch.stack(list(norms.values())).mean().clamp_min(torch.finfo(merged[keys[0]].dtype).tiny)
             for key in keys:
                 merged[key] = merged[key] * (norms[key] / mean).square()

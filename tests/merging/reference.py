@@ -213,27 +213,44 @@ def merge_model(task_vectors: list[dict[str, Tensor]], method: str, **options: o
     return out
 
 
-# --- ESM (spec section 5), data-dependent ---------------------------------------------------------------
+# --- ESM (Li, Qi, Tian, Geng), data-dependent, as the authors' released code computes it ----------------
+
+ESM_LAYER_TYPES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def esm_basis(delta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvectors P (m×m) and eigenvalues of the uncentred PCA of ΔO = X Δᵀ, sorted by eigenvalue (descending).
+
+    With fewer than m directions (N < m), the basis is the identity with its first N' columns replaced by the
+    principal directions, and the eigenvalues are padded with zeros, as in the authors' code.
+    """
+    m = delta.shape[0]
+    shift = x.double() @ delta.double().T  # N×m
+    _, sv, Vh = torch.linalg.svd(shift, full_matrices=False)
+    P = torch.eye(m, dtype=torch.float64)
+    lam = torch.zeros(m, dtype=torch.float64)
+    for i in range(Vh.shape[0]):
+        P[:, i] = Vh[i]
+        lam[i] = sv[i] ** 2 / (x.shape[0] - 1)
+    order = sorted(range(m), key=lambda i: -lam[i].item())  # stable
+    return P[:, order], lam[order]
 
 
 def esm_layer(deltas: list[Tensor], inputs: list[Tensor], power: float = 0.15) -> Tensor:
-    """Polarized merging of one target layer (steps 1-4); the layer-type scaling comes after all layers."""
+    """Polarized merging of one target layer; the layer-type scaling comes after all layers."""
     T = len(deltas)
     m = deltas[0].shape[0]
-    rank = m // T
+    r = int(m * (1 / T))
     us, vs, a = [], [], []
     for delta, x in zip(deltas, inputs, strict=True):
-        shift = x.double() @ delta.double().T  # ΔO_t, N×m
-        _, sv, Vh = torch.linalg.svd(shift, full_matrices=False)  # PCA without centring
-        k = min(rank, Vh.shape[0])
-        u = Vh[:k].T  # output-space directions
-        lam = sv[:k] ** 2
-        e = (lam / lam.mean()) ** power
+        P, lam = esm_basis(delta, x)
+        full = P.T @ delta.double()  # all m rows, before truncation
+        a.append(math.sqrt(sum(value**2 for value in full.flatten().tolist())))
+        kept = lam[:r]
+        e = (kept / kept.mean()) ** power
         e = e / e.mean()
-        v = u.T @ delta.double()
-        a.append(torch.linalg.norm(v).item())
-        us.append(u @ torch.diag(e))
-        vs.append(torch.diag(e) @ v)
+        us.append(P[:, :r] @ torch.diag(e))
+        vs.append(torch.diag(e) @ full[:r])
     a_bar = sum(a) / T
     vs = [v * (a_t / a_bar) ** 2 for v, a_t in zip(vs, a, strict=True)]
     U_cat = torch.cat(us, dim=1)
@@ -248,8 +265,6 @@ def esm_layer(deltas: list[Tensor], inputs: list[Tensor], power: float = 0.15) -
 def esm(
     task_vectors: list[dict[str, Tensor]], activations: list[dict[str, Tensor]], alpha: float = 1.0
 ) -> dict[str, Tensor]:
-    import re
-
     targets = list(activations[0])
     out = {}
     for key in task_vectors[0]:
@@ -257,14 +272,16 @@ def esm(
         if key in targets:
             out[key] = esm_layer(slices, [acts[key] for acts in activations])
         elif slices[0].ndim == 2 and "text_projection" not in key:
-            out[key] = tsv(slices)  # α multiplies only the target layers
+            out[key] = tsv(slices)
         else:
             out[key] = sum(slices) / len(slices)
-    groups: dict[str, list[str]] = {}
-    for key in targets:
-        groups.setdefault(re.sub(r"\.\d+\.", ".*.", key), []).append(key)
-    for keys in groups.values():
+    for layer_type in ESM_LAYER_TYPES:  # every key of the type, the TSV-merged out_proj layers included
+        keys = [k for k in out if layer_type in k]
+        if not keys:
+            continue
         mean_norm = sum(torch.linalg.norm(out[k]).item() for k in keys) / len(keys)
         for k in keys:
-            out[k] = alpha * out[k] * (torch.linalg.norm(out[k]).item() / mean_norm) ** 2
+            out[k] = out[k] * (torch.linalg.norm(out[k]).item() / mean_norm) ** 2
+    for k in targets:  # α multiplies only the target layers
+        out[k] = alpha * out[k]
     return out

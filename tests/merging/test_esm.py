@@ -1,4 +1,11 @@
-"""ESM, the data-dependent method, with synthetic activations against the spec's float64 reference."""
+"""ESM, the data-dependent method, with synthetic activations against a float64 reference of the formulas
+of its authors' released code (Li, Qi, Tian, Geng, "Model Merging in the Essential Subspace").
+
+Shapes: every target layer has input width n ≥ ⌊m/T⌋ and is fed N ≥ ⌊m/T⌋ rows, so that the kept directions
+are true principal directions. When the feature shift X Δᵀ has rank below ⌊m/T⌋ (a ViT's ``mlp.c_fc`` with
+T ≤ 3: rank ≤ 768 < 3072/T), ESM keeps directions of numerically zero eigenvalue with small non-zero weights
+(λ/mean λ)^0.15: the result then carries the solver's rounding, in the authors' code as here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import pytest
 import torch
 
 from lightning_score.merging import merge_task_vectors
+from lightning_score.merging.esm import essential_subspace
+from lightning_score.merging.tsv import tsv_merge
 from tests.merging import reference
 
 D = 8
@@ -17,9 +26,9 @@ def _model(seed: int, blocks: int = 2) -> dict[str, torch.Tensor]:
     out = {"positional_embedding": torch.randn(5, D, generator=g, dtype=torch.float64)}
     for b in range(blocks):
         for name, shape in [
-            ("attn.in_proj_weight", (3 * D, D)),
+            ("attn.in_proj_weight", (3 * D, 4 * D)),
             ("attn.out_proj.weight", (D, D)),
-            ("mlp.c_fc.weight", (4 * D, D)),
+            ("mlp.c_fc.weight", (4 * D, 4 * D)),
             ("mlp.c_proj.weight", (D, 4 * D)),
             ("ln_1.weight", (D,)),
         ]:
@@ -41,17 +50,88 @@ def _activations(tvs: list[dict[str, torch.Tensor]], rows: int = 40) -> list[dic
     return acts
 
 
-@pytest.mark.parametrize("T", [2, 3, 4])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_matches_float64_reference(T: int, alpha: float) -> None:
+@pytest.mark.parametrize("rows", [40, 20])  # N ≥ m everywhere; N < m for in_proj (m = 24) and c_fc (m = 32)
+def test_matches_float64_reference(T: int, alpha: float, rows: int) -> None:
+    if rows < 4 * D // T:
+        pytest.skip("fewer proxy rows than kept directions: covered by test_too_few_proxy_rows")
     tvs = [_model(s) for s in range(T)]
-    acts = _activations(tvs)
+    acts = _activations(tvs, rows)
     merged = merge_task_vectors(tvs, "esm", device="cpu", alpha=alpha, activations=acts)
     expected = reference.esm(tvs, acts, alpha=alpha)
     for key in expected:
         torch.testing.assert_close(
             merged[key], expected[key], rtol=0, atol=1e-10 * max(1.0, expected[key].abs().max().item()), msg=key
         )
+
+
+@pytest.mark.parametrize("rows", [40, 20, 5])
+def test_task_weight_uses_the_whole_basis_before_truncation(rows: int) -> None:
+    """a_t = ‖P_tᵀΔ_t‖_F over all m directions: ‖Δ_t‖_F when N ≥ m, else with the standard-basis completion."""
+    g = torch.Generator().manual_seed(rows)
+    delta = torch.randn(24, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(rows, 32, generator=g, dtype=torch.float64)
+    _, _, _, energy = essential_subspace(delta, x, rank=6)
+    P, _ = reference.esm_basis(delta, x)
+    assert energy.item() == pytest.approx(torch.linalg.norm(P.T @ delta).item(), rel=1e-12)
+    truncated = torch.linalg.norm(P[:, :6].T @ delta).item()  # what a_t was before (the kept directions only)
+    assert energy.item() > 1.05 * truncated
+    if rows >= 24:
+        assert energy.item() == pytest.approx(torch.linalg.norm(delta).item(), rel=1e-12)
+    else:  # the completion e_N, …, e_{m−1} is not orthogonal to the principal directions
+        assert energy.item() != pytest.approx(torch.linalg.norm(delta).item(), rel=1e-6)
+
+
+def test_out_proj_layers_are_rescaled_by_their_type() -> None:
+    """attn.out_proj.weight is merged by TSV-M, then scaled by (its norm / the out_proj mean norm)²."""
+    tvs = [_model(s, blocks=3) for s in range(2)]
+    merged = merge_task_vectors(tvs, "esm", device="cpu", activations=_activations(tvs))
+    keys = [f"transformer.resblocks.{b}.attn.out_proj.weight" for b in range(3)]
+    plain = {k: tsv_merge(torch.stack([tv[k] for tv in tvs])) for k in keys}
+    mean = sum(torch.linalg.norm(plain[k]) for k in keys) / 3
+    for k in keys:
+        factor = (torch.linalg.norm(plain[k]) / mean) ** 2
+        assert abs(factor.item() - 1.0) > 1e-3  # the rescaling does something on these inputs
+        torch.testing.assert_close(merged[k], factor * plain[k], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        merged["positional_embedding"], tsv_merge(torch.stack([tv["positional_embedding"] for tv in tvs]))
+    )
+
+
+def test_too_few_proxy_rows_warn_and_stay_finite(caplog: pytest.LogCaptureFixture) -> None:
+    """N < ⌊m/T⌋: directions of eigenvalue 0 get weight 0; the result is finite and the user is told."""
+    tvs = [_model(s, blocks=1) for s in range(2)]
+    with caplog.at_level("WARNING", logger="lightning_score.merging.esm"):
+        merged = merge_task_vectors(tvs, "esm", device="cpu", activations=_activations(tvs, rows=5))
+    assert "only 5 principal directions from 5 proxy rows" in caplog.text
+    for key, value in merged.items():
+        assert value.shape == tvs[0][key].shape and torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs(dtype: torch.dtype) -> None:
+    """Low-precision task vectors come back in their dtype, computed in float32 to float32 accuracy."""
+    tvs64 = [_model(s, blocks=1) for s in range(3)]
+    acts = _activations(tvs64)
+    tvs = [{k: v.to(dtype) for k, v in tv.items()} for tv in tvs64]
+    merged = merge_task_vectors(tvs, "esm", device="cpu", activations=acts)
+    exact = merge_task_vectors(
+        [{k: v.double() for k, v in tv.items()} for tv in tvs], "esm", device="cpu", activations=acts
+    )
+    for key, value in merged.items():
+        assert value.dtype == dtype
+        rel = (value.double() - exact[key]).norm() / exact[key].norm()
+        assert rel < (2.0**-8 if dtype == torch.bfloat16 else 1e-4), (key, rel.item())
+
+
+def test_identical_tasks_are_deterministic_and_finite() -> None:
+    tv = _model(3, blocks=1)
+    acts = _activations([tv])[0]
+    first = merge_task_vectors([tv, tv, tv], "esm", device="cpu", activations=[acts] * 3)
+    second = merge_task_vectors([tv, tv, tv], "esm", device="cpu", activations=[acts] * 3)
+    for key in first:
+        assert torch.equal(first[key], second[key]) and torch.isfinite(first[key]).all(), key
 
 
 def test_alpha_scales_only_the_target_layers() -> None:
