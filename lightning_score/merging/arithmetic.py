@@ -1,4 +1,4 @@
-"""Task Arithmetic and weight averaging (spec section 6): the elementwise baselines.
+"""Task Arithmetic and weight averaging: the elementwise baselines.
 
 * Task Arithmetic (Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi. "Editing Models
   with Task Arithmetic", ICLR 2023, arXiv:2212.04089): Δ* = Σ_t τ_t. At α = 1 this is a plain sum, which

@@ -2,7 +2,7 @@
 
 Only one key's T slices are on the compute device at any moment, so task vectors loaded lazily from
 disk merge in about one model's worth of (host) memory: the merged result. Matrix keys go to the
-method; every other key gets the plain mean over tasks (spec section 0) unless the method merges all
+method; every other key gets the plain mean over tasks (as SCORE, TSV-M and Iso do) unless the method merges all
 keys itself. The result is α·τ*, in the inputs' dtype, on CPU.
 """
 
@@ -30,7 +30,7 @@ MatrixPredicate = Callable[[str, tuple[int, ...]], bool]
 
 
 def is_matrix_key(key: str, shape: tuple[int, ...]) -> bool:
-    """Return whether a key is a "matrix" for the SVD-based methods (spec section 0).
+    """Return whether a key is a "matrix" for the SVD-based methods.
 
     ``ndim == 2 and "text_projection" not in key``: per transformer block ``attn.in_proj_weight``,
     ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``, plus ``positional_embedding``

@@ -1,4 +1,4 @@
-"""Iso-C and Iso-CTS: isotropic merging (spec section 4).
+"""Iso-C and Iso-CTS: isotropic merging.
 
 Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer. "No Task Left Behind: Isotropic Model
 Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv:2502.04959. Data-free.
@@ -44,7 +44,7 @@ def iso_c_merge(deltas: Tensor) -> Tensor:
 
 
 def iso_cts_sizes(r: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
-    """Return ``(c, p)``: the common subspace size and the per-task size for r slots (spec section 4)."""
+    """Return ``(c, p)``: the common subspace size and the per-task size for r slots."""
     common_floor = int(common_fraction * r)
     per_task = round((r - common_floor) / num_tasks)
     return max(r - num_tasks * per_task, 0), per_task

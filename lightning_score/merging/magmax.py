@@ -1,4 +1,4 @@
-"""MagMax (spec section 6): per entry, keep the task update of largest magnitude.
+"""MagMax: per entry, keep the task update of largest magnitude.
 
 Marczak, Twardowski, Trzciński, Cygert. "MagMax: Leveraging Model Merging for Seamless Continual
 Learning", ECCV 2024, arXiv:2407.06322. Data-free.

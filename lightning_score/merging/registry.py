@@ -110,7 +110,7 @@ class MethodSpec:
         reference: The paper (authors, venue, arXiv id).
         summary: One line on what it does.
         scope: ``"matrix"``: the method merges matrix keys and every other key gets the mean over tasks
-            (spec section 0); ``"all"``: the method merges every key itself.
+            (as in SCORE, TSV-M and Iso); ``"all"``: the method merges every key itself.
         defaults: Option names and their default values.
         choices: For options with a fixed set of valid values, that set.
         needs_data: True for data-dependent methods (ESM), which need more than task vectors.

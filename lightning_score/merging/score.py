@@ -1,4 +1,4 @@
-"""SCORE: Subspace COnflict-Resolving mErging (spec section 1).
+"""SCORE: Subspace COnflict-Resolving mErging.
 
 Chaves, Zhou, Burkholz, Valle, Avila. "SCORE: Subspace Conflict-Resolving Merging", CVPR 2026,
 arXiv:2603.05768. Data-free.
@@ -99,7 +99,7 @@ def score_merge(
         z: Trimming width in standard deviations (1.96, the paper's setting for natural images).
         divide_by_tasks: Threshold z·s_t/T (default) rather than z·s_t (the paper's medical datasets).
         sign_convention: ``svd`` (default) keeps the singular vectors exactly as ``torch.linalg.svd``
-            returns them, as the paper's code and the spec's reference do. The trimming statistics are not
+            returns them, as the paper's code does. The trimming statistics are not
             invariant to the joint sign of a singular pair, and CPU and CUDA solvers choose signs
             differently, so ``canonical`` fixes them (largest entry of each u_i positive) for results that
             are identical on every backend.

@@ -1,4 +1,4 @@
-"""The shared orthogonal basis of TSV-M and SCORE (spec section 1, steps 1-3).
+"""The shared orthogonal basis of TSV-M and SCORE (SCORE's steps 1-3).
 
 Notation, per matrix key: T tasks with updates Δ_t ∈ ℝ^{m×n}, r = min(m, n), per-task rank budget
 k = ⌊r/T⌋. Each task contributes its k leading singular vectors; the concatenations
@@ -37,7 +37,7 @@ def thin_svd(deltas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD Δ = U S Vᵀ of each matrix in a batch: ``U [..., m, r]``, ``S [..., r]``, ``Vh [..., r, n]``.
 
     This is ``torch.linalg.svd(full_matrices=False)`` on the matrices as given (never on their
-    transposes), so that the singular vectors, signs included, are the ones the spec's reference gets. On
+    transposes), so that the singular vectors, signs included, are the ones a plain implementation gets. On
     CPU the batch is a loop of LAPACK calls either way; calling them one by one gives the same bits and
     keeps LAPACK's own threading (batched wide matrices were about 20 % slower here).
     """
@@ -101,7 +101,7 @@ def shared_orthogonal_basis(deltas: Tensor, sign_convention: str = "svd") -> tup
 def polar(A: Tensor) -> Tensor:
     """Return the polar factor P Qᵀ of A = P S Qᵀ (thin SVD): the nearest matrix with orthonormal columns (rows).
 
-    Computed from the SVD, as the spec defines it: the concatenated factors are often badly conditioned
+    Computed from the SVD, as the papers define it: the concatenated factors are often badly conditioned
     (the experts' leading directions overlap, which is the very conflict SCORE resolves), where cheaper
     Gram-matrix formulas lose accuracy, and the SVD completes zero-padded slots with an orthonormal basis.
 

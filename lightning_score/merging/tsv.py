@@ -1,4 +1,4 @@
-"""TSV-M: Task Singular Vectors merge (spec section 3).
+"""TSV-M: Task Singular Vectors merge.
 
 Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà. "Task Singular Vectors: Reducing Task
 Interference in Model Merging", CVPR 2025, arXiv:2412.00081. Data-free.
