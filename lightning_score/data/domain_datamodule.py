@@ -1,15 +1,19 @@
-"""Domain-generalisation data in DomainBed's folder layout: ``ROOT/<domain>/<class>/<image>``.
+"""Domain-generalization data for train-then-merge: every domain split as the SCORE paper splits it.
 
-Every domain is split 80/20 into train/test with a fixed seed (17 by default, as in the SCORE paper); a
-validation split is carved from the *training* domains' train parts only. For one domain of n images::
+``root`` is read by :func:`~lightning_score.data.layouts.read_dataset`, which detects the layout (the
+pre-split ``ROOT/train|test/<domain>/<class>/…``, PACS's and DomainNet's official lists, Fed-ISIC2019's csv,
+TerraIncognita's annotation files, or DomainBed's unsplit ``ROOT/<domain>/<class>/…``) and applies the
+authors' split. For one domain::
 
-    perm = randperm(n, seed=split_seed)      # the same permutation for every domain of n images
-    test = perm[:⌊n·test_fraction⌋]          # never depends on val_fraction or on the other domains
-    val  = next ⌊(n − |test|)·val_fraction⌋  # used only when the domain is a training domain
-    fit  = the rest                          # what training sees
+    train  = the authors' train split        # what an expert of this domain trains on (all of it by default)
+    test   = the authors' test split         # what a model is tested on when this domain is a test domain
+    val    = test minus any train image      # default validation data of a source domain (never trained on)
+    with val_fraction > 0:  val = a seeded int(|train|·val_fraction) of train, fit = the rest of train
 
-A training domain's test part is still available: list it in ``test_domains`` to test an expert on its
-own domain ("own expert" rows), on images it never saw.
+In a leave-one-domain-out fold, the sources' test splits are never scored (only the target's is), so they
+serve as validation data (α search, ESM's proxy images) while experts keep their whole train split.
+A dataset whose domains match a :mod:`preset <lightning_score.data.presets>` gets its prompt set as
+:attr:`DomainDataModule.default_templates` (what ``templates="auto"`` picks).
 """
 
 from __future__ import annotations
@@ -23,173 +27,62 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from lightning_score.data.images import IMAGE_EXTENSIONS, ImageListDataset, Sample, check_images
+from lightning_score.data.layouts import LAYOUTS, DatasetIndex, read_dataset
+from lightning_score.data.presets import DatasetPreset, detect_preset, get_preset
+from lightning_score.data.splits import carve_indices
 
 __all__ = ["BUILTIN_ROOTS", "IMAGE_EXTENSIONS", "DomainDataModule", "DomainSplit", "ImageListDataset"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-# root="builtin:<name>" -> (module, function() -> Path of a DomainBed-layout folder, template set)
+# root="builtin:<name>" -> (module, function() -> Path of the dataset folder, template set)
 BUILTIN_ROOTS = {"digits": ("lightning_score.data.digits", "materialise_rotated_digits", "digits")}
 _BUILTIN_PREFIX = "builtin:"
-
-Sample = tuple[Path, int]
+_SPLITS = ("train", "fit", "val", "test")
+_VERIFIED: set[tuple[Path, str]] = set()  # (root, domain) whose images were opened once in this process
 
 
 @dataclass(frozen=True)
 class DomainSplit:
-    """Indices into one domain's sorted sample list."""
+    """Positions in one domain's :meth:`DomainDataModule.domain_samples` (its train images, then its test images)."""
 
     fit: list[int]
-    """Training images (what an expert of this domain trains on)."""
+    """Training images (the whole train split unless ``val_fraction > 0``)."""
     val: list[int]
-    """Validation images (used when the domain is a training domain)."""
+    """Validation images: a carved part of train, or else the test images that are not train images."""
     test: list[int]
-    """The held-out test images."""
-
-
-def split_domain(n: int, test_fraction: float, val_fraction: float, seed: int) -> DomainSplit:
-    """Split ``n`` samples into fit/val/test with a seeded permutation (see the module docstring)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = int(n * test_fraction)
-    n_val = int((n - n_test) * val_fraction)
-    return DomainSplit(fit=perm[n_test + n_val :], val=perm[n_test : n_test + n_val], test=perm[:n_test])
-
-
-class ImageListDataset(Dataset):
-    """Images from a list of ``(path, label)``, read as RGB and transformed.
-
-    Args:
-        samples: The files and their labels.
-        transform: Applied to each PIL image.
-        with_labels: Return ``(image, label)``; with ``False`` only the image (unlabelled proxy data).
-    """
-
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any], with_labels: bool = True):
-        self.samples = list(samples)
-        self.transform = transform
-        self.with_labels = with_labels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Any:
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except Exception as error:
-            raise ValueError(f"Cannot read image '{path}' ({error}). Remove or replace the file.") from error
-        image = self.transform(image)
-        return (image, label) if self.with_labels else image
-
-
-@dataclass(frozen=True)
-class _Scan:
-    root: Path
-    domains: list[str]
-    class_folders: list[str]
-    samples: dict[str, list[Sample]]
-    presplit_train: dict[str, int] | None = None
-    """For the pre-split layout: how many of each domain's samples (the first ones) are its train split."""
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def is_presplit(root: Path) -> bool:
-    """Whether ``root`` holds the pre-split layout ``ROOT/train/<domain>/<class>/…`` + ``ROOT/test/…``."""
-    return (root / "train").is_dir() and (root / "test").is_dir()
-
-
-def scan_presplit_root(root: Path) -> _Scan:
-    """Read the pre-split layout: each domain's samples are its train images, then its test images."""
-    train, test = scan_domain_root(root / "train"), scan_domain_root(root / "test")
-    if train.domains != test.domains:
-        raise ValueError(
-            f"The pre-split dataset '{root}' has different domains in train/ ({train.domains}) and test/ "
-            f"({test.domains}); every domain needs both a train/<domain> and a test/<domain> folder."
-        )
-    if train.class_folders != test.class_folders:
-        raise ValueError(
-            f"The pre-split dataset '{root}' has different class folders in train/ and test/: "
-            f"{sorted(set(train.class_folders) ^ set(test.class_folders))}. Every domain must have the same class "
-            "folders in both (create the missing ones, even empty)."
-        )
-    samples = {d: train.samples[d] + test.samples[d] for d in train.domains}
-    counts = {d: len(train.samples[d]) for d in train.domains}
-    return _Scan(root, train.domains, train.class_folders, samples, presplit_train=counts)
-
-
-def scan_domain_root(root: Path) -> _Scan:
-    """Read a DomainBed-layout folder; raise one clear error for each kind of bad layout."""
-    if not root.exists():
-        raise FileNotFoundError(
-            f"Dataset root '{root}' does not exist. Point `root` at a folder laid out as ROOT/<domain>/<class>/<image> "
-            "(DomainBed's layout), or use root='builtin:digits' for the built-in offline benchmark."
-        )
-    if not root.is_dir():
-        raise ValueError(
-            f"Dataset root '{root}' is a file; it must be a folder laid out as ROOT/<domain>/<class>/<image>."
-        )
-    domain_dirs = _subfolders(root)
-    if not domain_dirs:
-        raise ValueError(f"Dataset root '{root}' has no domain folders; expected ROOT/<domain>/<class>/<image>.")
-    classes: dict[str, list[str]] = {}
-    samples: dict[str, list[Sample]] = {}
-    for domain_dir in domain_dirs:
-        class_dirs = _subfolders(domain_dir)
-        classes[domain_dir.name] = [c.name for c in class_dirs]
-        samples[domain_dir.name] = [(image, label) for label, c in enumerate(class_dirs) for image in _images(c)]
-        if not samples[domain_dir.name]:
-            raise ValueError(
-                f"Domain folder '{domain_dir}' has no images: expected <class>/<image> inside it, with image files "
-                f"ending in one of {IMAGE_EXTENSIONS}. Add the images or remove the folder."
-            )
-        for c in class_dirs:
-            if not _images(c):
-                log.warning("Class folder '%s' has no images; that class has no examples in this domain.", c)
-    first = domain_dirs[0].name
-    for domain, names in classes.items():
-        if names != classes[first]:
-            only_here = sorted(set(names) - set(classes[first]))
-            only_first = sorted(set(classes[first]) - set(names))
-            raise ValueError(
-                f"Class folders differ between domains: '{root / domain}' has {only_here or 'no extra classes'} that "
-                f"'{root / first}' lacks, and lacks {only_first or 'none'} of its classes. Every domain must have the "
-                "same class folders (create the missing ones, even empty, or rename them to agree)."
-            )
-    return _Scan(root=root, domains=[d.name for d in domain_dirs], class_folders=classes[first], samples=samples)
+    """The test split."""
 
 
 class DomainDataModule(LightningDataModule):
-    """Images of several domains in DomainBed's layout, split for train-then-merge experiments.
+    """Images of several domains, split as the SCORE paper splits them, for train-then-merge experiments.
 
     Args:
-        root: The dataset folder, ``ROOT/<domain>/<class>/<image>``; or ``"builtin:digits"`` for the built-in
-            rotated-digits benchmark (materialised into the cache on first use).
-        train_domains: The domains to train on (their fit parts) and validate on (their val parts). ``None``
+        root: The dataset folder in any layout of ``docs/protocol.md`` (auto-detected), or ``"builtin:digits"``
+            for the built-in rotated-digits benchmark (materialised into the cache on first use).
+        train_domains: The source domains: experts train on them, validation data comes from them. ``None``
             for test-only use.
         test_domains: The domains to test on, one test dataloader each, in this order; ``None`` means every
-            domain not in ``train_domains``. A training domain may be listed: its held-out test split is used.
+            domain not in ``train_domains``. A training domain may be listed: its test split is used.
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation, test and proxy loaders (default: ``batch_size``).
         num_workers: DataLoader worker processes.
-        val_fraction: Fraction of each training domain's train part held out for validation (0 for none).
-        test_fraction: Fraction of every domain held out for testing (0.2 in the protocol).
-        split_seed: Seed of the per-domain split permutation (17 in the SCORE paper).
+        val_fraction: 0 (the paper): experts train on their whole train split and validation data is the
+            sources' test split. ``> 0``: that fraction of each source's train split is held out for validation
+            instead (DomainBed's training-domain validation) and experts train on the rest.
+        test_fraction: Test share where the split is seeded (unsplit folders, TerraIncognita's annotations);
+            0.2 in the protocol. Lists, csv and pre-split folders carry their own split.
+        split_seed: Seed of those splits and of the validation carve (17 in the SCORE paper).
+        preset: The dataset preset (``pacs``, ``office_home``... see ``lightning_score.data.presets``),
+            ``"auto"`` to detect it from the domain names, or ``"none"``.
         pin_memory: Pin host memory for faster GPU transfer; ``None`` pins when CUDA is available.
-        verify_images: Open every image header of the used domains in ``setup``, so an unreadable file fails
-            early with its path (turn off for very large datasets).
+        verify_images: Open every image header of the used domains in ``setup`` (once per process), so an
+            unreadable file fails early with its path (turn off for very large datasets).
         train_transform: Training preprocessing for a PIL image; default: the LightningModule's ``train_transform``.
         val_transform: Evaluation preprocessing; default: the LightningModule's ``val_transform``.
 
@@ -207,9 +100,10 @@ class DomainDataModule(LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
-        val_fraction: float = 0.1,
+        val_fraction: float = 0.0,
         test_fraction: float = 0.2,
         split_seed: int = 17,
+        preset: str = "auto",
         pin_memory: bool | None = None,
         verify_images: bool = True,
         train_transform: Callable[[Image.Image], Any] | None = None,
@@ -225,23 +119,25 @@ class DomainDataModule(LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction} (0: validate on the test splits).")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction} (the protocol uses 0.2).")
+        if preset not in ("auto", "none"):
+            get_preset(preset)  # fails early on an unknown name
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.preset_name = preset
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.verify_images = verify_images
         self.train_transform = train_transform
         self.val_transform = val_transform
         self._root_path: Path | None = None
-        self._scan: _Scan | None = None
+        self._index: DatasetIndex | None = None
         self._splits: dict[str, DomainSplit] = {}
-        self._verified = False
 
     @staticmethod
     def _domain_list(domains: Sequence[str] | str | None, name: str) -> list[str] | None:
@@ -274,32 +170,59 @@ class DomainDataModule(LightningDataModule):
                 self._root_path = Path(getattr(importlib.import_module(module), function)())
         return self._root_path
 
-    def _scanned(self) -> _Scan:
-        if self._scan is None:
-            root = self.root_path
-            scan = scan_presplit_root(root) if is_presplit(root) else scan_domain_root(root)
+    @property
+    def preset(self) -> DatasetPreset | None:
+        """The dataset's preset: the one named by ``preset``, or detected from the domain names (or ``None``)."""
+        if self.preset_name == "none" or self.builtin is not None:
+            return None
+        if self.preset_name != "auto":
+            return get_preset(self.preset_name)
+        return detect_preset(self.index.domains)
+
+    @property
+    def index(self) -> DatasetIndex:
+        """The dataset as read from disk: layout, classes, each domain's train and test images."""
+        if self._index is None:
+            named = get_preset(self.preset_name) if self.preset_name not in ("auto", "none") else None
+            index = read_dataset(self.root_path, self.test_fraction, self.split_seed, named)
             for domain in (self._train_arg or []) + (self._test_arg or []):
-                if domain not in scan.domains:
+                if domain not in index.domains:
                     raise ValueError(
-                        f"Domain '{domain}' is not a folder of '{scan.root}'; its domains are {scan.domains}. "
+                        f"Domain '{domain}' is not a domain of '{index.root}'; its domains are {list(index.domains)}. "
                         "Fix train_domains / test_domains."
                     )
-            self._scan = scan
-        return self._scan
+            self._index = index
+            self._warn_if_not_the_papers_split()
+        return self._index
+
+    def _warn_if_not_the_papers_split(self) -> None:
+        preset = self.preset
+        assert self._index is not None
+        if preset is not None and self._index.layout not in preset.paper_layouts:
+            rank_zero_warn(
+                f"'{self._index.root}' looks like {preset.title}, read as layout '{self._index.layout}' "
+                f"({LAYOUTS[self._index.layout]}); the SCORE paper splits {preset.title} by {preset.split}. "
+                f"To match the paper, {preset.hint or 'use one of the layouts ' + str(preset.paper_layouts)}."
+            )
+
+    @property
+    def layout(self) -> str:
+        """The detected layout (``presplit``, ``pacs_lists``, ``unsplit``... see ``data/layouts.py``)."""
+        return self.index.layout
 
     @property
     def domains(self) -> list[str]:
-        """Every domain folder of the dataset, sorted."""
-        return list(self._scanned().domains)
+        """Every domain of the dataset, sorted."""
+        return list(self.index.domains)
 
     @property
     def class_folders(self) -> list[str]:
-        """The class folder names, sorted; label ``i`` is ``class_folders[i]``."""
-        return list(self._scanned().class_folders)
+        """The class names as the data gives them (folder names, mostly); label ``i`` is ``class_folders[i]``."""
+        return list(self.index.classes)
 
     @property
     def classnames(self) -> list[str]:
-        """Class names for prompts: the folder names with underscores as spaces."""
+        """Class names for prompts: :attr:`class_folders` with underscores as spaces."""
         return [c.replace("_", " ") for c in self.class_folders]
 
     @property
@@ -309,48 +232,66 @@ class DomainDataModule(LightningDataModule):
 
     @property
     def train_domains(self) -> list[str]:
-        """The training domains (empty for test-only use)."""
-        self._scanned()
+        """The training (source) domains (empty for test-only use)."""
+        _ = self.index
         return list(self._train_arg or [])
 
     @property
     def test_domains(self) -> list[str]:
         """The test domains, in test-dataloader order (``test/<domain>/...`` metric names use them)."""
-        scan = self._scanned()
         if self._test_arg is not None:
+            _ = self.index
             return list(self._test_arg)
-        return [d for d in scan.domains if d not in (self._train_arg or [])]
+        return [d for d in self.index.domains if d not in (self._train_arg or [])]
 
     @property
     def default_templates(self) -> str | None:
-        """The prompt-template set written for this dataset, if known (``"digits"`` for the built-in one)."""
+        """The prompt-template set of this dataset: the preset's (the authors' set), ``digits`` for the built-in."""
         name = self.builtin
-        return BUILTIN_ROOTS[name][2] if name in BUILTIN_ROOTS else None
+        if name is not None:
+            return BUILTIN_ROOTS[name][2] if name in BUILTIN_ROOTS else None
+        preset = self.preset
+        return preset.templates if preset is not None else None
 
     # --- splits --------------------------------------------------------------------------------
 
-    def split(self, domain: str) -> DomainSplit:
-        """The fit/val/test indices of one domain (into :meth:`samples` order)."""
-        scan = self._scanned()
-        if domain not in scan.domains:
-            raise ValueError(f"Domain '{domain}' is not a folder of '{scan.root}'; its domains are {scan.domains}.")
-        if domain not in self._splits and scan.presplit_train is not None:
-            n_train, n = scan.presplit_train[domain], len(scan.samples[domain])
-            part = split_domain(n_train, 0.0, self.val_fraction, self.split_seed)  # val carved from train only
-            self._splits[domain] = DomainSplit(fit=sorted(part.fit), val=part.val, test=list(range(n_train, n)))
-        if domain not in self._splits:
-            self._splits[domain] = split_domain(
-                len(scan.samples[domain]), self.test_fraction, self.val_fraction, self.split_seed
+    def domain_samples(self, domain: str) -> list[Sample]:
+        """One domain's ``(path, label)`` images: its train split, then its test split (what :meth:`split` indexes)."""
+        self._check_domain(domain)
+        part = self.index.domains[domain]
+        return list(part.train) + list(part.test)
+
+    def _check_domain(self, domain: str) -> None:
+        if domain not in self.index.domains:
+            raise ValueError(
+                f"Domain '{domain}' is not a domain of '{self.root_path}'; its domains are {self.domains}."
             )
+
+    def split(self, domain: str) -> DomainSplit:
+        """The fit/val/test positions of one domain in :meth:`domain_samples` (see the module docstring)."""
+        self._check_domain(domain)
+        if domain not in self._splits:
+            part = self.index.domains[domain]
+            n_train = len(part.train)
+            test = list(range(n_train, n_train + len(part.test)))
+            if self.val_fraction > 0:
+                fit, val = carve_indices(n_train, self.val_fraction, self.split_seed)
+            else:
+                train_paths = {path for path, _ in part.train}
+                fit = list(range(n_train))
+                val = [i for i, (path, _) in zip(test, part.test, strict=True) if path not in train_paths]
+            self._splits[domain] = DomainSplit(fit=fit, val=val, test=test)
         return self._splits[domain]
 
     def samples(self, domain: str, split: str) -> list[Sample]:
-        """``(path, label)`` pairs of one domain's ``"fit"``, ``"val"`` or ``"test"`` split."""
-        if split not in ("fit", "val", "test"):
-            raise ValueError(f"split must be 'fit', 'val' or 'test', not {split!r}.")
-        indices = getattr(self.split(domain), split)
-        all_samples = self._scanned().samples[domain]
-        return [all_samples[i] for i in indices]
+        """``(path, label)`` pairs of one domain's ``"train"`` (all of it), ``"fit"``, ``"val"`` or ``"test"`` split."""
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, not {split!r}.")
+        if split == "train":
+            self._check_domain(domain)
+            return list(self.index.domains[domain].train)
+        everything = self.domain_samples(domain)
+        return [everything[i] for i in getattr(self.split(domain), split)]
 
     # --- Lightning hooks -----------------------------------------------------------------------
 
@@ -359,40 +300,24 @@ class DomainDataModule(LightningDataModule):
         _ = self.root_path
 
     def setup(self, stage: str | None = None) -> None:
-        """Scan and validate the folder, check images, and take transforms from the LightningModule."""
-        scan = self._scanned()
+        """Read and check the dataset, open every image header once, and take transforms from the LightningModule."""
+        index = self.index
         used = list(dict.fromkeys(self.train_domains + self.test_domains))
-        for domain in used:
-            split = self.split(domain)
-            if domain in self.train_domains and not split.fit:
-                raise ValueError(
-                    f"Domain '{domain}' ({len(scan.samples[domain])} images in '{scan.root / domain}') is too small to "
-                    "train on after holding out test and validation images; add images or lower the fractions."
-                )
-            if domain in self.test_domains and not split.test:
-                raise ValueError(
-                    f"Domain '{domain}' ({len(scan.samples[domain])} images in '{scan.root / domain}') is too small to "
-                    f"hold out a test split of {self.test_fraction:.0%}; add images."
-                )
-        if self.verify_images and not self._verified:
+        if self.verify_images:
             for domain in used:
-                for path, _ in scan.samples[domain]:
-                    try:
-                        with Image.open(path) as image:
-                            image.size  # noqa: B018 - parses the header
-                    except Exception as error:
-                        raise ValueError(
-                            f"Cannot read image '{path}' ({error}). Remove or replace the file "
-                            "(or pass verify_images=False to skip this check)."
-                        ) from error
-            self._verified = True
+                if (index.root, domain) not in _VERIFIED:
+                    part = index.domains[domain]
+                    check_images(part.train + part.test, f"domain '{domain}' of '{index.root}' ({index.layout})")
+                    _VERIFIED.add((index.root, domain))
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if self.train_transform is None and getattr(module, "train_transform", None) is not None:
             self.train_transform = module.train_transform
         if self.val_transform is None and getattr(module, "val_transform", None) is not None:
             self.val_transform = module.val_transform
+        preset = self.preset
         rank_zero_info(
-            f"DomainDataModule: '{scan.root}', {self.num_classes} classes; train on {self.train_domains or 'nothing'} "
+            f"DomainDataModule: '{index.root}' ({preset.title + ', ' if preset else ''}{index.layout}: "
+            f"{LAYOUTS[index.layout]}), {self.num_classes} classes; train on {self.train_domains or 'nothing'} "
             f"({sum(len(self.split(d).fit) for d in self.train_domains)} images), test on {self.test_domains}."
         )
 
@@ -408,8 +333,8 @@ class DomainDataModule(LightningDataModule):
         return transform
 
     def dataset(self, domain: str, split: str) -> ImageListDataset:
-        """One domain's split as a dataset of ``(image, label)``: ``"fit"`` uses the train transform."""
-        return ImageListDataset(self.samples(domain, split), self._transform(split == "fit"))
+        """One domain's split as a dataset of ``(image, label)``: ``"fit"`` and ``"train"`` use the train transform."""
+        return ImageListDataset(self.samples(domain, split), self._transform(split in ("fit", "train")))
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, persistent: bool = False) -> DataLoader:
         return DataLoader(
@@ -429,18 +354,18 @@ class DomainDataModule(LightningDataModule):
         return self._loader(dataset, self.batch_size, shuffle=True, persistent=True)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The training domains' validation parts (an empty list when there are none)."""
+        """The training domains' validation parts, as one loader (an empty list when there are none)."""
         parts = [self.dataset(d, "val") for d in self.train_domains if self.split(d).val]
         if not parts:
             return []
         return self._loader(ConcatDataset(parts), self.eval_batch_size, shuffle=False, persistent=True)
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One loader per test domain (its held-out test split), in :attr:`test_domains` order."""
+        """One loader per test domain (its test split), in :attr:`test_domains` order."""
         if not self.test_domains:
             raise ValueError(
                 "There are no test domains: every domain is a training domain. List the domains to test on in "
-                "test_domains (a training domain's held-out test split may be used)."
+                "test_domains (a training domain's test split may be used)."
             )
         return [self._loader(self.dataset(d, "test"), self.eval_batch_size, shuffle=False) for d in self.test_domains]
 
@@ -449,20 +374,30 @@ class DomainDataModule(LightningDataModule):
         return self.test_dataloader()
 
     def proxy_dataloader(self, domain: str, num_images: int = 32, batch_size: int | None = None) -> DataLoader:
-        """A few unlabelled images of one domain's *training* (fit) split, e.g. as proxy data for a merge method.
+        """Unlabelled images of a source domain's validation split, e.g. ESM's proxy data for a merge.
 
-        Batches are image tensors only (no labels), with the evaluation transform, always the same images.
-        Pass source (training) domains only: a target domain's images would leak into the merge.
+        The images are a seeded sample (``split_seed``) of the domain's validation split, so the same for
+        every call and never an image an expert trained on; batches are image tensors only, with the
+        evaluation transform. A test domain that is not a training domain is refused (target data).
 
         Args:
-            domain: The domain to draw from.
-            num_images: How many images (fewer if the fit split is smaller; a warning says so).
+            domain: The source domain to draw from.
+            num_images: How many images (fewer if the validation split is smaller; a warning says so).
             batch_size: Loader batch size (default: ``num_images``, one batch).
         """
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}.")
-        samples = self.samples(domain, "fit")
+        if domain in self.test_domains and domain not in self.train_domains:
+            raise ValueError(
+                f"Domain '{domain}' is a test domain and not a training domain: its images would leak the target "
+                "into the merge. Draw proxy images from the sources (train_domains) only."
+            )
+        samples = self.samples(domain, "val")
+        if not samples:
+            raise ValueError(f"Domain '{domain}' has no validation images to draw proxy images from.")
         if len(samples) < num_images:
-            log.warning("Domain '%s' has only %d training images; using all as proxy data.", domain, len(samples))
-        dataset = ImageListDataset(samples[:num_images], self._transform(False), with_labels=False)
+            log.warning("Domain '%s' has only %d validation images; using all as proxy data.", domain, len(samples))
+        chosen = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.split_seed))[:num_images]
+        chosen_samples = [samples[i] for i in sorted(chosen.tolist())]
+        dataset = ImageListDataset(chosen_samples, self._transform(False), with_labels=False)
         return self._loader(dataset, batch_size or len(dataset), shuffle=False)
