@@ -44,9 +44,7 @@ def _missing_list(path: Path, domain: str, other: Path) -> ValueError:
 
 def _check_first_image(images: Path, relative: str, list_file: Path, hint: str) -> None:
     if not (images / relative).is_file():
-        raise ValueError(
-            f"'{list_file}' line 1 names '{relative}', which is not under '{images}'. {hint}"
-        )
+        raise ValueError(f"'{list_file}' line 1 names '{relative}', which is not under '{images}'. {hint}")
 
 
 # --- PACS: <domain>_train_kfold.txt / <domain>_test_kfold.txt, labels 1-based --------------------------
@@ -86,7 +84,10 @@ def read_pacs_lists(root: Path, preset: DatasetPreset | None = None) -> DatasetI
                 rows.append((relative, int(label) - 1))
             if rows:
                 _check_first_image(
-                    images, rows[0][0], path, "PACS's images go in ROOT/kfold/<domain>/<class>/ (the official "
+                    images,
+                    rows[0][0],
+                    path,
+                    "PACS's images go in ROOT/kfold/<domain>/<class>/ (the official "
                     "archive) or ROOT/<domain>/<class>/, next to the lists.",
                 )
             read[f"{domain}/{split}"] = rows
@@ -94,9 +95,7 @@ def read_pacs_lists(root: Path, preset: DatasetPreset | None = None) -> DatasetI
     if unnamed:
         raise ValueError(f"The PACS lists in '{root}' never use labels {unnamed}, so those classes have no name.")
     classes = [names[label] for label in sorted(names)]
-    splits = {
-        d: tuple([(images / rel, y) for rel, y in read[f"{d}/{s}"]] for s in ("train", "test")) for d in domains
-    }
+    splits = {d: tuple([(images / rel, y) for rel, y in read[f"{d}/{s}"]] for s in ("train", "test")) for d in domains}
     return index_of(root, "pacs_lists", classes, splits)
 
 
