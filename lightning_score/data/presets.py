@@ -1,7 +1,7 @@
 """What the SCORE paper's protocol fixes for each benchmark: domains, classes, prompts, epochs, split, threshold.
 
-One :class:`DatasetPreset` per dataset, written from the SCORE authors' released code (Lima et al., "SCORE",
-CVPR 2026) and the datasets' own releases. A :class:`~lightning_score.data.DomainDataModule` detects its
+One :class:`DatasetPreset` per dataset, written from the released code of SCORE (Chaves et al., CVPR 2026,
+arXiv:2603.05768) and the datasets' own releases. A :class:`~lightning_score.data.DomainDataModule` detects its
 preset from its domain folders (or is told one), which gives ``templates="auto"`` the authors' prompt set;
 the study recipes under ``recipes/<dataset>/`` spell out the rest (epochs, SCORE's options).
 
