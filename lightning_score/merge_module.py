@@ -2,47 +2,56 @@
 
 ``Trainer.test(MergeModule(...), DomainDataModule(train_domains=sources, test_domains=[target]))`` is one
 leave-one-domain-out evaluation: the merge runs on the Trainer's device (the GPU when it has one), split
-across ranks under DDP, and the test loop of :class:`~lightning_score.classifier.CLIPClassifier` logs
-``test/<domain>/acc`` and ``test/<domain>/balanced_acc``.
+across the Trainer's ranks under DDP, and the test loop of :class:`~lightning_score.classifier.CLIPClassifier`
+logs ``test/<domain>/acc`` and ``test/<domain>/balanced_acc``.
 
 Modes:
 
 * ``merge``: θ = θ₀ + α·τ*, τ* from :func:`~lightning_score.merging.merge_task_vectors` with ``method``.
+  τ* is computed once; :meth:`MergeModule.use_alpha` reloads the weights at another α without re-merging.
 * ``zeroshot``: θ₀ as it is.
 * ``expert``: one task vector applied, θ₀ + α·τ.
 * ``ensemble``: the average of the experts' logits (one image encoder per expert, T× inference cost).
+
+Everything data-dependent (α search, ESM's proxy activations) reads the sources' validation data only
+(``datamodule.val_dataloader()`` and ``datamodule.proxy_dataloader(domain, n)``), never a test loader.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
-import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_score.alpha import ALPHA_SEARCHES, golden_section_search, grid_search
 from lightning_score.classifier import CLIPClassifier
+from lightning_score.merge_passes import layer_inputs, validation_accuracy
 from lightning_score.merging import get_method, merge_task_vectors
 from lightning_score.merging.esm import ESM_TARGETS
 from lightning_score.models import save_clip_weights
 from lightning_score.profiling import Measure
+from lightning_score.ranks import gather_outcomes, on_rank_zero
+from lightning_score.strategies import check_strategy
 from lightning_score.task_vector import TaskVector
 
-__all__ = ["MODES", "MergeModule"]
+__all__ = ["MODES", "MergeModule", "shard_keys"]
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
 MODES: tuple[str, ...] = ("merge", "zeroshot", "ensemble", "expert")
 DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+_CHECKPOINT_KEY = "lightning_score_merge"
+_RESTORING = contextvars.ContextVar("lightning_score_merge_restoring", default=False)
 
 
 def _cost(shape: tuple[int, ...]) -> int:
@@ -79,10 +88,12 @@ class MergeModule(CLIPClassifier):
         method: Merge method for ``mode="merge"`` (see ``lightning_score.merging.list_methods()``).
         mode: ``merge``, ``zeroshot``, ``ensemble`` (logit ensemble of the experts) or ``expert`` (one task
             vector applied).
-        alpha: The scaling coefficient α, or ``"auto"`` to choose it on the source domains' validation split
-            from ``alpha_grid`` (the choice is logged and kept in :attr:`alpha_search`).
+        alpha: The scaling coefficient α, or ``"auto"`` to choose it by accuracy on the source domains'
+            validation data (the search is logged, and kept in the attribute :attr:`alpha_search`).
         method_options: Options of the merge method, e.g. ``{"variant": "diagonal"}``.
-        alpha_grid: Candidate values for ``alpha="auto"``.
+        alpha_grid: Candidate values of ``alpha="auto"`` with ``alpha_search="grid"``.
+        alpha_search: How ``alpha="auto"`` searches: ``"grid"`` (every value of ``alpha_grid``, the default)
+            or ``"golden"`` (golden-section search on [0, 2] to a 0.01-wide bracket, as the ESM authors tune α).
         proxy_images: Unlabelled images per source domain for data-dependent methods (ESM).
         merge_device: Where to merge; default the Trainer's device.
         templates: Prompt-template set of the zero-shot head (see :class:`CLIPClassifier`).
@@ -100,6 +111,7 @@ class MergeModule(CLIPClassifier):
         alpha: float | str = 1.0,
         method_options: dict[str, Any] | None = None,
         alpha_grid: list[float] | None = None,
+        alpha_search: Literal["grid", "golden"] = "grid",
         proxy_images: int = 32,
         merge_device: str | None = None,
         templates: str = "auto",
@@ -110,6 +122,8 @@ class MergeModule(CLIPClassifier):
             raise ValueError(f"mode={mode!r} is not one of {list(MODES)}.")
         if isinstance(alpha, str) and alpha != "auto":
             raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}.")
+        if alpha_search not in ALPHA_SEARCHES:
+            raise ValueError(f"alpha_search={alpha_search!r} is not one of {list(ALPHA_SEARCHES)}.")
         self.method = method
         self.method_options = dict(method_options or {})
         if mode == "merge":
@@ -119,17 +133,36 @@ class MergeModule(CLIPClassifier):
         self.mode = mode
         self.alpha = alpha
         self.alpha_grid = list(alpha_grid or DEFAULT_ALPHA_GRID)
+        self.alpha_search_method = alpha_search
         self.proxy_images = proxy_images
         self.merge_device = merge_device
         self.task_vector_paths = [Path(p) for p in task_vectors or []]
-        self._task_vectors = self._load_task_vectors()
+        # load_from_checkpoint restores the prepared weights: the task-vector files are not read again
+        self._task_vectors = [] if _RESTORING.get() else self._load_task_vectors()
         self._pretrained_state = {k: v.detach().clone() for k, v in self.image_encoder.state_dict().items()}
         self.experts = nn.ModuleList()
         self.merged: TaskVector | None = None  #: τ* at α = 1 (mode ``merge``), on CPU.
+        self.current_alpha: float | None = None  #: The α of the weights now in the image encoder.
         self.merge_seconds: float | None = None  #: Wall time of the merge (including ESM's activations).
         self.merge_peak_bytes: int | None = None  #: Memory growth during the merge on the merge device.
-        self.alpha_search: dict[str, Any] | None = None  #: The grid and validation accuracies of ``alpha="auto"``.
+        #: What the α search evaluated and chose: ``{"method", "alphas", "val_acc", "selected"}``, else None.
+        self.alpha_search: dict[str, Any] | None = None
+        self._merge_record: dict[str, Any] | None = None  # the merge's provenance, kept when τ* is not
         self._prepared = False
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MergeModule:  # type: ignore[override]
+        """Restore a tested MergeModule with its merged weights as they were saved: nothing is merged again.
+
+        The task-vector files need not exist any more; τ* itself is not in the checkpoint, so
+        :meth:`use_alpha` is unavailable on the restored module. Arguments as
+        :meth:`lightning.pytorch.LightningModule.load_from_checkpoint`.
+        """
+        token = _RESTORING.set(True)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _RESTORING.reset(token)
 
     # --- inputs, checked before any long work ----------------------------------------------------
 
@@ -163,19 +196,35 @@ class MergeModule(CLIPClassifier):
 
     def setup(self, stage: str) -> None:
         """Build the head (see :class:`CLIPClassifier`), then the weights of the chosen mode, once."""
+        trainer = self._trainer
+        if trainer is not None:
+            check_strategy(trainer.strategy, "MergeModule")
         super().setup(stage)
         if self._prepared:
             return
+        self._ready_for_passes()
         if self.mode == "expert":
             self._load_encoder(self._task_vectors[0].apply_to(self._pretrained_state, alpha=self._numeric_alpha()))
         elif self.mode == "ensemble":
             self._build_ensemble()
         elif self.mode == "merge":
             self.merged = self.merge()
-            alpha = self.choose_alpha() if self.alpha == "auto" else float(self.alpha)
-            self._load_encoder(self.merged_weights(alpha))
-            rank_zero_info(f"MergeModule: '{self.method}' of {len(self._task_vectors)} experts at α = {alpha:g}.")
+            if self.alpha == "auto":
+                self.choose_alpha()
+            else:
+                self.use_alpha(float(self.alpha))
         self._prepared = True
+
+    def _ready_for_passes(self) -> None:
+        """Put the module on the Trainer's device and precision now, as the strategy is about to.
+
+        The forward passes of ``setup`` (α search, ESM's activations) then run exactly as the test will.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        trainer.precision_plugin.convert_module(self)  # in place; the strategy's own conversion is then a no-op
+        self.to(trainer.strategy.root_device)
 
     def _numeric_alpha(self) -> float:
         if self.alpha == "auto":
@@ -191,45 +240,75 @@ class MergeModule(CLIPClassifier):
     def _load_encoder(self, state: Mapping[str, Tensor]) -> None:
         self.image_encoder.load_state_dict(dict(state), strict=True)
 
+    # --- the merge ---------------------------------------------------------------------------------
+
     def merge(self) -> TaskVector:
-        """Merge the task vectors (at α = 1) on the compute device; under DDP each rank merges a share of the keys.
+        """Merge the task vectors (at α = 1) on the compute device, once for all ranks.
+
+        Shardable methods: each of the Trainer's ranks merges a share of the keys and the shares are
+        exchanged. Others (and data-dependent ones, ESM): rank zero merges and broadcasts τ*. A failure on
+        any rank stops every rank.
 
         Returns:
             τ* on CPU. :attr:`merge_seconds` and :attr:`merge_peak_bytes` record the cost.
         """
         device = self._compute_device()
-        options = dict(self.method_options)
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        spec = get_method(self.method)
         with Measure(device) as measure:
-            if get_method(self.method).needs_data:
-                options["activations"] = self.collect_activations(device)
-            merged = self._merge_sharded(device, options)
+            if strategy is None or strategy.world_size == 1:
+                merged = self._merge_keys(device, None)
+            elif spec.shardable and not spec.needs_data:
+                merged = self._merge_sharded(device)
+            else:
+                merged = TaskVector(*on_rank_zero(strategy, lambda: self._portable_merge(device)))
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
+        self._merge_record = merged.metadata.get("merge", {})
         rank_zero_info(
             f"MergeModule: merged {len(self._task_vectors)} task vectors with '{self.method}' on {device} in "
             f"{measure.seconds:.1f} s (peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
         )
         return merged
 
-    def _merge_sharded(self, device: torch.device, options: dict[str, Any]) -> TaskVector:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1 or not get_method(self.method).shardable:
-            return merge_task_vectors(self._task_vectors, self.method, device=device, **options)
+    def _merge_keys(self, device: torch.device, keys: list[str] | None) -> TaskVector:
+        options = dict(self.method_options)
+        if get_method(self.method).needs_data:
+            options["activations"] = self.collect_activations(device)
+        if keys is not None:
+            options["keys"] = keys
+        return merge_task_vectors(self._task_vectors, self.method, device=device, **options)
+
+    def _portable_merge(self, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        merged = self._merge_keys(device, None)
+        return {k: merged[k] for k in merged}, merged.metadata
+
+    def _merge_sharded(self, device: torch.device) -> TaskVector:
+        strategy = self.trainer.strategy
+        world = strategy.world_size
         shapes = {k: self._task_vectors[0].tensor_spec(k)[0] for k in self._task_vectors[0]}
-        share = shard_keys(shapes, world)[dist.get_rank()]
-        local = merge_task_vectors(self._task_vectors, self.method, device=device, keys=share, **options)
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, ({k: local[k] for k in local}, local.metadata))
-        tensors = {k: v for part, _ in gathered for k, v in part.items()}
-        metadata = gathered[0][1]
+        share = shard_keys(shapes, world)[strategy.global_rank]
+
+        def merge_share() -> tuple[dict[str, Tensor], dict[str, Any]]:
+            local = self._merge_keys(device, share)
+            return {k: local[k] for k in local}, local.metadata
+
+        parts = gather_outcomes(strategy, merge_share)
+        tensors = {k: v for part, _ in parts for k, v in part.items()}
+        metadata = parts[0][1]
         metadata["merge"]["sharded_over_ranks"] = world
         metadata["merge"]["alpha_exempt_keys"] = sorted(
-            {k for _, meta in gathered for k in meta["merge"]["alpha_exempt_keys"]}
+            {k for _, meta in parts for k in meta["merge"]["alpha_exempt_keys"]}
         )
         return TaskVector({k: tensors[k] for k in shapes}, metadata)
 
     def merged_weights(self, alpha: float) -> dict[str, Tensor]:
-        """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is)."""
-        assert self.merged is not None
+        """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is), in θ₀'s dtype."""
+        if self.merged is None:
+            raise RuntimeError(
+                "MergeModule has no merge yet: run it through a Trainer (trainer.test / validate / predict) or call "
+                "setup() first. A module restored with load_from_checkpoint keeps its merged weights but not τ*."
+            )
         exempt = set(self.merged.metadata.get("merge", {}).get("alpha_exempt_keys", []))
         out = dict(self._pretrained_state)
         for key in self.merged:
@@ -238,38 +317,61 @@ class MergeModule(CLIPClassifier):
             out[key] = (base.double() + scale * self.merged[key].double()).to(base.dtype)
         return out
 
-    # --- alpha on the source domains' validation split ---------------------------------------------
+    def use_alpha(self, alpha: float) -> None:
+        """Load θ₀ + α·τ* into the image encoder, from the merge already computed (nothing is merged again).
+
+        A study evaluates α = 1 and the tuned α of one merge this way:
+        ``trainer.test(module, dm)``, then ``module.use_alpha(a)`` and ``trainer.test(module, dm)`` again.
+
+        Args:
+            alpha: The scaling coefficient.
+
+        Raises:
+            ValueError: Not ``mode="merge"``.
+            RuntimeError: No merge yet (see :meth:`merged_weights`).
+        """
+        if self.mode != "merge":
+            raise ValueError(f"use_alpha applies to mode='merge', not mode='{self.mode}'.")
+        self._load_encoder(self.merged_weights(float(alpha)))
+        self.current_alpha = float(alpha)
+
+    # --- α on the source domains' validation data ---------------------------------------------------
 
     def choose_alpha(self) -> float:
-        """Pick α from :attr:`alpha_grid` by top-1 accuracy on the source domains' validation split."""
+        """Choose α by top-1 accuracy on the source domains' validation data; load it; return it.
+
+        ``alpha_search="grid"`` evaluates every value of :attr:`alpha_grid`; ``"golden"`` runs a
+        golden-section search on [0, 2] (see :mod:`lightning_score.alpha`). Every evaluation runs in eval
+        and inference mode under the Trainer's precision, each rank on its share of the validation data.
+        The search is kept in :attr:`alpha_search`.
+        """
         datamodule = self._datamodule()
-        loader = datamodule.val_dataloader() if datamodule is not None else []
-        if not loader:
+        loaders = datamodule.val_dataloader() if datamodule is not None else []
+        if not loaders:
             raise ValueError(
-                "alpha='auto' chooses α on the source domains' validation split, but the datamodule has none: "
-                "give it train_domains (the sources) and val_fraction > 0, or set a number for alpha."
+                "alpha='auto' chooses α on the source domains' validation data, but the datamodule has none: give "
+                "it train_domains (the sources, whose held-out splits are the validation data), or set a number "
+                "for alpha."
             )
         device = self._compute_device()
-        self.clip.to(device)
         assert self.head is not None
-        self.head.to(device)
-        accuracies = []
-        for alpha in self.alpha_grid:
-            self._load_encoder(self.merged_weights(alpha))
-            correct = total = 0
-            with torch.no_grad():
-                for images, labels in loader:
-                    logits = self.head(F.normalize(self.image_encoder(images.to(device)), dim=-1))
-                    correct += int((logits.argmax(-1).cpu() == labels).sum())
-                    total += len(labels)
-            accuracies.append(correct / max(total, 1))
-        best = max(range(len(accuracies)), key=lambda i: (accuracies[i], -abs(self.alpha_grid[i] - 1.0)))
-        self.alpha_search = {"grid": self.alpha_grid, "val_acc": accuracies, "selected": self.alpha_grid[best]}
-        table = ", ".join(f"{a:g}: {acc:.3f}" for a, acc in zip(self.alpha_grid, accuracies, strict=True))
+
+        def accuracy(alpha: float) -> float:
+            self.use_alpha(alpha)
+            return validation_accuracy(self.image_encoder, self.head, loaders, self._trainer, device)
+
+        if self.alpha_search_method == "golden":
+            result = golden_section_search(accuracy)
+        else:
+            result = grid_search(accuracy, self.alpha_grid)
+        self.alpha_search = result.to_dict()
+        self.use_alpha(result.selected)
+        table = ", ".join(f"{a:.3g}: {acc:.3f}" for a, acc in result.evaluated)
         rank_zero_info(
-            f"MergeModule: α search on the source validation split ({table}); chose α = {self.alpha_grid[best]:g}."
+            f"MergeModule: α search ({result.method}) on the source validation data ({table}); "
+            f"chose α = {result.selected:.3g}."
         )
-        return self.alpha_grid[best]
+        return result.selected
 
     # --- ESM's proxy activations -------------------------------------------------------------------
 
@@ -297,35 +399,10 @@ class MergeModule(CLIPClassifier):
                 )
             expert = copy.deepcopy(self.image_encoder).to(device)
             expert.load_state_dict(tv.apply_to(self._pretrained_state))
-            activations.append(
-                self._layer_inputs(expert, targets, datamodule.proxy_dataloader(tv.domain, self.proxy_images), device)
-            )
+            loader = datamodule.proxy_dataloader(tv.domain, self.proxy_images)
+            activations.append(layer_inputs(expert, targets, loader, self._trainer, device))
             del expert
         return activations
-
-    @staticmethod
-    def _layer_inputs(
-        encoder: nn.Module, targets: Sequence[str], loader: Any, device: torch.device
-    ) -> dict[str, Tensor]:
-        captured: dict[str, list[Tensor]] = {key: [] for key in targets}
-        handles = []
-        for key in targets:
-            module_path = key.removesuffix(".in_proj_weight").removesuffix(".weight")
-            module = operator.attrgetter(module_path)(encoder)
-
-            def hook(_: nn.Module, args: tuple[Any, ...], key: str = key) -> None:
-                captured[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu"))
-
-            handles.append(module.register_forward_pre_hook(hook))
-        try:
-            with torch.no_grad():
-                for batch in loader:
-                    images = batch[0] if isinstance(batch, list | tuple) else batch
-                    encoder(images.to(device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {key: torch.cat(chunks) for key, chunks in captured.items()}
 
     # --- the logit ensemble ------------------------------------------------------------------------
 
@@ -348,8 +425,40 @@ class MergeModule(CLIPClassifier):
     def on_test_epoch_end(self) -> None:
         """Log the per-domain metrics, and α when it was searched."""
         super().on_test_epoch_end()
-        if self.alpha_search is not None:
-            self.log("alpha", float(self.alpha_search["selected"]), sync_dist=False)
+        if self.alpha_search is not None and self.current_alpha is not None:
+            self.log("alpha", self.current_alpha, sync_dist=False)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the prepared state (mode, α, the merge's provenance) next to the merged weights."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[_CHECKPOINT_KEY] = {
+            "prepared": self._prepared,
+            "mode": self.mode,
+            "current_alpha": self.current_alpha,
+            "alpha_search": self.alpha_search,
+            "merge": self._merge_record,
+            "experts": len(self.experts),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the checkpoint's prepared weights as they are: ``setup`` does not merge again."""
+        super().on_load_checkpoint(checkpoint)
+        record = checkpoint.get(_CHECKPOINT_KEY) or {}
+        if not record.get("prepared"):
+            return
+        if record.get("mode") != self.mode:
+            raise ValueError(
+                f"The checkpoint holds a MergeModule prepared in mode '{record.get('mode')}', not '{self.mode}'."
+            )
+        if self.mode == "ensemble" and len(self.experts) != record["experts"]:
+            self.experts = nn.ModuleList(copy.deepcopy(self.image_encoder) for _ in range(record["experts"]))
+        self.current_alpha = record.get("current_alpha")
+        self._merge_record = record.get("merge")
+        self.alpha_search = record.get("alpha_search")
+        self.merged = None  # the weights are the checkpoint's; a τ* computed here would not describe them
+        self._prepared = True
 
     # --- output ------------------------------------------------------------------------------------
 
@@ -357,14 +466,26 @@ class MergeModule(CLIPClassifier):
         """Write the whole CLIP model with its merged image encoder, loadable as ``pretrained=path``.
 
         The header records the merge (method, options, α, inputs) as JSON under ``lightning_score_merge``.
+
+        Raises:
+            ValueError: ``mode="ensemble"`` (T models, not one set of weights).
+            RuntimeError: Nothing is prepared yet: the image encoder still holds θ₀, not a merge.
         """
         if self.mode == "ensemble":
             raise ValueError("An ensemble is T models, not one set of weights: there is nothing to save as a merge.")
-        record = {"mode": self.mode, "base_model": self.base_model, "alpha": self.alpha}
+        if not self._prepared:
+            raise RuntimeError(
+                f"MergeModule(mode='{self.mode}') has not been prepared, so its image encoder still holds the "
+                "pre-trained weights: run it through a Trainer (trainer.test, or `lightning-score merge`) or call "
+                "setup() before save_merged()."
+            )
+        record: dict[str, Any] = {"mode": self.mode, "base_model": self.base_model, "alpha": self.current_alpha}
+        if self.mode == "expert":
+            record["alpha"] = self._numeric_alpha()
         if self.alpha_search is not None:
             record["alpha_search"] = self.alpha_search
-        if self.merged is not None:
-            record["merge"] = self.merged.metadata.get("merge", {})
+        if self._merge_record is not None:
+            record["merge"] = self._merge_record
         record["task_vectors"] = [str(p) for p in self.task_vector_paths]
         return save_clip_weights(
             self.clip, path, model_name=self.model_name, metadata={"lightning_score_merge": json.dumps(record)}

@@ -96,10 +96,10 @@ def test_alpha_auto_picks_from_the_grid_on_source_validation(quick_base: Path, e
                          templates="digits")  # fmt: skip
     results = _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
     search = module.alpha_search
-    assert search["grid"] == [0.0, 0.5, 1.0] and len(search["val_acc"]) == 3
-    assert search["selected"] == search["grid"][max(range(3), key=lambda i: search["val_acc"][i])]
+    assert search["method"] == "grid" and search["alphas"] == [0.0, 0.5, 1.0] and len(search["val_acc"]) == 3
+    assert search["selected"] == search["alphas"][max(range(3), key=lambda i: search["val_acc"][i])]
     assert results["alpha"] == search["selected"]
-    assert search["val_acc"][search["grid"].index(search["selected"])] > search["val_acc"][0]  # better than zero-shot
+    assert search["val_acc"][search["alphas"].index(search["selected"])] > search["val_acc"][0]  # better than zero-shot
 
 
 def test_esm_draws_proxy_images_from_the_sources_only(quick_base: Path, expert_task_vectors: dict) -> None:

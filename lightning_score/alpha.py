@@ -1,0 +1,118 @@
+"""Choosing the scaling coefficient α of a merged update by accuracy on the source domains' validation data.
+
+Two searches over ``accuracy(α)`` (one evaluation = one pass over the validation data at θ₀ + α·τ*):
+
+* :func:`grid_search` (the default): every α of a grid.
+* :func:`golden_section_search`: golden-section search on [0, 2], the search the authors of ESM
+  (Essential Subspace Merging) use to tune α: two interior points at the golden ratio, the bracket shrinks
+  around the better one by a factor 0.618 per step, one new evaluation per step, until the bracket is
+  narrower than ``tolerance`` (0.01) or after ``max_iterations`` (15) steps.
+
+Both return the α with the highest accuracy among those evaluated; ties go to the α closest to 1 (the
+unscaled merge), then to the one evaluated first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ALPHA_SEARCHES", "AlphaSearchResult", "golden_section_search", "grid_search"]
+
+ALPHA_SEARCHES = ("grid", "golden")
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618..., the bracket's shrink factor per step
+
+
+@dataclass
+class AlphaSearchResult:
+    """What an α search evaluated and chose.
+
+    Attributes:
+        method: ``"grid"`` or ``"golden"``.
+        evaluated: ``(α, accuracy)`` pairs in the order they were evaluated.
+        selected: The chosen α.
+    """
+
+    method: str
+    evaluated: list[tuple[float, float]] = field(default_factory=list)
+    selected: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"method", "alphas", "val_acc", "selected"}``."""
+        return {
+            "method": self.method,
+            "alphas": [a for a, _ in self.evaluated],
+            "val_acc": [acc for _, acc in self.evaluated],
+            "selected": self.selected,
+        }
+
+
+def _best(evaluated: Sequence[tuple[float, float]]) -> float:
+    order = range(len(evaluated))
+    index = max(order, key=lambda i: (evaluated[i][1], -abs(evaluated[i][0] - 1.0), -i))
+    return evaluated[index][0]
+
+
+def grid_search(accuracy: Callable[[float], float], grid: Sequence[float]) -> AlphaSearchResult:
+    """Evaluate every α of ``grid``; choose the most accurate.
+
+    Example:
+        >>> grid_search(lambda a: -((a - 0.6) ** 2), [0.2, 0.6, 1.0]).selected
+        0.6
+    """
+    if not grid:
+        raise ValueError("The α grid is empty: give at least one value, e.g. alpha_grid=[0.5, 1.0].")
+    evaluated = [(float(alpha), float(accuracy(float(alpha)))) for alpha in grid]
+    return AlphaSearchResult("grid", evaluated, _best(evaluated))
+
+
+def golden_section_search(
+    accuracy: Callable[[float], float],
+    low: float = 0.0,
+    high: float = 2.0,
+    tolerance: float = 0.01,
+    max_iterations: int = 15,
+) -> AlphaSearchResult:
+    """Golden-section search for the most accurate α in ``[low, high]`` (ESM's authors' settings by default).
+
+    Args:
+        accuracy: α → validation accuracy (higher is better).
+        low: Left end of the bracket.
+        high: Right end of the bracket.
+        tolerance: Stop once the bracket is narrower than this.
+        max_iterations: At most this many steps after the first two evaluations.
+
+    Returns:
+        Every evaluation, and the best α evaluated.
+
+    Example:
+        >>> result = golden_section_search(lambda a: -((a - 1.3) ** 2))
+        >>> abs(result.selected - 1.3) < 0.01, len(result.evaluated) <= 17
+        (True, True)
+    """
+    if not low < high:
+        raise ValueError(f"The golden-section bracket needs low < high, got [{low}, {high}].")
+    evaluated: list[tuple[float, float]] = []
+
+    def evaluate(alpha: float) -> float:
+        value = float(accuracy(alpha))
+        evaluated.append((alpha, value))
+        return value
+
+    a, b = float(low), float(high)
+    c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+    fc, fd = evaluate(c), evaluate(d)
+    for _ in range(max_iterations):
+        if fc > fd:  # the maximum lies in [a, d]
+            b, d, fd = d, c, fc
+            c = b - GOLDEN * (b - a)
+            fc = evaluate(c)
+        else:  # in [c, b]
+            a, c, fc = c, d, fd
+            d = a + GOLDEN * (b - a)
+            fd = evaluate(d)
+        if abs(b - a) < tolerance:
+            break
+    return AlphaSearchResult("golden", evaluated, _best(evaluated))
