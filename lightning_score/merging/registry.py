@@ -56,6 +56,10 @@ class KeyStream:
             values = transform(deltas) if transform is not None else deltas
             yield values.reshape(self.num_tasks, -1)
 
+    def map(self, transform: Callable[[str, Tensor], Tensor]) -> KeyStream:
+        """The same stream with ``transform(key, deltas)`` applied to every key's slices (e.g. DARE's drop)."""
+        return KeyStream(self.keys, lambda key: transform(key, self._load(key)), self.shapes, self.num_tasks)
+
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         for key in self.keys:
             yield key, self._load(key)
@@ -158,7 +162,10 @@ def _check_type(method: str, option: str, value: Any, default: Any) -> None:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
         kind = "True or False"
-    elif isinstance(default, (int, float)):
+    elif isinstance(default, int):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        kind = "an integer"
+    elif isinstance(default, float):
         ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
         kind = "a finite number"
     elif isinstance(default, str):

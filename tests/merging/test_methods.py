@@ -1,5 +1,5 @@
-"""The shared test matrix: every registered data-free method against the spec's float64 reference, plus
-shapes, dtypes, T = 1, identical task vectors, determinism, devices and bad options."""
+"""The shared test matrix: every registered data-free method against a float64 reference written from its
+paper, plus shapes, dtypes, T = 1..5, identical task vectors, determinism, sharding, devices and bad options."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from lightning_score.merging import get_method, list_methods, merge_task_vectors
 from tests.merging import reference
 
 DATA_FREE = [name for name in list_methods() if not get_method(name).needs_data]
-EXPECTED = {"score", "tsv", "iso_c", "iso_cts", "ties", "magmax", "pcb", "task_arithmetic", "average"}
+EXPECTED = {
+    "score", "tsv", "iso_c", "iso_cts", "ties", "magmax", "pcb", "task_arithmetic", "average",
+    "dare_ta", "dare_ties", "breadcrumbs", "randmix", "model_stock", "cart", "wudi",
+}  # fmt: skip
+SEEDED = ["dare_ta", "dare_ties", "randmix"]
 
 
 def _model(seed: int, r: int = 12, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    """A small "image tower": square, tall and wide matrices (T | r for T = 2, 3, 4 with r = 12), and the rest."""
+    """A small "image tower": a block's square, tall and wide linear layers (T | r for T = 2, 3, 4 with
+    r = 12), a matrix that is not a linear layer, and non-matrix keys."""
     g = torch.Generator().manual_seed(seed)
     shared = torch.Generator().manual_seed(999)
 
@@ -22,16 +27,17 @@ def _model(seed: int, r: int = 12, dtype: torch.dtype = torch.float64) -> dict[s
         return (torch.randn(*shape, generator=g) + 0.7 * torch.randn(*shape, generator=shared)).to(dtype)
 
     return {
-        "square.weight": make(r, r),
-        "tall.weight": make(3 * r, r),
-        "wide.weight": make(r, 2 * r),
-        "bias": make(r),
+        "blocks.0.attn.out_proj.weight": make(r, r),
+        "blocks.0.mlp.c_fc.weight": make(3 * r, r),
+        "blocks.0.mlp.c_proj.weight": make(r, 2 * r),
+        "positional_embedding": make(2 * r, r),
+        "blocks.0.attn.out_proj.bias": make(r),
         "conv.weight": make(4, 3, 2, 2),
         "text_projection": make(r, r // 2),
     }
 
 
-def test_every_spec_method_is_registered_with_a_reference() -> None:
+def test_every_method_is_registered_with_a_reference() -> None:
     assert set(list_methods()) >= EXPECTED
     for name in list_methods():
         spec = get_method(name)
@@ -51,18 +57,50 @@ def test_matches_float64_reference(method: str, T: int) -> None:
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-10 * scale, msg=f"{method} {key}")
 
 
-@pytest.mark.parametrize("method", ["ties", "pcb", "iso_cts"])
+OPTIONS = {
+    "ties": {"density": 0.55},
+    "pcb": {"ratio": 0.3, "clip": 0.1},
+    "iso_cts": {"common_fraction": 0.5},
+    "dare_ta": {"drop_rate": 0.3, "seed": 5},
+    "dare_ties": {"drop_rate": 0.5, "density": 0.6, "seed": 3},
+    "breadcrumbs": {"keep": 0.5, "drop_top": 0.1},
+    "randmix": {"seed": 11},
+    "cart": {"rank_ratio": 0.3, "coefficient": 0.7},
+    "wudi": {"iterations": 40, "lr": 1e-2},
+}
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
 def test_options_match_reference(method: str) -> None:
-    options = {"ties": {"density": 0.55}, "pcb": {"ratio": 0.3, "clip": 0.1}, "iso_cts": {"common_fraction": 0.5}}[
-        method
-    ]
+    options = OPTIONS[method]
     tvs = [_model(seed) for seed in range(3)]
     expected = reference.merge_model(tvs, method, **options)
     merged = merge_task_vectors(tvs, method, device="cpu", **options)
     for key in expected:
-        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-10, msg=key)
+        scale = max(1.0, expected[key].abs().max().item())
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-10 * scale, msg=key)
     default = merge_task_vectors(tvs, method, device="cpu")
-    assert not torch.allclose(default["square.weight"], merged["square.weight"])
+    key = "blocks.0.attn.out_proj.weight"
+    assert not torch.allclose(default[key], merged[key])
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("breadcrumbs", {"granularity": "row"}),
+        ("breadcrumbs", {"granularity": "row", "keep": 0.4, "drop_top": 0.2}),
+        ("cart", {"all_matrices": True}),
+        ("wudi", {"all_matrices": True, "iterations": 20, "lr": 1e-2}),
+        ("dare_ta", {"drop_rate": 0.0}),
+    ],
+)
+def test_variants_match_reference(method: str, options: dict) -> None:
+    tvs = [_model(seed) for seed in range(3)]
+    expected = reference.merge_model(tvs, method, **options)
+    merged = merge_task_vectors(tvs, method, device="cpu", **options)
+    for key in expected:
+        scale = max(1.0, expected[key].abs().max().item())
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-10 * scale, msg=key)
 
 
 @pytest.mark.parametrize("T", [5])
@@ -105,17 +143,25 @@ def test_identical_task_vectors_are_deterministic_and_finite(method: str) -> Non
 
 
 @pytest.mark.parametrize(
-    ("method", "factor"), [("average", 1.0), ("task_arithmetic", 3.0), ("magmax", 1.0), ("iso_c", None)]
-)
+    ("method", "factor"),
+    [("average", 1.0), ("task_arithmetic", 3.0), ("magmax", 1.0), ("iso_c", None), ("model_stock", 1.0),
+     ("cart", 1.0), ("randmix", 1.0), ("dare_ta", None)],
+)  # fmt: skip
 def test_identical_task_vectors_known_answers(method: str, factor: float | None) -> None:
     tv = _model(3)
     merged = merge_task_vectors([tv, tv, tv], method, device="cpu")
-    if factor is not None:
+    if method == "iso_c":  # 3 copies: the copy's singular vectors with the mean of 3x its singular values
+        U, S, Vh = torch.linalg.svd(tv["blocks.0.mlp.c_fc.weight"], full_matrices=False)
+        torch.testing.assert_close(merged["blocks.0.mlp.c_fc.weight"], 3 * S.mean() * U @ Vh, rtol=0, atol=1e-10)
+    elif method == "dare_ta":  # each entry survives in k of 3 copies, scaled by 10: a multiple of 10/3 of the mean
         for key in tv:
-            torch.testing.assert_close(merged[key], factor * tv[key], rtol=0, atol=1e-12)
-    else:  # Iso-C of 3 copies: the copy's singular vectors with the mean of 3x its singular values
-        U, S, Vh = torch.linalg.svd(tv["tall.weight"], full_matrices=False)
-        torch.testing.assert_close(merged["tall.weight"], 3 * S.mean() * U @ Vh, rtol=0, atol=1e-10)
+            ratio = merged[key] / (tv[key] * 10)
+            assert torch.equal(ratio.round(), ratio.round().clamp(0, 3)) and torch.allclose(ratio, ratio.round())
+        survived = torch.cat([(merged[key] != 0).flatten() for key in tv]).double().mean()
+        assert 0.22 < survived < 0.32  # 1 − 0.9³ = 0.271 of the ~1000 entries survive in some copy
+    else:
+        for key in tv:
+            torch.testing.assert_close(merged[key], factor * tv[key], rtol=0, atol=1e-12, msg=key)
 
 
 def test_ties_keeps_the_requested_density() -> None:
@@ -152,11 +198,97 @@ def test_bad_option_is_rejected_with_the_valid_ones(method: str) -> None:
         ("pcb", {"clip": 0.5}, "clip must lie in"),
         ("iso_cts", {"common_fraction": 2.0}, "common_fraction must lie in"),
         ("ties", {"density": "0.2"}, "must be a finite number"),
+        ("dare_ta", {"drop_rate": 1.0}, r"drop_rate must lie in \[0, 1\)"),
+        ("dare_ties", {"drop_rate": -0.1}, r"drop_rate must lie in \[0, 1\)"),
+        ("dare_ta", {"seed": 1.5}, "seed=1.5 of merge method 'dare_ta' must be an integer"),
+        ("randmix", {"seed": -1}, "seed must be a non-negative integer"),
+        ("randmix", {"seed": True}, "must be an integer"),
+        ("breadcrumbs", {"keep": 0.0}, "keep must lie in"),
+        ("breadcrumbs", {"keep": 0.95, "drop_top": 0.1}, "keep must lie in"),
+        ("breadcrumbs", {"drop_top": 1.0}, "drop_top must lie in"),
+        ("breadcrumbs", {"granularity": "column"}, r"granularity='column' is not valid .* \['layer', 'row'\]"),
+        ("cart", {"rank_ratio": 0.0}, "rank_ratio must lie in"),
+        ("wudi", {"iterations": -1}, "iterations must be a non-negative integer"),
+        ("wudi", {"iterations": 2.5}, "must be an integer"),
+        ("wudi", {"lr": 0.0}, "lr must be positive"),
     ],
 )
 def test_bad_option_values(method: str, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         merge_task_vectors([_model(0), _model(1)], method, **options)
+
+
+# --- seeded methods: reproducible bit for bit, and independent of key order and of sharding ----------------
+
+
+@pytest.mark.parametrize("method", SEEDED)
+def test_seeded_same_seed_same_bits_different_seed_different_bits(method: str) -> None:
+    tvs = [_model(seed, dtype=torch.float32) for seed in range(3)]
+    first = merge_task_vectors(tvs, method, device="cpu", seed=123)
+    again = merge_task_vectors(tvs, method, device="cpu", seed=123)
+    other = merge_task_vectors(tvs, method, device="cpu", seed=124)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert all(not torch.equal(first[k], other[k]) for k in first if first[k].numel() > 8)
+    assert get_method(method).defaults["seed"] == 0
+
+
+@pytest.mark.parametrize("method", SEEDED)
+def test_seeded_draws_do_not_depend_on_key_order(method: str) -> None:
+    tvs = [_model(seed) for seed in range(3)]
+    reversed_tvs = [dict(reversed(list(tv.items()))) for tv in tvs]
+    a = merge_task_vectors(tvs, method, device="cpu", seed=9)
+    b = merge_task_vectors(reversed_tvs, method, device="cpu", seed=9)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", [m for m in DATA_FREE if get_method(m).shardable])
+def test_sharded_merge_equals_one_merge(method: str) -> None:
+    """What a merge split across processes does: each merges some keys (statistics still see the whole model)."""
+    tvs = [_model(seed) for seed in range(3)]
+    options = {"seed": 4} if method in SEEDED else {"iterations": 20} if method == "wudi" else {}
+    whole = merge_task_vectors(tvs, method, device="cpu", **options)
+    keys = list(tvs[0])
+    for part in (keys[0::3], keys[1::3], keys[2::3]):
+        shard = merge_task_vectors(tvs, method, device="cpu", keys=part, **options)
+        assert sorted(shard) == sorted(part)
+        assert all(torch.equal(shard[k], whole[k]) for k in part), method
+
+
+def test_dare_drops_at_the_requested_rate() -> None:
+    """Over many entries the kept fraction is 1 − p, and kept entries are exactly τ/(1 − p)."""
+    tv = {"w": torch.randn(200, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+    merged = merge_task_vectors([tv], "dare_ta", device="cpu", drop_rate=0.7)["w"]
+    kept = merged != 0
+    assert abs(kept.double().mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(merged[kept], tv["w"][kept] / 0.3, rtol=0, atol=1e-12)
+
+
+def test_breadcrumbs_masks_outliers_and_negligible_entries() -> None:
+    """One task, 1000 distinct magnitudes: the 10 largest and everything below the next 150 are masked."""
+    values = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).double() + 1
+    merged = merge_task_vectors([{"w": values}], "breadcrumbs", device="cpu", keep=0.15, drop_top=0.01)["w"]
+    survivors = merged[merged != 0].sort().values
+    assert torch.equal(survivors, torch.arange(841, 991).double())
+
+
+def test_model_stock_ratio_on_two_experts() -> None:
+    """Two updates at 60°: t = 2·0.5/(1 + 0.5) = 2/3 of their mean (the paper's two-model case)."""
+    a = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.5, 3**0.5 / 2], dtype=torch.float64)
+    merged = merge_task_vectors([{"w": a}, {"w": b}], "model_stock", device="cpu")["w"]
+    torch.testing.assert_close(merged, (2 / 3) * (a + b) / 2, rtol=0, atol=1e-15)
+
+
+def test_wudi_lowers_the_interference_it_minimises() -> None:
+    tvs = [_model(seed) for seed in range(3)]
+    key = "blocks.0.mlp.c_fc.weight"
+
+    def interference(m: torch.Tensor) -> float:
+        return sum((((m - tv[key]) @ tv[key].T).square().sum() / tv[key].square().sum()).item() for tv in tvs)
+
+    start = sum(tv[key] for tv in tvs)
+    merged = merge_task_vectors(tvs, "wudi", device="cpu", iterations=200, lr=1e-2)[key]
+    assert interference(merged) < 0.5 * interference(start)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
