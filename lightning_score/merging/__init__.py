@@ -7,7 +7,7 @@ package registers every method.
 
 # importing a method module registers it; the order is the order of list_methods()
 from lightning_score.merging import score, tsv, iso, ties, magmax, pcb, arithmetic, esm  # noqa: F401  # isort: skip
-from lightning_score.merging import dare, breadcrumbs, randmix, model_stock, cart, wudi  # noqa: F401  # isort: skip
+from lightning_score.merging import dare, breadcrumbs, randmix, model_stock, cart, wudi, regmean, fisher  # noqa: F401  # isort: skip
 from lightning_score.merging.engine import is_matrix_key, merge_task_vectors, resolve_device
 from lightning_score.merging.registry import KeyMerger, KeyStream, MethodSpec, get_method, list_methods, register_method
 
