@@ -1,6 +1,6 @@
 """SCORE: Subspace COnflict-Resolving mErging.
 
-Chaves, Zhou, Burkholz, Valle, Avila. "SCORE: Subspace Conflict-Resolving Merging", CVPR 2026,
+Chaves, Zhou, Burkholz, Valle, Avila. "Bridging Domains through Subspace-Aware Model Merging", CVPR 2026,
 arXiv:2603.05768. Data-free.
 
 Notation, per matrix key: T tasks with updates Δ_t ∈ ℝ^{m×n}, r = min(m, n), k = ⌊r/T⌋.
@@ -76,7 +76,8 @@ def aggregate(C: Tensor, variant: str, z: float, divide_by_tasks: bool) -> Tenso
 
 @register_method(
     "score",
-    reference="Chaves et al., SCORE: Subspace Conflict-Resolving Merging, CVPR 2026, arXiv:2603.05768",
+    reference="Chaves et al., Bridging Domains through Subspace-Aware Model Merging (SCORE), CVPR 2026, "
+    "arXiv:2603.05768",
     choices={"variant": VARIANTS, "divide_by_tasks": (True, False), "sign_convention": SIGN_CONVENTIONS},
 )
 def score_merge(
