@@ -196,6 +196,23 @@ def test_method_accuracy_bars_highlight_the_best_and_show_domains(tmp_path: Path
     assert png_size(path)[0] > 800 and path.stat().st_size > 20_000
 
 
+def test_method_accuracy_error_bars_span_each_interval(tmp_path: Path) -> None:
+    table = {"score": {"a": 0.60, "b": 0.70}, "tsv": {"a": 0.50, "b": 0.62}, "expert": 0.9}
+    intervals = {"score": (0.62, 0.68), "expert": (0.88, 0.93)}  # tsv has none
+    ax = method_accuracy_figure(table, intervals=intervals, exclude_from_best=["expert"]).axes[0]
+    (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    segments = bars.lines[2][0].get_segments()
+    spans = sorted((round(float(s[0][0]), 6), round(float(s[1][0]), 6), round(float(s[0][1]), 6)) for s in segments)
+    assert spans == [(62.0, 68.0, 0.0), (88.0, 93.0, 2.0)]  # in percent, on the rows of score and expert
+    label = next(t for t in ax.texts if t.get_text().startswith("65.00"))
+    assert label.get_position()[0] > 68.0  # the value is written right of the error bar, not under it
+    assert png_size(plot_method_accuracy(table, tmp_path / "bars.png", intervals=intervals))[0] > 800
+    with pytest.raises(ValueError, match="does not contain its mean"):
+        method_accuracy_figure(table, intervals={"score": (0.70, 0.80)})
+    with pytest.raises(ValueError, match="not in the table"):
+        method_accuracy_figure(table, intervals={"ties": (0.1, 0.2)})
+
+
 def test_method_accuracy_plain_means_missing_values_and_units() -> None:
     table = {"score": 65.69, "tsv": 64.95, "ties": 64.84, "iso_cts": float("nan"), "zero-shot": 55.63}
     ax = method_accuracy_figure(table).axes[0]
@@ -259,7 +276,7 @@ def test_missing_matplotlib_says_which_extra_to_install(monkeypatch: pytest.Monk
 def test_short_key_and_docstring_examples() -> None:
     assert short_key("transformer.resblocks.3.mlp.c_fc.weight") == "b3.mlp.c_fc"
     assert short_key("transformer.resblocks.10.attn.out_proj.weight") == "b10.attn.out_proj"
-    result = doctest.testmod(plots_module)
+    result = doctest.testmod(plots_module.common)
     assert result.attempted >= 2 and result.failed == 0
 
 

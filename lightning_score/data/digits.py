@@ -1,17 +1,21 @@
 """The built-in offline benchmark: rotated digits, and the tiny "pre-trained CLIP" every expert starts from.
 
 Data (after Rotated MNIST, Ghifary et al. 2015, as used in DomainBed): the 1,797 8x8 handwritten digits
-that scikit-learn ships inside its package, so nothing is downloaded.
+that scikit-learn ships inside its package, so nothing is downloaded. A seeded permutation divides them:
 
-1. A seeded permutation sets aside ``POOL_SIZE`` digits as the *pre-training pool*; no domain uses them.
-2. The other digits appear in every domain, rotated by 0, 15, 30, 45, 60 and 75 degrees (domains ``rot0`` …
-   ``rot75``). Each is upsampled to 24 px, centred on a black 32 px canvas, rotated, and saved as an RGB PNG
-   ``domains/rot<angle>/<number word>/<digit id>.png``. Class names are number words, so prompts read "a photo
-   of the digit seven.".
+1. ``POOL_SIZE`` digits are the *pre-training pool*, rendered upright; no domain uses them.
+2. ``TEST_DIGITS`` digits are the *test digits*: every domain's test split renders each of them once, so a
+   domain has 1,000 test images of 1,000 different digits (a cell's 95 % interval is about ±2-3 points).
+3. The rest are the *train digits*: every domain's train split renders each of them ``TRAIN_RENDERINGS``
+   times. No digit is in the train split of one domain and the test split of another, and no test image is
+   a copy of a training image.
 
-   Every domain holds the same digit ids in the same file order, and :class:`DomainDataModule` splits every
-   domain of n images with the same seeded permutation, so a digit is in the test split of every domain or
-   of none: no expert ever trains on a rotation of a digit that another domain tests on.
+Domains ``rot0`` … ``rot75`` rotate by 0, 15, 30, 45, 60 and 75 degrees. Each rendering draws its own small
+random scale (digit height 20-26 px), shift (±2 px) and stroke thickness (thinner, as is, thicker) from a
+seed of (split, domain, digit, rendering), then rotates by the domain's angle on a black 32 px canvas. The
+files are written in the pre-split layout ``domains/train/<domain>/<class>/<digit>-<k>.png`` and
+``domains/test/<domain>/<class>/<digit>.png``, which :class:`~lightning_score.data.DomainDataModule` reads
+as is. Class names are number words, so prompts read "a photo of the digit seven.".
 
 Base model: :func:`build_digits_base` pre-trains a tiny open_clip CLIP (``tiny-ViT-W96-L3`` by default)
 contrastively, image against caption, on the *upright* pool only (mildly augmented by small shifts and
@@ -25,11 +29,13 @@ atomically under an inter-process lock, and reproducible from their seeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
@@ -52,24 +58,31 @@ __all__ = [
     "DOMAINS",
     "POOL_SIZE",
     "ROTATIONS",
+    "TEST_DIGITS",
+    "TRAIN_RENDERINGS",
     "build_digits_base",
+    "digit_partition",
     "digits_dataset_folder",
     "load_pool",
     "materialise_rotated_digits",
     "render_digit",
+    "rendering_jitter",
 ]
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 BASE_VERSION = 1
 ROTATIONS = (0, 15, 30, 45, 60, 75)
 DOMAINS = tuple(f"rot{angle}" for angle in ROTATIONS)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-POOL_SIZE = 497
+POOL_SIZE = 450
+TEST_DIGITS = 1000
+TRAIN_RENDERINGS = 4
 IMAGE_SIZE = 32
 _DIGIT_SIZE = 24
 _DATA_SEED = 0
+_SPLIT_CODES = {"train": 1, "test": 2}
 
 BASE_DEFAULTS: dict[str, Any] = {
     "model_name": "tiny-ViT-W96-L3",
@@ -86,13 +99,48 @@ BASE_DEFAULTS: dict[str, Any] = {
 # --- data -----------------------------------------------------------------------------------------
 
 
-def render_digit(digit: np.ndarray, angle: float) -> Image.Image:
-    """One 8x8 scikit-learn digit (values 0-16) as a 32 px RGB image rotated ``angle`` degrees anticlockwise."""
+def render_digit(
+    digit: np.ndarray, angle: float, *, scale: float = 1.0, shift: tuple[int, int] = (0, 0), thickness: int = 0
+) -> Image.Image:
+    """One 8x8 scikit-learn digit (values 0-16) as a 32 px RGB image rotated ``angle`` degrees anticlockwise.
+
+    Args:
+        digit: The 8x8 digit.
+        angle: Rotation in degrees, anticlockwise, about the canvas centre.
+        scale: The digit's height relative to 24 px.
+        shift: Offset (x, y) in pixels from the centred position, before rotation.
+        thickness: -1 thins the strokes (half a 3x3 minimum filter), +1 thickens them (half a maximum filter).
+    """
     small = Image.fromarray(np.clip(digit * (255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
+    size = round(_DIGIT_SIZE * scale)
+    glyph = small.resize((size, size), Image.Resampling.BICUBIC)
+    if thickness:  # half of a 3x3 max (min) filter: strokes about one pixel thicker (thinner)
+        filtered = glyph.filter(ImageFilter.MaxFilter(3) if thickness > 0 else ImageFilter.MinFilter(3))
+        glyph = Image.blend(glyph, filtered, 0.5)
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    offset = (IMAGE_SIZE - _DIGIT_SIZE) // 2
-    canvas.paste(small.resize((_DIGIT_SIZE, _DIGIT_SIZE), Image.Resampling.BICUBIC), (offset, offset))
+    offset = (IMAGE_SIZE - size) // 2
+    canvas.paste(glyph, (offset + shift[0], offset + shift[1]))
     return canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0).convert("RGB")
+
+
+def rendering_jitter(split: str, domain_index: int, digit: int, rendering: int) -> dict[str, Any]:
+    """The small random scale, shift and thickness of one rendering (seeded by all four arguments).
+
+    Returns:
+        Keyword arguments of :func:`render_digit`: ``scale`` in [20/24, 26/24], ``shift`` in [-2, 2]², and
+        ``thickness`` in {-1, 0, 1}.
+    """
+    rng = np.random.default_rng([_DATA_SEED, _SPLIT_CODES[split], domain_index, digit, rendering])
+    height = int(rng.integers(20, 27))
+    shift = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))
+    return {"scale": height / _DIGIT_SIZE, "shift": shift, "thickness": int(rng.integers(-1, 2))}
+
+
+def digit_partition(count: int = 1797) -> dict[str, np.ndarray]:
+    """Which scikit-learn digits are the pre-training pool, the test digits and the train digits (sorted ids)."""
+    order = np.random.RandomState(_DATA_SEED).permutation(count)
+    pool, test = order[:POOL_SIZE], order[POOL_SIZE : POOL_SIZE + TEST_DIGITS]
+    return {"pool": np.sort(pool), "test": np.sort(test), "train": np.sort(order[POOL_SIZE + TEST_DIGITS :])}
 
 
 def digits_dataset_folder() -> Path:
@@ -104,30 +152,37 @@ def _write_benchmark(folder: Path) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = np.random.RandomState(_DATA_SEED).permutation(len(digits.images))
-    pool, rest = order[:POOL_SIZE], np.sort(order[POOL_SIZE:])
-    for index in pool:
+    parts = digit_partition(len(digits.images))
+    for index in parts["pool"]:
         target = folder / "pool" / DIGIT_NAMES[digits.target[index]]
         target.mkdir(parents=True, exist_ok=True)
         render_digit(digits.images[index], 0).save(target / f"{index:04d}.png")
-    for domain, angle in zip(DOMAINS, ROTATIONS, strict=True):
-        for name in DIGIT_NAMES:
-            (folder / "domains" / domain / name).mkdir(parents=True, exist_ok=True)
-        for index in rest:
-            image = render_digit(digits.images[index], angle)
-            image.save(folder / "domains" / domain / DIGIT_NAMES[digits.target[index]] / f"{index:04d}.png")
+    renderings = {"train": TRAIN_RENDERINGS, "test": 1}
+    for split in ("train", "test"):
+        for domain_index, (domain, angle) in enumerate(zip(DOMAINS, ROTATIONS, strict=True)):
+            for name in DIGIT_NAMES:
+                (folder / "domains" / split / domain / name).mkdir(parents=True, exist_ok=True)
+            for index in parts[split]:
+                for k in range(renderings[split]):
+                    jitter = rendering_jitter(split, domain_index, int(index), k)
+                    file = f"{index:04d}-{k}.png" if split == "train" else f"{index:04d}.png"
+                    image = render_digit(digits.images[index], angle, **jitter)
+                    image.save(folder / "domains" / split / domain / DIGIT_NAMES[digits.target[index]] / file)
     (folder / "README.txt").write_text(
         "Rotated digits, built by lightning_score.data.digits from scikit-learn's 8x8 digits.\n"
-        f"domains/: DomainBed layout, {len(rest)} digits per domain, rotations {list(ROTATIONS)} degrees.\n"
-        f"pool/: {len(pool)} upright digits set aside for pre-training the base model; no domain uses them.\n"
+        f"domains/: pre-split layout train/<domain>/<class>/ and test/<domain>/<class>/, rotations {list(ROTATIONS)}"
+        f" degrees; per domain {len(parts['test'])} test images (one per test digit) and "
+        f"{len(parts['train']) * TRAIN_RENDERINGS} train images ({TRAIN_RENDERINGS} renderings of each of "
+        f"{len(parts['train'])} train digits), each rendering with its own small scale, shift and thickness.\n"
+        f"pool/: {len(parts['pool'])} upright digits set aside for pre-training the base model; no domain uses them.\n"
     )
 
 
 def materialise_rotated_digits() -> Path:
-    """Write the rotated-digits benchmark into the cache (once) and return its DomainBed root.
+    """Write the rotated-digits benchmark into the cache (once) and return its root, in the pre-split layout.
 
     Returns:
-        ``<cache>/datasets/rotated-digits-v1/domains``, holding ``rot0`` … ``rot75``.
+        ``<cache>/datasets/rotated-digits-v2/domains``, holding ``train/rot0`` … ``test/rot75``.
     """
     folder = digits_dataset_folder()
     if not (folder / "domains").is_dir():
@@ -149,6 +204,30 @@ def load_pool(transform: Any) -> tuple[Tensor, Tensor]:
                 images.append(transform(image.convert("RGB")))
             labels.append(label)
     return torch.stack(images), torch.tensor(labels)
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded … initialized randomly" warning: here it is on purpose.
+
+    open_clip logs it through the root logger; a filter drops that one record, and a NullHandler keeps
+    ``logging.warning`` from configuring the root logger as a side effect.
+    """
+    root = logging.getLogger()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 # --- base model -----------------------------------------------------------------------------------
@@ -282,7 +361,8 @@ def build_digits_base(
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings["seed"])
-            clip = build_clip(settings["model_name"], pretrained=None)
+            with _quiet_random_init():
+                clip = build_clip(settings["model_name"], pretrained=None)
             clip.model.train()
             images, labels = load_pool(clip.val_transform)
             sampler = RandomSampler(
@@ -303,6 +383,7 @@ def build_digits_base(
             with tempfile.TemporaryDirectory() as scratch:
                 trainer = Trainer(
                     max_steps=settings["steps"],
+                    max_epochs=1,  # the sampler draws exactly steps x batch_size images: one epoch (bar: "Epoch 0/0")
                     accelerator=accelerator,
                     devices=1,
                     gradient_clip_val=1.0,

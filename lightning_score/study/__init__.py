@@ -1,7 +1,13 @@
 """The main job: one command runs the whole leave-one-domain-out study of the SCORE paper and reports it.
 
-``lightning-score study --config recipes/digits/study.yaml`` (offline, about 10 minutes on 2 CPU cores)
-or ``recipes/pacs/vit_b32_study.yaml`` and friends for real data. See ``docs/study.md``.
+``lightning-score study --config recipes/digits/study.yaml`` (offline, CPU; see ``docs/study.md`` for its
+measured wall time) or ``recipes/pacs/vit_b32_study.yaml`` and friends for real data.
+
+The data flow, one module per step: :mod:`.checks` (the whole configuration, before any work) →
+:mod:`.fitting` (experts and pooled models, per seed) → :mod:`.evaluation` (every row on every target, with
+per-image predictions, at α = 1 and α tuned on source validation data, :mod:`.data`) → :mod:`.summary`
+(means over seeds, bootstrap intervals and paired differences, :mod:`.statistics`) → :mod:`.tables` and
+:mod:`.report` (results.md, results.csv, results.json, accuracy.png).
 """
 
 from __future__ import annotations
@@ -14,11 +20,11 @@ from typing import Any
 import yaml
 
 from lightning_score.atomic import atomic_write_text
-from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row
-from lightning_score.study.report import markdown_table, write_report
+from lightning_score.study.config import DEFAULT_ROWS, Entry, ExpertSettings, Row, resolve_seeds
+from lightning_score.study.report import write_report
 from lightning_score.study.runner import Study
 
-__all__ = ["DEFAULT_ROWS", "ExpertSettings", "Row", "Study", "markdown_table", "run_study", "write_report"]
+__all__ = ["DEFAULT_ROWS", "Entry", "ExpertSettings", "Row", "Study", "run_study", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +44,27 @@ def run_study(
     eval_batch_size: int = 256,
     num_workers: int = 0,
     split_seed: int = 17,
-    val_fraction: float = 0.1,
+    val_fraction: float = 0.0,
     proxy_images: int = 32,
-    seed: int = 0,
+    seeds: list[int] | None = None,
+    seed: int | None = None,
+    alpha_tuning: bool = True,
+    alpha_search: str = "grid",
+    alpha_images: int | None = 100,
+    bootstrap: int = 1000,
     restart: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the leave-one-domain-out study: fit one expert per domain, merge the others' for every target.
+    """Run the leave-one-domain-out study: per seed, fit one expert per domain, merge the others' for every target.
 
-    For every target domain, the experts of the other domains are merged by every method row and tested on
-    the target's held-out split, next to the reference rows (zero-shot, logit ensemble, the target's own
-    expert). Writes to ``output_dir``: ``task_vectors/``, ``results/`` (one JSON per row and target),
-    ``results.csv``, ``results.json``, ``results.md`` (the paper-style table), ``accuracy.png``, ``sar.png``,
-    ``study.yaml`` (the resolved config) and ``study.log``. Rerunning continues where it stopped.
+    For every seed and target domain, the experts of the other domains are merged by every method row and
+    tested on the target's test split, next to the reference rows (zero-shot, logit ensemble, a model
+    fine-tuned on the pooled source domains, the target's own expert). Every weight merge is reported at its
+    α (1, the paper's protocol) and, with ``alpha_tuning``, at α chosen on the source domains' validation data.
+    Tables give the mean ± std over seeds, 95 % bootstrap intervals over test images, and paired differences
+    against SCORE. Writes to ``output_dir``: ``results.md``, ``results.csv``, ``results.json``,
+    ``accuracy.png``, ``sar.png``/``sar.json``, ``study.yaml`` (the resolved config), ``study.log``,
+    ``task_vectors/seed-<s>/`` and ``results/seed-<s>/<target>/`` (one JSON per row, with per-image
+    correctness). Rerunning continues where it stopped. The whole configuration is checked before any work.
 
     Args:
         output_dir: The study folder.
@@ -57,26 +72,35 @@ def run_study(
         pretrained: Its weights: ``builtin:digits`` (the offline base), an open_clip tag such as ``openai``,
             or a local weights file.
         templates: Prompt-template set of the zero-shot head (``digits``, ``pacs``, ``imagenet``, ``auto``...).
-        root: The data: a DomainBed-layout folder ``ROOT/<domain>/<class>/<image>`` or ``builtin:digits``.
+        root: The data (any layout ``DomainDataModule`` reads) or ``builtin:digits``.
         domains: The domains of the study; default every domain of ``root``.
         targets: The held-out targets to evaluate; default every domain.
-        expert: How experts are fine-tuned (learning rate, steps or epochs, batch size, precision...).
+        expert: How experts (and pooled models) are fine-tuned; its ``precision`` is also the precision of
+            every evaluation, as in the merge recipes.
         rows: The table's rows; default SCORE, its ablations, TSV-M, Iso-C, Iso-CTS, TIES, MagMax, PCB, Task
-            Arithmetic, averaging, ESM, zero-shot, the logit ensemble and the target's own expert.
+            Arithmetic, averaging, ESM, zero-shot, the logit ensemble, the pooled fine-tune and the target's expert.
         accelerator: Lightning accelerator (``auto``: the GPU when there is one).
         devices: Devices per fit and test; the study runs on one (see docs/cluster.md for several GPUs).
-        eval_batch_size: Batch size of the test loops.
+        eval_batch_size: Batch size of the evaluations.
         num_workers: Data-loading worker processes.
-        split_seed: Seed of each domain's 80/20 train/test split (17 in the SCORE paper).
-        val_fraction: Part of the training split held out for validation (and for ``alpha: auto``).
+        split_seed: Seed of the seeded splits (17 in the SCORE paper); pre-split data is read as is.
+        val_fraction: 0 (the paper): experts train on their whole train split and the sources' test splits are
+            the validation data; > 0: that part of each train split is held out for validation instead.
         proxy_images: Unlabelled images per source domain for ESM.
-        seed: Seed of every expert's fine-tuning.
-        restart: Redo kept experts and results whose settings differ from these (default: refuse them).
+        seeds: One run of every fit and row per seed; default ``[0, 1, 2]`` on the built-in digits, ``[0]`` else.
+        seed: Deprecated: ``seeds: [seed]``.
+        alpha_tuning: Also report every fixed-α merge at α chosen on the sources' validation data (same merge).
+        alpha_search: ``grid`` (MergeModule's α grid) or ``golden`` (golden-section on [0, 2]).
+        alpha_images: Validation images per source domain for the α search (a seeded subset; null: all).
+        bootstrap: Bootstrap resamples for the intervals.
+        restart: Redo kept fits and results whose settings differ from these (default: refuse them).
 
     Returns:
-        One record per row and target (method, target, acc, balanced_acc, merge_seconds, peak_memory_mb...).
+        One record per table line, target and seed (method, seed, target, acc, balanced_acc, alpha, ...).
     """
-    settings = dict(locals())  # the arguments, exactly as given
+    seeds = resolve_seeds(root, seeds, seed)
+    settings = dict(locals())  # the arguments, as resolved
+    settings.pop("seed")
     settings["rows"] = list(rows) if rows is not None else list(DEFAULT_ROWS)
     study = Study(**settings)
     folder = Path(output_dir)
@@ -84,11 +108,14 @@ def run_study(
     resolved = {**settings, "domains": study.domains, "targets": study.targets, "expert": asdict(expert),
                 "rows": [asdict(row) for row in study.rows]}  # fmt: skip
     resolved.pop("restart")
-    atomic_write_text(folder / "study.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(folder / "study.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     records = study.run()
     experts = {domain: study.task_vector_path(domain) for domain in study.domains}
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and _cuda() else "cpu"
-    written = write_report(records, study.rows, study.targets, folder, experts=experts, device=device)
+    written, _ = write_report(
+        records, study.entries, study.targets, study.seeds, folder, resamples=bootstrap, settings=resolved,
+        experts=experts, device=device,
+    )  # fmt: skip
     study.console.print((folder / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
     study.console.print("Wrote " + ", ".join(str(p) for p in written.values()), highlight=False, soft_wrap=True)
     return records

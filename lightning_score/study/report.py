@@ -1,4 +1,4 @@
-"""The study's outputs: results.csv / results.json, the paper-style results.md, and the figures."""
+"""The study's outputs: results.json / results.csv with every number, results.md, and the figures."""
 
 from __future__ import annotations
 
@@ -6,118 +6,146 @@ import csv
 import io
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning_score.atomic import atomic_write_text
-from lightning_score.study.config import Row
+from lightning_score.study.config import Entry
+from lightning_score.study.summary import MEAN, Summary, summarize
+from lightning_score.study.tables import markdown_report, significance
 
-__all__ = ["markdown_table", "write_report"]
+__all__ = ["FIELDS", "write_report"]
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("method", "mode", "target", "acc", "balanced_acc", "merge_seconds", "peak_memory_mb", "alpha", "sources")
+FIELDS = (
+    "method", "section", "target", "seed", "acc", "balanced_acc", "acc_std", "ci_low", "ci_high", "normalized_acc",
+    "diff_vs_reference", "diff_ci_low", "diff_ci_high", "diff_significant", "alpha", "merge_seconds",
+    "peak_memory_mb", "sources",
+)  # fmt: skip
+"""results.csv's columns: per-seed lines (``seed`` = the seed) and aggregate lines (``seed`` = ``mean``)."""
 
 
-def _accuracy_table(records: Sequence[Mapping[str, Any]], key: str = "acc") -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, float]] = {}
-    for record in records:
-        table.setdefault(record["method"], {})[record["target"]] = record[key]
-    return table
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
 
 
-def markdown_table(records: Sequence[Mapping[str, Any]], rows: Sequence[Row], targets: Sequence[str]) -> str:
-    """Methods as rows, target domains as columns, the mean last; the best weight merge per column in bold.
-
-    Accuracies are top-1, in percent. Reference rows (zero-shot, logit ensemble, the target's own expert)
-    follow the merges and are not ranked: the ensemble costs T forward passes and the expert saw the
-    target domain.
-    """
-    table = _accuracy_table(records)
-    columns = [*targets, "Mean"]
-    for values in table.values():
-        present = [values[t] for t in targets if t in values]
-        values["Mean"] = sum(present) / len(present) if len(present) == len(targets) else float("nan")
-    merges = [row.name for row in rows if not row.is_reference and row.name in table]
-    best = {
-        column: max((table[name][column] for name in merges if column in table[name]), default=None)
-        for column in columns
-    }
-    lines = ["| Method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for row in rows:
-        if row.name not in table:
-            continue
-        cells = []
-        for column in columns:
-            value = table[row.name].get(column)
-            text = "–" if value is None or value != value else f"{100 * value:.2f}"
-            if not row.is_reference and value is not None and best[column] is not None and value == best[column]:
-                text = f"**{text}**"
-            cells.append(text)
-        label = f"*{row.name}*" if row.is_reference else row.name
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _aggregates(summary: Summary) -> list[dict[str, Any]]:
+    """One line per table line and column (targets and the mean): everything the tables show, unrounded."""
+    out = []
+    for entry in summary.entries:
+        for column in [*summary.targets, MEAN]:
+            estimate = summary.cells.get((entry.name, column))
+            if estimate is None:
+                continue
+            difference = summary.paired.get((entry.name, column))
+            out.append(
+                {
+                    "method": entry.name,
+                    "section": entry.section,
+                    "target": column,
+                    "seed": "mean",
+                    "acc": estimate.mean,
+                    "acc_std": _finite(estimate.std),
+                    "ci_low": estimate.low,
+                    "ci_high": estimate.high,
+                    "per_seed": list(estimate.per_seed),
+                    "normalized_acc": _finite(summary.normalized.get((entry.name, column))),
+                    "diff_vs_reference": None if difference is None else difference.mean,
+                    "diff_ci_low": None if difference is None else difference.low,
+                    "diff_ci_high": None if difference is None else difference.high,
+                    "diff_significant": None if difference is None else difference.significant,
+                }
+            )
+    return out
 
 
-def write_report(
-    records: Sequence[Mapping[str, Any]],
-    rows: Sequence[Row],
-    targets: Sequence[str],
-    output_dir: Path,
-    *,
-    experts: Mapping[str, Path] | None = None,
-    title: str = "Leave-one-domain-out accuracy (%)",
-    device: str = "cpu",
-) -> dict[str, Path]:
-    """Write results.json, results.csv, results.md and, with matplotlib, accuracy.png and sar.png.
-
-    Args:
-        records: One record per row and target (see :class:`~lightning_score.study.runner.Study`).
-        rows: The rows, in table order.
-        targets: The target domains, in column order.
-        output_dir: The study folder.
-        experts: domain -> task-vector file, for the Subspace Alignment Ratio heat-map of the experts.
-        title: Heading of results.md.
-        device: Where to compute the SAR's SVDs.
-
-    Returns:
-        What was written, by name.
-    """
-    written: dict[str, Path] = {}
-    written["results.json"] = atomic_write_text(output_dir / "results.json", json.dumps(list(records), indent=2) + "\n")
+def _csv(records: Sequence[Mapping[str, Any]], aggregates: Sequence[Mapping[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
     for record in records:
         writer.writerow({**record, "sources": " ".join(record.get("sources") or [])})
-    written["results.csv"] = atomic_write_text(output_dir / "results.csv", buffer.getvalue())
-    note = (
-        "\nTop-1 accuracy on each held-out target domain, merging the other domains' experts at α = 1. "
-        "Best weight merge per column in **bold**; reference rows in *italics* are not ranked (the logit "
-        "ensemble runs every expert; the expert row is the target domain's own fine-tuned model, an upper bound).\n"
-    )
-    written["results.md"] = atomic_write_text(
-        output_dir / "results.md", f"# {title}\n\n" + markdown_table(records, rows, targets) + note
-    )
+    for line in aggregates:
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+def write_report(
+    records: Sequence[Mapping[str, Any]],
+    entries: Sequence[Entry],
+    targets: Sequence[str],
+    seeds: Sequence[int],
+    output_dir: Path,
+    *,
+    resamples: int = 1000,
+    settings: Mapping[str, Any] | None = None,
+    experts: Mapping[str, Path] | None = None,
+    title: str = "Leave-one-domain-out accuracy (%)",
+    device: str = "cpu",
+) -> tuple[dict[str, Path], Summary]:
+    """Write results.json, results.csv, results.md and, with matplotlib, accuracy.png, sar.png and sar.json.
+
+    Args:
+        records: One per table line, target and seed (see :mod:`lightning_score.study.evaluation`).
+        entries: The table's lines, in order.
+        targets: The target domains, in column order.
+        seeds: The seeds.
+        output_dir: The study folder.
+        resamples: Bootstrap draws.
+        settings: The study's resolved settings, recorded in results.json.
+        experts: domain -> task-vector file, for the Subspace Alignment Ratio heat-map of the experts.
+        title: Heading of results.md.
+        device: Where to compute the SAR's SVDs.
+
+    Returns:
+        What was written, by name, and the summary the tables show.
+    """
+    summary = summarize(records, entries, targets, seeds, resamples=resamples)
+    aggregates = _aggregates(summary)
+    per_seed = [{k: v for k, v in r.items() if k != "correct"} for r in records]
+    payload = {
+        "settings": dict(settings or {}),
+        "seeds": list(seeds),
+        "targets": list(targets),
+        "methods": [{"name": e.name, "section": e.section, "row": e.row.name, "tuned": e.tuned} for e in entries],
+        "reference": summary.reference,
+        "bootstrap_resamples": resamples,
+        "significance": significance(summary),
+        "records": per_seed,
+        "aggregates": aggregates,
+    }
+    written: dict[str, Path] = {}
+    written["results.json"] = atomic_write_text(output_dir / "results.json", json.dumps(payload, indent=2) + "\n")
+    written["results.csv"] = atomic_write_text(output_dir / "results.csv", _csv(per_seed, aggregates))
+    written["results.md"] = atomic_write_text(output_dir / "results.md", markdown_report(summary, title))
     try:
         from lightning_score.plots import plot_method_accuracy, plot_subspace_alignment
     except ImportError as error:  # the plot extra is optional
         log.warning("%s: results.md/csv/json are written; install lightning-score[plot] for the figures.", error)
-        return written
-    table = {row.name: _accuracy_table(records).get(row.name, {}) for row in rows}
-    reference = [row.name for row in rows if row.is_reference]
-    written["accuracy.png"] = plot_method_accuracy(
-        {name: values for name, values in table.items() if values},
-        output_dir / "accuracy.png",
-        exclude_from_best=reference,
-        title="Mean accuracy over held-out domains",
-    )
+        return written, summary
+    table, intervals = {}, {}
+    for entry in entries:
+        values = {t: summary.cells[(entry.name, t)].mean for t in targets if (entry.name, t) in summary.cells}
+        mean = summary.cells.get((entry.name, MEAN))
+        if mean is not None:
+            table[entry.name] = {**values, "mean": mean.mean}
+            intervals[entry.name] = (mean.low, mean.high)
+    if table:
+        written["accuracy.png"] = plot_method_accuracy(
+            table,
+            output_dir / "accuracy.png",
+            exclude_from_best=[e.name for e in entries if e.section == "reference"],
+            intervals=intervals,
+            title="Mean accuracy over held-out domains (bars: 95 % bootstrap interval)",
+        )
     if experts:
         from lightning_score.analysis import subspace_alignment
         from lightning_score.task_vector import TaskVector
 
         sar = subspace_alignment([TaskVector.load(p) for p in experts.values()], device=device)
-        atomic_write_text(output_dir / "sar.json", json.dumps(sar.to_dict(), indent=2) + "\n")
+        written["sar.json"] = atomic_write_text(output_dir / "sar.json", json.dumps(sar.to_dict(), indent=2) + "\n")
         written["sar.png"] = plot_subspace_alignment(sar, output_dir / "sar.png")
-    return written
+    return written, summary

@@ -1,10 +1,12 @@
-"""Run a leave-one-domain-out study: the base, one expert per domain, every row for every target domain.
+"""Run a leave-one-domain-out study: for every seed, one expert per domain, then every row on every target.
 
 Everything goes through the same pieces a user calls by hand: :class:`~lightning_score.CLIPExpert` with
-:class:`~lightning_score.ScoreMergeCallback` under ``Trainer.fit``, and :class:`~lightning_score.MergeModule`
-under ``Trainer.test``. Each finished expert (a task vector) and each finished evaluation (a JSON file) is
-kept with the configuration that produced it; a rerun reuses what matches and refuses what does not, so
-an interrupted study continues where it stopped and never mixes results of different settings.
+:class:`~lightning_score.ScoreMergeCallback` under ``Trainer.fit`` (:mod:`.fitting`), and
+:class:`~lightning_score.MergeModule` under ``Trainer.predict`` (:mod:`.evaluation`). Each finished fit (a
+task vector) and each finished evaluation (a JSON file with per-image correctness) is kept with the
+configuration that produced it; a rerun reuses what matches and refuses what does not, so an interrupted
+study continues where it stopped and never mixes results of different settings. The whole configuration is
+checked (:mod:`.checks`) before any of this starts.
 """
 
 from __future__ import annotations
@@ -20,24 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lightning_score.atomic import atomic_write_text
-from lightning_score.callback import ScoreMergeCallback
 from lightning_score.data import DomainDataModule
-from lightning_score.expert import CLIPExpert
-from lightning_score.merge_module import MergeModule
+from lightning_score.merging import get_method
 from lightning_score.models import build_clip
-from lightning_score.study.config import ExpertSettings, Row, config_digest, slug
+from lightning_score.study.checks import check_study
+from lightning_score.study.config import Entry, ExpertSettings, Row, config_digest, table_entries
+from lightning_score.study.data import EvaluationImages, FoldData
+from lightning_score.study.evaluation import evaluate_row, merge_module
+from lightning_score.study.fitting import QUIET_TRAINER, fit_task_vector
 from lightning_score.task_vector import TaskVector, state_dict_fingerprint
 
 __all__ = ["Study"]
 
 log = logging.getLogger(__name__)
-
-_QUIET_TRAINER = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
 
 def _json(value: Any) -> Any:
@@ -45,12 +46,8 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2))
-
-
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Keep Lightning's per-run chatter (devices, seeds, tips) out of the study's own progress output."""
     names = ("lightning.pytorch", "lightning.fabric", "lightning_score")
     previous = {name: logging.getLogger(name).level for name in names}
@@ -62,6 +59,7 @@ def _quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
             warnings.filterwarnings("ignore", message=".*never reaches its peak.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             yield
     finally:
         for name, level in previous.items():
@@ -89,7 +87,11 @@ class Study:
         split_seed: int,
         val_fraction: float,
         proxy_images: int,
-        seed: int,
+        seeds: Sequence[int],
+        alpha_tuning: bool,
+        alpha_search: str,
+        alpha_images: int | None,
+        bootstrap: int,
         restart: bool,
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -98,79 +100,108 @@ class Study:
         self.accelerator, self.devices = accelerator, devices
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
         self.split_seed, self.val_fraction, self.proxy_images = split_seed, val_fraction, proxy_images
-        self.seed, self.restart = seed, restart
+        self.seeds = list(seeds)
+        self.alpha_tuning, self.alpha_search, self.alpha_images = alpha_tuning, alpha_search, alpha_images
+        self.bootstrap, self.restart = bootstrap, restart
+        self.domains_arg, self.targets_arg = domains, targets
         self.console = Console(stderr=False)
-        if not self.rows:
-            raise ValueError("The study has no rows: give at least one method or reference row.")
-        if devices != 1:
-            raise ValueError(
-                f"devices={devices}: the study runs every fit and test on one device. For several GPUs, fit experts "
-                "in parallel (recipes/multi_gpu/experts_in_parallel.sh) or with DDP (recipes/multi_gpu/ddp_fit.yaml) "
-                "and merge per target (recipes/<dataset>/vit_b32_merge.yaml)."
-            )
-        names = [row.name for row in self.rows]
-        if len(set(map(slug, names))) != len(names):
-            raise ValueError(f"Row names must be distinct (after slugging): {names}.")
-        self.domains = self._check_domains(domains, "domains", DomainDataModule(root, num_workers=0).domains)
-        self.targets = self._check_domains(targets, "targets", self.domains)
-        if len(self.domains) < 2:
-            raise ValueError(f"A leave-one-domain-out study needs at least 2 domains; got {self.domains}.")
+        with quiet_lightning():
+            self.domains, self.targets, self.classnames, self.default_templates = check_study(self)
+            try:
+                self.eval_trainer = L.Trainer(
+                    accelerator=accelerator,
+                    devices=1,
+                    precision=expert.precision,  # one precision for fits and evaluations (the merge recipes' too)
+                    logger=False,
+                    **QUIET_TRAINER,
+                )
+            except Exception as error:  # Lightning's MisconfigurationException is not a ValueError
+                raise ValueError(
+                    f"accelerator={accelerator!r} with expert.precision={expert.precision!r}: {error}"
+                ) from error
+        self.entries: list[Entry] = table_entries(self.rows, alpha_tuning)
         self.base_fingerprint: str | None = None
-        self.expert_configs: dict[str, dict[str, Any]] = {}
-
-    @staticmethod
-    def _check_domains(given: Sequence[str] | None, what: str, available: Sequence[str]) -> list[str]:
-        if given is None:
-            return list(available)
-        unknown = [d for d in given if d not in available]
-        if unknown:
-            raise ValueError(f"{what} {unknown} are not domains of the data; its domains are {list(available)}.")
-        return list(given)
+        self.fit_configs: dict[str, dict[str, Any]] = {}
+        self.records: list[dict[str, Any]] = []
 
     # --- paths and data ----------------------------------------------------------------------------
 
-    def task_vector_path(self, domain: str) -> Path:
-        """Where the expert of ``domain`` is kept."""
-        return self.output_dir / "task_vectors" / f"{domain}.safetensors"
+    def task_vector_path(self, domain: str, seed: int | None = None) -> Path:
+        """Where the expert of ``domain`` for ``seed`` (default: the first seed) is kept."""
+        seed = self.seeds[0] if seed is None else seed
+        return self.output_dir / "task_vectors" / f"seed-{seed}" / f"{domain}.safetensors"
 
-    def result_path(self, target: str, row: Row) -> Path:
-        """Where the evaluation of ``row`` on ``target`` is kept."""
-        return self.output_dir / "results" / target / f"{slug(row.name)}.json"
+    def pooled_path(self, target: str, seed: int) -> Path:
+        """Where the pooled multi-source model of ``target``'s fold for ``seed`` is kept."""
+        return self.output_dir / "task_vectors" / f"seed-{seed}" / "pooled" / f"{target}.safetensors"
 
-    def _data(self, train_domains: Sequence[str], test_domains: Sequence[str], batch_size: int) -> DomainDataModule:
+    def result_path(self, seed: int, target: str, entry: Entry) -> Path:
+        """Where the evaluation of ``entry`` on ``target`` for ``seed`` is kept."""
+        return self.output_dir / "results" / f"seed-{seed}" / target / f"{entry.key}.json"
+
+    def _data(self, train: list[str], test: list[str], batch_size: int, transform: Any = None) -> DomainDataModule:
         return DomainDataModule(
             self.root,
-            train_domains=list(train_domains),
-            test_domains=list(test_domains),
+            train_domains=train,
+            test_domains=test or None,
             batch_size=batch_size,
             eval_batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             val_fraction=self.val_fraction,
             split_seed=self.split_seed,
+            train_transform=transform,
+            val_transform=transform,
         )
 
     # --- the steps ---------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
-        """Prepare the base, fit the experts, evaluate every row on every target; return the records."""
+        """Prepare the base, then per seed fit the experts and evaluate every row on every target."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.output_dir / "study.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         started = time.perf_counter()
+        pooled = any(row.mode == "pooled" for row in self.rows)
+        per_seed = len(self.domains) + len(self.targets) * (len(self.rows) + pooled)
         try:
-            with _quiet_lightning(), self._progress() as progress:
-                total = len(self.domains) + len(self.targets) * len(self.rows)
-                self._task = progress.add_task("preparing the pre-trained base", total=total)
+            with quiet_lightning(), self._progress() as progress:
+                self._task = progress.add_task("preparing the pre-trained base", total=len(self.seeds) * per_seed)
                 self._progress_bar = progress
-                self._prepare_base()
-                experts = {domain: self._expert(domain) for domain in self.domains}
-                records = [self._evaluate(target, row, experts) for target in self.targets for row in self.rows]
+                transform = self._prepare_base()
+                images = EvaluationImages(
+                    lambda train, test: self._data(train, test, self.eval_batch_size, transform),
+                    batch_size=self.eval_batch_size,
+                    num_workers=self.num_workers,
+                )
+                self.images = images
+                self.records = []
+                for seed in self.seeds:
+                    experts = {domain: self._fit_expert(domain, seed) for domain in self.domains}
+                    for target in self.targets:
+                        fold = self._fold(images, target)
+                        pooled_path = self._fit_pooled(target, seed) if pooled else None
+                        for row in self.rows:
+                            self.records += self._evaluate(seed, target, row, experts, pooled_path, fold)
         finally:
             log.removeHandler(handler)
             handler.close()
-        self._say(f"study finished in {time.perf_counter() - started:.0f} s: {len(records)} evaluations")
-        return records
+        self._say(f"study finished in {time.perf_counter() - started:.0f} s: {len(self.records)} evaluations")
+        return self.records
+
+    def _fold(self, images: EvaluationImages, target: str) -> FoldData:
+        sources = [d for d in self.domains if d != target]
+        return FoldData(
+            images,
+            sources,
+            target,
+            classnames=self.classnames,
+            domains=self.domains,
+            default_templates=self.default_templates,
+            batch_size=self.eval_batch_size,
+            alpha_images=self.alpha_images,
+            proxy_data=lambda: self._data(sources, [target], self.eval_batch_size, self._transform),
+        )
 
     @contextlib.contextmanager
     def _progress(self) -> Iterator[Progress]:
@@ -187,24 +218,26 @@ class Study:
     def _advance(self, description: str) -> None:
         self._progress_bar.update(self._task, advance=1, description=description)
 
-    def _prepare_base(self) -> None:
+    def _prepare_base(self) -> Any:
         components = build_clip(self.model_name, self.pretrained)  # builds and caches the offline base once
         self.base_fingerprint = state_dict_fingerprint(components.model.visual.state_dict())
+        self._transform = components.val_transform
         self._say(f"base: {components.base_model} (image encoder {self.base_fingerprint[:20]}…)")
+        return components.val_transform
 
-    def _expert_config(self, domain: str) -> dict[str, Any]:
+    def _fit_config(self, kind: str, train_domains: list[str], seed: int) -> dict[str, Any]:
         return _json(
             {
-                "kind": "expert",
+                "kind": kind,
                 "model_name": self.model_name,
                 "base_fingerprint": self.base_fingerprint,
                 "templates": self.templates,
                 "root": self.root,
                 "split_seed": self.split_seed,
                 "val_fraction": self.val_fraction,
-                "domain": domain,
+                "train_domains": train_domains,
                 "expert": asdict(self.expert),
-                "seed": self.seed,
+                "seed": seed,
             }
         )
 
@@ -223,110 +256,106 @@ class Study:
             "--restart true to redo what no longer matches, or choose another --output_dir."
         )
 
-    def _expert(self, domain: str) -> Path:
-        path = self.task_vector_path(domain)
-        config = self._expert_config(domain)
-        self.expert_configs[domain] = config
+    def _fit(self, path: Path, kind: str, name: str, domain: str | None, train: list[str], seed: int) -> Path:
+        config = self._fit_config(kind, train, seed)
+        self.fit_configs[str(path)] = config
         stored = TaskVector.load(path).metadata.get("expert_config") if path.exists() else None
+        label = f"{name} (seed {seed})"
         if self._reusable(path, stored, config):
-            self._advance(f"expert {domain}: reused")
-            self._say(f"expert {domain}: reused {path}")
+            self._advance(f"{label}: reused")
+            self._say(f"{label}: reused {path}")
             return path
-        self._progress_bar.update(self._task, description=f"fitting the expert of {domain}")
-        L.seed_everything(self.seed, verbose=False)
-        module = CLIPExpert(
-            self.model_name,
-            self.pretrained,
+        self._progress_bar.update(self._task, description=f"fine-tuning {label}")
+        result = fit_task_vector(
+            path=path,
+            name=name,
+            domain=domain,
+            train_domains=train,
+            make_data=lambda domains, batch_size: self._data(domains, domains, batch_size),
+            model_name=self.model_name,
+            pretrained=self.pretrained,
             templates=self.templates,
-            lr=self.expert.lr,
-            weight_decay=self.expert.weight_decay,
-            warmup_steps=self.expert.warmup_steps,
-        )
-        module.expert_config = config  # recorded in the task vector's metadata by the callback
-        callback = ScoreMergeCallback(dirpath=path.parent, filename=path.name, name=domain, domain=domain)
-        trainer = L.Trainer(
+            settings=self.expert,
+            seed=seed,
+            config=config,
             accelerator=self.accelerator,
-            devices=self.devices,
-            precision=self.expert.precision,
-            max_steps=self.expert.max_steps,
-            max_epochs=self.expert.max_epochs if self.expert.max_steps < 0 else None,
-            gradient_clip_val=self.expert.gradient_clip_val,
-            num_sanity_val_steps=0,
-            log_every_n_steps=5,
-            callbacks=[callback],
-            logger=CSVLogger(self.output_dir / "logs", name="experts", version=domain),
-            default_root_dir=self.output_dir,
-            **_QUIET_TRAINER,
+            log_dir=self.output_dir / "logs" / f"seed-{seed}",
         )
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=self._data([domain], [domain], self.expert.batch_size))
-        val = trainer.callback_metrics.get("val/acc")
-        detail = f", validation accuracy {float(val):.3f}" if val is not None else ""
-        self._advance(f"expert {domain}: done")
-        seconds = time.perf_counter() - started
-        self._say(f"expert {domain}: fine-tuned in {seconds:.1f} s ({trainer.global_step} steps{detail})")
+        self._advance(f"{label}: done")
+        self._say(f"{label}: fine-tuned on {train} in {result['seconds']:.1f} s ({result['steps']} steps)")
         return path
 
-    def _evaluation_config(self, target: str, row: Row, sources: list[str], used: list[str]) -> dict[str, Any]:
-        return _json(
-            {
-                "kind": "evaluation",
-                "row": asdict(row),
-                "target": target,
-                "sources": sources,
-                "experts": {d: config_digest(self.expert_configs[d]) for d in used},
-                "model_name": self.model_name,
-                "base_fingerprint": self.base_fingerprint,
-                "templates": self.templates,
-                "root": self.root,
-                "split_seed": self.split_seed,
-                "proxy_images": self.proxy_images,
-            }
-        )
+    def _fit_expert(self, domain: str, seed: int) -> Path:
+        return self._fit(self.task_vector_path(domain, seed), "expert", domain, domain, [domain], seed)
 
-    def _evaluate(self, target: str, row: Row, experts: dict[str, Path]) -> dict[str, Any]:
+    def _fit_pooled(self, target: str, seed: int) -> Path:
         sources = [d for d in self.domains if d != target]
-        used = {"merge": sources, "ensemble": sources, "expert": [target], "zeroshot": []}[row.mode]
-        config = self._evaluation_config(target, row, sources, used)
-        path = self.result_path(target, row)
-        stored = json.loads(path.read_text()).get("config") if path.exists() else None
-        if self._reusable(path, stored, config):
-            record = json.loads(path.read_text())["record"]
-            self._advance(f"{row.name} on {target}: reused")
-            self._say(f"{row.name} on {target}: reused (accuracy {record['acc']:.3f})")
-            return record
-        self._progress_bar.update(self._task, description=f"{row.name} on {target}")
-        module = MergeModule(
-            self.model_name,
-            self.pretrained,
-            task_vectors=[str(experts[d]) for d in used],
-            method=row.method,
-            mode=row.mode,
-            alpha=row.alpha,
-            method_options=dict(row.options),
-            proxy_images=self.proxy_images,
-            templates=self.templates,
-        )
-        trainer = L.Trainer(accelerator=self.accelerator, devices=1, logger=False, **_QUIET_TRAINER)
-        data = self._data(sources, [target], self.expert.batch_size)
-        started = time.perf_counter()
-        metrics = trainer.test(module, datamodule=data, verbose=False)[0]
-        record = {
-            "method": row.name,
-            "mode": row.mode,
-            "merge_method": row.method if row.mode == "merge" else None,
-            "options": row.options,
+        return self._fit(self.pooled_path(target, seed), "pooled", f"pooled-{target}", None, sources, seed)
+
+    def _evaluation_config(self, entry: Entry, seed: int, target: str, used: list[Path]) -> dict[str, Any]:
+        row = entry.row
+        config: dict[str, Any] = {
+            "kind": "evaluation",
+            "row": asdict(row),
+            "tuned": entry.tuned,
+            "seed": seed,
             "target": target,
-            "sources": used,
-            "acc": float(metrics[f"test/{target}/acc"]),
-            "balanced_acc": float(metrics[f"test/{target}/balanced_acc"]),
-            "merge_seconds": module.merge_seconds,
-            "peak_memory_mb": None if module.merge_peak_bytes is None else module.merge_peak_bytes / 2**20,
-            "alpha": module.alpha_search["selected"] if module.alpha_search else row.alpha,
-            "eval_seconds": time.perf_counter() - started,
+            "sources": [d for d in self.domains if d != target],
+            "fits": {p.name: config_digest(self.fit_configs[str(p)]) for p in used},
+            "model_name": self.model_name,
+            "base_fingerprint": self.base_fingerprint,
+            "templates": self.templates,
+            "root": self.root,
+            "split_seed": self.split_seed,
+            "val_fraction": self.val_fraction,
+            "precision": self.expert.precision,
         }
-        _write_json(path, {"config": config, "record": record})
-        self._advance(f"{row.name} on {target}: {record['acc']:.3f}")
-        merge = f" (merged in {record['merge_seconds']:.1f} s)" if record["merge_seconds"] is not None else ""
-        self._say(f"{row.name} on {target}: accuracy {record['acc']:.3f}, balanced {record['balanced_acc']:.3f}{merge}")
-        return record
+        if row.mode == "merge" and get_method(row.method).needs_data:
+            config["proxy_images"] = self.proxy_images
+        if entry.tuned or row.alpha == "auto":
+            config["alpha_search"] = {"search": self.alpha_search, "images_per_source": self.alpha_images}
+        return _json(config)
+
+    def _evaluate(
+        self, seed: int, target: str, row: Row, experts: dict[str, Path], pooled: Path | None, fold: FoldData
+    ) -> list[dict[str, Any]]:
+        used = {
+            "merge": [experts[d] for d in fold.sources],
+            "ensemble": [experts[d] for d in fold.sources],
+            "expert": [experts[target]],
+            "pooled": [pooled],
+            "zeroshot": [],
+        }[row.mode]
+        entries = [e for e in self.entries if e.row is row]
+        configs = {e.key: self._evaluation_config(e, seed, target, used) for e in entries}
+        kept: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            path = self.result_path(seed, target, entry)
+            stored = json.loads(path.read_text()).get("config") if path.exists() else None
+            if self._reusable(path, stored, configs[entry.key]):
+                kept[entry.key] = json.loads(path.read_text())["record"]
+        missing = [e for e in entries if e.key not in kept]
+        if missing:
+            self._progress_bar.update(self._task, description=f"{row.name} on {target} (seed {seed})")
+            module = merge_module(
+                row,
+                [str(p) for p in used],
+                model_name=self.model_name,
+                pretrained=self.pretrained,
+                templates=self.templates,
+                proxy_images=self.proxy_images,
+                alpha_search=self.alpha_search,
+            )
+            fresh = evaluate_row(self.eval_trainer, module, fold, missing)
+            for entry in missing:
+                trained_on = {"expert": [target], "zeroshot": []}.get(row.mode, fold.sources)
+                record = {**fresh[entry.key], "seed": seed, "target": target, "sources": trained_on}
+                atomic_write_text(
+                    self.result_path(seed, target, entry),
+                    json.dumps({"config": configs[entry.key], "record": record}, indent=2),
+                )
+                kept[entry.key] = record
+        self._advance(f"{row.name} on {target} (seed {seed}): {'done' if missing else 'reused'}")
+        accuracies = ", ".join(f"{kept[e.key]['acc']:.3f}" + (" (α tuned)" if e.tuned else "") for e in entries)
+        self._say(f"{row.name} on {target} (seed {seed}): accuracy {accuracies}{'' if missing else ' (reused)'}")
+        return [kept[e.key] for e in entries]

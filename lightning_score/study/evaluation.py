@@ -1,0 +1,183 @@
+"""Evaluate one row on one fold: per-image predictions from ``Trainer.predict``, at α = 1 and at α tuned.
+
+A row is a :class:`~lightning_score.MergeModule` (the same module a user tests with), run under the study's
+one evaluation Trainer. ``Trainer.predict`` gives every test image's prediction
+(:meth:`~lightning_score.classifier.CLIPClassifier.predict_step`), from which the study computes accuracy,
+balanced accuracy and the 0/1 correctness vector its bootstrap needs. A weight merge is computed once: after
+α = 1 is tested, :meth:`~lightning_score.MergeModule.choose_alpha` searches α on the fold's SOURCE
+validation data, the chosen α is loaded from that same merge, and the target is tested again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from lightning_score.merge_module import MergeModule
+from lightning_score.study.config import Entry, Row
+from lightning_score.study.data import FoldData
+
+__all__ = ["Prediction", "evaluate_row", "merge_module", "pack_correct", "search_alpha", "unpack_correct", "use_alpha"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's predictions on one target's test split."""
+
+    preds: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def correct(self) -> np.ndarray:
+        """0/1 per test image, in the loader's order."""
+        return (self.preds == self.labels).numpy().astype(bool)
+
+    def accuracy(self) -> float:
+        """Top-1 accuracy."""
+        return float(self.correct.mean())
+
+    def balanced_accuracy(self) -> float:
+        """Mean per-class recall over the classes present in the labels."""
+        recalls = [float((self.preds[self.labels == c] == c).float().mean()) for c in torch.unique(self.labels)]
+        return float(np.mean(recalls))
+
+    def labels_digest(self) -> str:
+        """A hash of the labels in order: every row of a target must see the same images in the same order."""
+        return hashlib.sha256(self.labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """0/1 per image as compact text (base64 of the packed bits) for the results JSON."""
+    return base64.b64encode(np.packbits(correct.astype(bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, count: int) -> np.ndarray:
+    """The inverse of :func:`pack_correct`."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    return bits[:count].astype(bool)
+
+
+def _predict(trainer: L.Trainer, module: MergeModule, data: FoldData) -> Prediction:
+    outputs = trainer.predict(module, datamodule=data, return_predictions=True)
+    batches = outputs if outputs and isinstance(outputs[0], dict) else [b for part in outputs or [] for b in part]
+    if not batches or any("labels" not in b for b in batches):
+        raise RuntimeError(f"Predicting on '{data.target}' returned no labelled batches.")
+    return Prediction(torch.cat([b["preds"].cpu() for b in batches]), torch.cat([b["labels"].cpu() for b in batches]))
+
+
+def search_record(module: MergeModule) -> dict[str, Any] | None:
+    """What the module's last α search evaluated and chose (``None`` if it searched none)."""
+    result = getattr(module, "alpha_result", None)
+    if result is not None and hasattr(result, "to_dict"):
+        return result.to_dict()
+    record = getattr(module, "alpha_search", None)
+    return record if isinstance(record, dict) else None
+
+
+def search_alpha(module: MergeModule) -> tuple[float, dict[str, Any] | None]:
+    """Search α on the fold's SOURCE validation data (the module's datamodule) and load it; return it and the search."""
+    search = getattr(module, "search_alpha", None) or module.choose_alpha
+    alpha = float(search())
+    use_alpha(module, alpha)
+    return alpha, search_record(module)
+
+
+def use_alpha(module: MergeModule, alpha: float) -> None:
+    """Load θ₀ + α·τ* from the merge the module already holds (no re-merge)."""
+    if hasattr(module, "use_alpha"):
+        module.use_alpha(alpha)
+    else:  # before MergeModule.use_alpha: the same operation through its public pieces
+        module.image_encoder.load_state_dict(module.merged_weights(alpha))
+
+
+def merge_module(
+    row: Row,
+    task_vectors: list[str],
+    *,
+    model_name: str,
+    pretrained: str | None,
+    templates: str,
+    proxy_images: int,
+    alpha_search: str,
+) -> MergeModule:
+    """The MergeModule of a row (at α = 1, or ``auto`` for a row that asks for it)."""
+    mode = "expert" if row.mode == "pooled" else row.mode
+    options: dict[str, Any] = {}
+    if alpha_search != "grid" and "alpha_search" in inspect.signature(MergeModule).parameters:
+        options["alpha_search"] = alpha_search
+    return MergeModule(
+        model_name,
+        pretrained,
+        task_vectors=task_vectors,
+        method=row.method,
+        mode=mode,  # type: ignore[arg-type]
+        alpha=row.alpha,
+        method_options=dict(row.options),
+        proxy_images=proxy_images,
+        templates=templates,
+        **options,
+    )
+
+
+def _record(
+    entry: Entry, prediction: Prediction, module: MergeModule, alpha: Any, search: Any, seconds: float
+) -> dict[str, Any]:
+    correct = prediction.correct
+    return {
+        "method": entry.name,
+        "row": entry.row.name,
+        "section": entry.section,
+        "tuned": entry.tuned,
+        "mode": entry.row.mode,
+        "merge_method": entry.row.method if entry.row.mode == "merge" else None,
+        "options": dict(entry.row.options),
+        "acc": prediction.accuracy(),
+        "balanced_acc": prediction.balanced_accuracy(),
+        "alpha": alpha,
+        "alpha_search": search,
+        "merge_seconds": module.merge_seconds,
+        "peak_memory_mb": None if module.merge_peak_bytes is None else module.merge_peak_bytes / 2**20,
+        "eval_seconds": seconds,
+        "num_images": len(correct),
+        "labels_digest": prediction.labels_digest(),
+        "correct": pack_correct(correct),
+    }
+
+
+def evaluate_row(
+    trainer: L.Trainer, module: MergeModule, data: FoldData, entries: list[Entry]
+) -> dict[str, dict[str, Any]]:
+    """Test a row's module on the fold's target: its own α first, then (for a tuned entry) the searched α.
+
+    Args:
+        trainer: The study's evaluation Trainer (reused across rows).
+        module: The row's MergeModule.
+        data: The fold.
+        entries: The row's table lines to produce: the plain one and/or its α-tuned companion.
+
+    Returns:
+        Entry key -> record (accuracy, balanced accuracy, α, merge cost, packed per-image correctness...).
+    """
+    records = {}
+    started = time.perf_counter()
+    prediction = _predict(trainer, module, data)  # setup merges (and, for alpha: auto, searches α) once
+    own_search = search_record(module) if entries[0].row.alpha == "auto" else None
+    own_alpha = own_search["selected"] if own_search else entries[0].row.alpha
+    for entry in entries:
+        if not entry.tuned:
+            seconds = time.perf_counter() - started
+            records[entry.key] = _record(entry, prediction, module, own_alpha, own_search, seconds)
+    for entry in (e for e in entries if e.tuned):
+        started = time.perf_counter()
+        alpha, search = search_alpha(module)  # the fold's source validation data only (FoldData.val_dataloader)
+        prediction = _predict(trainer, module, data)
+        records[entry.key] = _record(entry, prediction, module, alpha, search, time.perf_counter() - started)
+    return records

@@ -1,0 +1,98 @@
+"""The study's fine-tuning: one expert per domain and seed, and one pooled multi-source model per target and seed.
+
+Both are :class:`~lightning_score.CLIPExpert` fits under ``Trainer.fit`` with a
+:class:`~lightning_score.ScoreMergeCallback` that writes the model's task vector, exactly as a user fits an
+expert by hand. The pooled model (DomainBed's ERM, the SCORE authors' multi-task run) is fine-tuned with
+the same settings on the union of the target's source domains, never on the target; it is then evaluated
+like an expert. Each fit is seeded (data order and augmentation): seed ``s`` of domain ``d`` is the same
+model whichever study or target asks for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_score.callback import ScoreMergeCallback
+from lightning_score.data import DomainDataModule
+from lightning_score.expert import CLIPExpert
+from lightning_score.study.config import ExpertSettings
+
+__all__ = ["FitResult", "fit_task_vector"]
+
+QUIET_TRAINER = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+
+
+class FitResult(dict):
+    """What a fit reports: ``seconds``, ``steps``, ``train_domains``."""
+
+
+def fit_task_vector(
+    *,
+    path: Path,
+    name: str,
+    domain: str | None,
+    train_domains: Sequence[str],
+    make_data: Callable[[list[str], int], DomainDataModule],
+    model_name: str,
+    pretrained: str | None,
+    templates: str,
+    settings: ExpertSettings,
+    seed: int,
+    config: dict[str, Any],
+    accelerator: str,
+    log_dir: Path,
+) -> FitResult:
+    """Fine-tune one CLIPExpert on ``train_domains`` and write its task vector to ``path``.
+
+    Args:
+        path: The task-vector file to write.
+        name: The model's name (``rot30``, ``pooled-rot30``), in its metadata and log folder.
+        domain: The expert's domain (ESM draws its proxy images from it); ``None`` for a pooled model.
+        train_domains: What it trains on: one domain (an expert) or the target's sources (pooled).
+        make_data: ``(train_domains, batch_size) -> DomainDataModule``.
+        model_name: open_clip architecture.
+        pretrained: The base weights.
+        templates: The head's template set.
+        settings: Learning rate, steps, batch size, precision...
+        seed: Seeds data order and augmentation.
+        config: Recorded in the task vector's metadata (``expert_config``): what a rerun compares.
+        accelerator: Lightning accelerator.
+        log_dir: Where the training curve (CSV) goes.
+    """
+    L.seed_everything(seed, verbose=False)
+    module = CLIPExpert(
+        model_name,
+        pretrained,
+        templates=templates,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps,
+    )
+    module.expert_config = config  # recorded in the task vector's metadata by the callback
+    callback = ScoreMergeCallback(dirpath=path.parent, filename=path.name, name=name, domain=domain)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=settings.precision,
+        max_steps=settings.max_steps,
+        max_epochs=settings.max_epochs if settings.max_steps < 0 else None,
+        gradient_clip_val=settings.gradient_clip_val,
+        limit_val_batches=0,  # the study tests every model on held-out data itself; no validation passes
+        num_sanity_val_steps=0,
+        log_every_n_steps=5,
+        callbacks=[callback],
+        logger=CSVLogger(log_dir, name="fits", version=name),
+        default_root_dir=log_dir,
+        **QUIET_TRAINER,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=make_data(list(train_domains), settings.batch_size))
+    return FitResult(
+        seconds=time.perf_counter() - started, steps=trainer.global_step, train_domains=list(train_domains)
+    )
