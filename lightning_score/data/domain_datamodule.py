@@ -307,7 +307,8 @@ class DomainDataModule(LightningDataModule):
             for domain in used:
                 if (index.root, domain) not in _VERIFIED:
                     part = index.domains[domain]
-                    check_images(part.train + part.test, f"domain '{domain}' of '{index.root}' ({index.layout})")
+                    unique = dict.fromkeys(part.train + part.test)  # PACS's test list repeats the train images
+                    check_images(unique, f"domain '{domain}' of '{index.root}' ({index.layout})")
                     _VERIFIED.add((index.root, domain))
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if self.train_transform is None and getattr(module, "train_transform", None) is not None:
