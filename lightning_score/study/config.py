@@ -186,6 +186,12 @@ def table_entries(rows: Sequence[Row], tune_alpha: bool) -> list[Entry]:
     return sorted(entries, key=lambda e: order.index(e.section))  # stable: the configured order within a section
 
 
+COLLECTED_STATISTICS: tuple[str, ...] = ("activations",)
+"""What MergeModule gathers from the sources' proxy images for a data-using method (ESM's layer inputs)."""
+
+DATA_OPTIONS: dict[str, tuple[str, ...]] = {"esm": ("activations",), "regmean": ("grams",), "fisher": ("fishers",)}
+"""The data statistics each data-using method takes as options."""
+
 BUILTIN_SEEDS: tuple[int, ...] = (0, 1, 2)
 """Seeds of a study of the built-in benchmark, unless set (one seed, 0, for real data)."""
 
@@ -226,6 +232,14 @@ def check_rows(rows: Sequence[Row], tune_alpha: bool = False) -> None:
                 spec.resolve_options({k: v for k, v in row.options.items() if k != "activations"})
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
+            missing = [k for k in DATA_OPTIONS.get(row.method, ()) if k not in COLLECTED_STATISTICS]
+            if spec.needs_data and (row.method not in DATA_OPTIONS or missing):
+                runnable = [m for m, keys in DATA_OPTIONS.items() if set(keys) <= set(COLLECTED_STATISTICS)]
+                raise ValueError(
+                    f"{where}: merge method '{row.method}' needs statistics of the data "
+                    f"({', '.join(missing) or 'unknown'}) that MergeModule does not collect yet; of the data-using "
+                    f"methods the study runs {runnable}."
+                )
         elif row.options:
             raise ValueError(f"{where}: options apply to mode 'merge' only; mode {row.mode!r} takes none.")
     entries = table_entries(rows, tune_alpha)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lightning_score.merge_module import MergeModule
+from lightning_score.merging import get_method
 from lightning_score.study.config import Entry, Row
 from lightning_score.study.data import FoldData
 
@@ -107,9 +108,16 @@ def merge_module(
     templates: str,
     proxy_images: int,
     alpha_search: str,
+    seed: int,
 ) -> MergeModule:
-    """The MergeModule of a row (at α = 1, or ``auto`` for a row that asks for it)."""
+    """The MergeModule of a row (at α = 1, or ``auto`` for a row that asks for it).
+
+    A seeded merge method (DARE, RandMix...) takes the study's seed unless the row sets its own.
+    """
     mode = "expert" if row.mode == "pooled" else row.mode
+    method_options = dict(row.options)
+    if mode == "merge" and "seed" in get_method(row.method).defaults:
+        method_options.setdefault("seed", seed)
     options: dict[str, Any] = {}
     if alpha_search != "grid" and "alpha_search" in inspect.signature(MergeModule).parameters:
         options["alpha_search"] = alpha_search
@@ -120,7 +128,7 @@ def merge_module(
         method=row.method,
         mode=mode,  # type: ignore[arg-type]
         alpha=row.alpha,
-        method_options=dict(row.options),
+        method_options=method_options,
         proxy_images=proxy_images,
         templates=templates,
         **options,

@@ -60,6 +60,7 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
             warnings.filterwarnings("ignore", message=".*never reaches its peak.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a redone fit's old curve
             yield
     finally:
         for name, level in previous.items():
@@ -345,6 +346,7 @@ class Study:
                 templates=self.templates,
                 proxy_images=self.proxy_images,
                 alpha_search=self.alpha_search,
+                seed=seed,
             )
             fresh = evaluate_row(self.eval_trainer, module, fold, missing)
             for entry in missing:

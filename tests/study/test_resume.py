@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from lightning_score import TaskVector
-from lightning_score.study import ExpertSettings
+from lightning_score.study import ExpertSettings, Row
 from lightning_score.study.runner import Study
 from tests.study.conftest import ROWS, quick_study
 
-TWO_ROWS = [ROWS[1], ROWS[3]]  # TIES (and its α-tuned companion), zero-shot
+TWO_ROWS = [ROWS[1], ROWS[3], Row("SCORE auto", alpha="auto")]  # TIES (+ α tuned), zero-shot, α searched in setup
 
 
 def test_interrupted_after_the_experts_a_rerun_reuses_them(
@@ -36,14 +36,19 @@ def test_interrupted_after_the_experts_a_rerun_reuses_them(
 
     # a finished evaluation is reused; a missing one is redone, even when only its α-tuned half is missing
     folder = tmp_path / "results/seed-0/rot30"
-    assert sorted(p.name for p in folder.iterdir()) == ["ties-alpha-tuned.json", "ties.json", "zero-shot.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "score-auto.json", "ties-alpha-tuned.json", "ties.json", "zero-shot.json"
+    ]  # fmt: skip
     kept = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     (folder / "ties-alpha-tuned.json").unlink()
     records = quick_study(tmp_path, mini_digits, quick_base, rows=TWO_ROWS, targets=["rot30"])
     assert (folder / "ties-alpha-tuned.json").exists()
     assert (folder / "ties.json").stat().st_mtime_ns == kept["ties.json"]
     assert (folder / "zero-shot.json").stat().st_mtime_ns == kept["zero-shot.json"]
-    assert [r["method"] for r in records] == ["TIES", "TIES (α tuned)", "Zero-shot"]
+    assert [r["method"] for r in records] == ["TIES", "TIES (α tuned)", "Zero-shot", "SCORE auto"]
+    auto = records[-1]
+    assert auto["section"] == "data" and auto["alpha"] == auto["alpha_search"]["selected"] != "auto"
+    assert (folder / "score-auto.json").stat().st_mtime_ns == kept["score-auto.json"]
 
 
 def test_changed_settings_are_refused_or_redone(mini_digits: Path, quick_base: Path, tmp_path: Path) -> None:

@@ -202,3 +202,17 @@ def test_pooled_fine_tune_trains_on_the_union_of_the_sources_only(finished: Fini
     assert tv.metadata["train_domains"] == ["rot0", "rot60"] and tv.metadata["name"] == "pooled-rot30"
     experts = [domains for domains, _ in finished.trained if len(domains) == 1]
     assert sorted(d for (d,) in experts) == sorted(DOMAINS * len(SEEDS))
+
+
+def test_seeded_merge_methods_follow_the_study_seed(finished: Finished, quick_base: Path) -> None:
+    from lightning_score.study import Row
+
+    tvs = [str(finished.folder / f"task_vectors/seed-0/{d}.safetensors") for d in ("rot0", "rot60")]
+    settings = dict(model_name=QUICK_BASE["model_name"], pretrained=str(quick_base), templates="digits",
+                    proxy_images=4, alpha_search="grid")  # fmt: skip
+    module = evaluation.merge_module(Row("DARE", method="dare_ties"), tvs, seed=3, **settings)
+    assert module.method_options["seed"] == 3
+    module = evaluation.merge_module(Row("DARE", method="dare_ties", options={"seed": 7}), tvs, seed=3, **settings)
+    assert module.method_options["seed"] == 7  # a row's own seed wins
+    module = evaluation.merge_module(Row("TIES", method="ties"), tvs, seed=3, **settings)
+    assert "seed" not in module.method_options
