@@ -69,9 +69,17 @@ class BalancedAccuracy(Metric):
         return (self.correct[present].float() / self.total[present].float()).mean()
 
 
-def _metrics(num_classes: int) -> MetricCollection:
+def _metrics(num_classes: int, sync: bool) -> MetricCollection:
+    """Top-1 and balanced accuracy; ``sync``: sum the counts over the Trainer's processes when computing.
+
+    torchmetrics would otherwise sync whenever a process group exists, even for a single-device Trainer
+    running in one process of a DDP job (where the other processes never join: a hang).
+    """
     return MetricCollection(
-        {"acc": MulticlassAccuracy(num_classes, average="micro"), "balanced_acc": BalancedAccuracy(num_classes)},
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro", sync_on_compute=sync),
+            "balanced_acc": BalancedAccuracy(num_classes, sync_on_compute=sync),
+        },
         compute_groups=False,
     )
 
@@ -226,10 +234,8 @@ class CLIPClassifier(LightningModule):
         return self.head.num_classes
 
     def on_validation_epoch_start(self) -> None:
-        """Create (once) and reset the validation metrics."""
-        if self.val_metrics is None:
-            self.val_metrics = _metrics(self._num_classes()).to(self.device)
-        self.val_metrics.reset()
+        """Create the validation metrics for this Trainer's processes."""
+        self.val_metrics = _metrics(self._num_classes(), self.trainer.world_size > 1).to(self.device)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Update ``val/acc`` and ``val/balanced_acc``; log ``val/loss``."""
@@ -257,7 +263,8 @@ class CLIPClassifier(LightningModule):
         """Name the test dataloaders after the datamodule's ``test_domains`` and create fresh metrics for each."""
         counts = self.trainer.num_test_batches
         self.test_domain_names = self._test_domains(len(counts))
-        self.test_metrics = nn.ModuleDict({str(i): _metrics(self._num_classes()) for i in range(len(counts))}).to(
+        sync = self.trainer.world_size > 1
+        self.test_metrics = nn.ModuleDict({str(i): _metrics(self._num_classes(), sync) for i in range(len(counts))}).to(
             self.device
         )
 

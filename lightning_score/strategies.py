@@ -72,18 +72,18 @@ def check_strategy(strategy: Strategy, who: str) -> None:
     Raises:
         ValueError: One message naming the strategy, why it is refused and what is supported.
     """
-    name = getattr(strategy, "strategy_name", None) or type(strategy).__name__
+    kind_name = type(strategy).__name__
+    name = getattr(strategy, "strategy_name", None)
+    label = f"the '{name}' strategy ({kind_name})" if name else f"the {kind_name} strategy"
     fix = (
         f"{who} supports {SUPPORTED_STRATEGIES} (every process holds the full weights), in precision "
         f"{SUPPORTED_PRECISIONS}: fine-tune and merge with one of them (see docs/strategies.md)."
     )
     for kind, reason in _REFUSED_STRATEGIES:
         if isinstance(strategy, kind):
-            raise ValueError(
-                f"{who} does not support the '{name}' strategy ({type(strategy).__name__}): {reason}. {fix}"
-            )
+            raise ValueError(f"{who} does not support {label}: {reason}. {fix}")
     if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
-        raise ValueError(f"{who} does not support the strategy {type(strategy).__name__}. {fix}")
+        raise ValueError(f"{who} does not support {label}. {fix}")
     precision = strategy.precision_plugin
     for kind, reason in _REFUSED_PRECISIONS:
         if isinstance(precision, kind):

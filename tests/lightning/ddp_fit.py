@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_score import ScoreMergeCallback
-from tests.lightning.test_callback import Regressor
+from tests.lightning.modules import Regressor
 
 
 def main() -> None:

@@ -8,50 +8,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_score import ScoreMergeCallback, TaskVector
 from lightning_score.task_vector import state_dict_fingerprint
+from tests.lightning.modules import Regressor, data, trainer
 
-
-class Regressor(pl.LightningModule):
-    """Not a CLIPExpert: a frozen "backbone" and a trainable head, plus an integer buffer."""
-
-    def __init__(self, encoder_attr: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = nn.Linear(4, 8)
-        self.backbone.requires_grad_(False)
-        self.head = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 1))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-        if encoder_attr:
-            self.image_encoder = self.head
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        self.seen += 1
-        return nn.functional.mse_loss(self.head(self.backbone(x)), y)
-
-    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("test/mse", nn.functional.mse_loss(self.head(self.backbone(x)), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _data() -> DataLoader:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 4, generator=g)
-    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=16)
-
-
-def _trainer(tmp_path: Path, callbacks: list, **kwargs: object) -> pl.Trainer:
-    options = dict(default_root_dir=tmp_path, max_steps=6, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+_data = data
+_trainer = trainer
 
 
 def test_writes_finetuned_minus_pretrained_of_the_trainable_parameters(tmp_path: Path) -> None:
