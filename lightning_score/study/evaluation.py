@@ -186,6 +186,7 @@ def evaluate_row(
     for entry in (e for e in entries if e.tuned):
         started = time.perf_counter()
         alpha, search = search_alpha(module)  # the fold's source validation data only (FoldData.val_dataloader)
-        prediction = _predict(trainer, module, data)
+        if alpha != own_alpha:  # the same α loads the same weights: its predictions are those above
+            prediction = _predict(trainer, module, data)
         records[entry.key] = _record(entry, prediction, module, alpha, search, time.perf_counter() - started)
     return records

@@ -109,7 +109,7 @@ def significance(summary: Summary) -> list[str]:
         difference = summary.paired.get((entry.name, MEAN))
         if difference is None:
             continue
-        label = f"{entry.name} ({100 * -difference.mean:+.2f} points)"
+        label = f"{entry.name} ({100 * (0.0 - difference.mean):+.2f} points)"  # method − reference
         if not difference.significant:
             same.append(label)
         else:
