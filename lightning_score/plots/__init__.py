@@ -12,8 +12,10 @@ rename), returning the path.
 - :func:`plot_subspace_alignment`: the T×T SAR heat-map (row i = basis task, column j = projected task).
 - :func:`plot_singular_spectra`: effective rank per layer and task, plus singular-value decay curves for
   a few layers.
-- :func:`plot_method_accuracy`: mean accuracy per merge method as bars, with per-domain values as dots and
-  the best method highlighted.
+- :func:`plot_method_accuracy`: mean accuracy per merge method as bars, with per-domain values as dots,
+  optional error bars (e.g. 95 % intervals) and the best method highlighted.
+
+One module per figure (``alignment``, ``spectra``, ``accuracy``) and what they share (``common``).
 """
 
 from __future__ import annotations
