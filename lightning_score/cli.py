@@ -22,17 +22,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import jsonargparse
+from jsonargparse import DefaultHelpFormatter, Namespace
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from packaging.version import Version
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
 from lightning_score.atomic import atomic_write_text
 from lightning_score.data import DomainDataModule
 from lightning_score.merge_module import MergeModule
+from lightning_score.ranks import on_rank_zero
 
-__all__ = ["LightningScoreCLI", "ScoreTrainer", "analyze", "main"]
+__all__ = ["LightningScoreCLI", "SaveRunConfig", "ScoreTrainer", "analyze", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +91,8 @@ class ScoreTrainer(Trainer):
         if not test:
             self.limit_test_batches = 0  # runs setup (where the merge happens), no test batches
         results = self.test(model, datamodule=datamodule, verbose=test)
-        if self.is_global_zero:
-            model.save_merged(target)
-            rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
-        self.strategy.barrier("ScoreTrainer.merge")
+        on_rank_zero(self.strategy, lambda: model.save_merged(target))  # a failed write stops every rank
+        rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
         self.merged_path = target
         return results[0] if results and test else {}
 
@@ -100,46 +101,130 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter)
     """jsonargparse's help, keeping the line breaks of the overview."""
 
 
+def _dump(parser: LightningArgumentParser, config: Namespace) -> str:
+    """The whole resolved config as YAML, None values included (what reproduces the run)."""
+    if Version(jsonargparse.__version__) >= Version("4.49"):
+        return parser.dump(config, skip_unset=False)
+    return parser.dump(config, skip_none=False)  # pragma: no cover - older jsonargparse
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Save the resolved config to ``<log_dir>/config.yaml``, never overwriting another run's config.
+
+    Lightning's own callback either refuses to start when ``config.yaml`` exists or overwrites it. Here the
+    same config is not written twice, and a different one goes to ``config-1.yaml``, ``config-2.yaml``...,
+    with a line saying where.
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False  # written by save_config below
+        super().__init__(parser, config, **kwargs)
+        self.saved_path: Path | None = None
+        self.resolved_log_dir: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the log folder on every rank (a collective), then save on rank zero."""
+        if not self.already_saved:
+            self.resolved_log_dir = trainer.log_dir
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Write the config (rank zero), to the first of config.yaml, config-1.yaml... that is free or the same."""
+        folder = Path(self.resolved_log_dir or trainer.default_root_dir)
+        text = _dump(self.parser, self.config)
+        stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
+        for index in range(10_000):
+            path = folder / (self.config_filename if index == 0 else f"{stem}-{index}{suffix}")
+            if not path.exists():
+                atomic_write_text(path, text)
+                if index:
+                    rank_zero_info(f"lightning-score: {folder / self.config_filename} belongs to an earlier run; "
+                                   f"this run's config is {path}")  # fmt: skip
+                break
+            if path.read_text(encoding="utf-8") == text:
+                break  # this very config was saved by an earlier run
+        self.saved_path = path
+
+
+_FUNCTION_HELP = {
+    "analyze": "Subspace Alignment Ratio and singular spectra of task vectors (`lightning-score analyze --help`).",
+    "study": "The whole leave-one-domain-out study from one recipe (`lightning-score study --help`).",
+}
+
+
 class LightningScoreCLI(LightningCLI):
-    """``LightningCLI`` for lightning-score: any LightningModule as the model, the DomainDataModule as data."""
+    """``LightningCLI`` for lightning-score: any LightningModule as the model, any LightningDataModule as data.
+
+    Both are in subclass mode: ``model: {class_path: ...}`` and ``data: {class_path: ...}`` plug in your own
+    classes. Without a ``class_path`` the data is a :class:`~lightning_score.DomainDataModule` and the model a
+    :class:`~lightning_score.CLIPExpert` for ``fit``, a :class:`~lightning_score.MergeModule` otherwise.
+    ``--optimizer`` and ``--lr_scheduler`` replace the model's own ``configure_optimizers``, as in any LightningCLI.
+    """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("parser_kwargs", {})
-        kwargs["parser_kwargs"].setdefault("description", _OVERVIEW)
-        kwargs["parser_kwargs"].setdefault("formatter_class", _HelpFormatter)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("description", _OVERVIEW)
+        parser_kwargs.setdefault("formatter_class", _HelpFormatter)
+        for command, model in _DEFAULT_MODEL.items():
+            parser_kwargs.setdefault(command, {}).setdefault("default_model", model)
+        kwargs.setdefault("save_config_callback", SaveRunConfig)
         super().__init__(
             LightningModule,
-            DomainDataModule,
+            LightningDataModule,
             trainer_class=ScoreTrainer,
             subclass_mode_model=True,
+            subclass_mode_data=True,
             args=args,
             run=run,
-            auto_configure_optimizers=False,
             **kwargs,
         )
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """Lightning's parsers; the subcommand list (and usage line) also names ``analyze`` and ``study``.
+
+        Those two run outside LightningCLI (``main`` dispatches them first); they are listed through
+        jsonargparse's ``add_subcommand`` on the parser's subcommands action (``_subcommands_action``, pinned by
+        ``tests/lightning/test_cli.py``).
+        """
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        action = getattr(self.parser, "_subcommands_action", None) if add_subcommands else None
+        if action is not None:
+            for name, help_text in _FUNCTION_HELP.items():
+                action.add_subcommand(name, self.init_parser(description=help_text), help=help_text)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands plus ``merge``."""
         return {**LightningCLI.subcommands(), "merge": {"model", "datamodule"}}
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Nothing beyond the LightningCLI defaults; per-command model defaults are set after parsing setup."""
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        parser.set_defaults({"model": {"class_path": _DEFAULT_MODEL[subcommand]}})
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser; remembers the subcommand's default model (our own ``default_model`` parser kwarg)."""
+        default_model = kwargs.pop("default_model", None)
+        parser = super().init_parser(**kwargs)
+        parser.lightning_score_default_model = default_model
         return parser
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Default classes: the DomainDataModule as data, the subcommand's model (CLIPExpert / MergeModule)."""
+        defaults: dict[str, Any] = {"data": {"class_path": "lightning_score.DomainDataModule"}}
+        model = getattr(parser, "lightning_score_default_model", None)
+        if model is not None:
+            defaults["model"] = {"class_path": model}
+        parser.set_defaults(defaults)
+
     def after_merge(self) -> None:
-        """Write the resolved config next to the merged weights."""
+        """Write the resolved config next to the merged weights (rank zero)."""
         path = getattr(self.trainer, "merged_path", None)
-        if path is None or not self.trainer.is_global_zero:
+        saver = next((c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
+        if path is None or saver is None or not self.trainer.is_global_zero:
             return
         config_path = Path(path).with_suffix(".yaml")
-        self._subcommand_parsers["merge"].save(self.config["merge"], config_path, overwrite=True, skip_check=True)
-        rank_zero_info(f"lightning-score merge: wrote the resolved config to {config_path}")
+        replaced = config_path.exists()
+        atomic_write_text(config_path, _dump(saver.parser, saver.config))
+        what = "replaced the config of the earlier merge at" if replaced else "wrote the resolved config to"
+        rank_zero_info(f"lightning-score merge: {what} {config_path} (it describes the weights beside it)")
 
 
 def analyze(
@@ -199,21 +284,62 @@ def _show_our_info_logs() -> None:
         ours.propagate = False
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:
-        error = error.__cause__
+_COMMANDS = ("fit", "validate", "test", "predict", "merge", *_FUNCTION_COMMANDS)
+
+
+def _raised_while_running(error: BaseException) -> bool:
+    """Whether the error came from inside one of Lightning's loops (training, validation, test, predict).
+
+    Errors before the loops start (configuration, files, domains, fingerprints, refused strategies) are input
+    errors; one raised while a loop runs is a failure during training or evaluation and keeps its traceback.
+    """
+    frame = error.__traceback__
+    while frame is not None:
+        parts = Path(frame.tb_frame.f_code.co_filename).parts
+        if any(parts[i : i + 3] == ("lightning", "pytorch", "loops") for i in range(len(parts))):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _own_error(error: BaseException) -> BaseException:
+    """The error lightning-score itself raised (its message names the file and the fix), else ``error``.
+
+    jsonargparse wraps an error raised while instantiating a class in its own, and our error may itself
+    wrap a library's (safetensors' bare "header too large"): the outermost error raised by a line of this
+    package is the one that names the file and says what to do.
+    """
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frame = current.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        if frame is not None and _PACKAGE in Path(frame.tb_frame.f_code.co_filename).resolve().parents:
+            return current
+        current = current.__cause__ or current.__context__
     return error
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-score`` console script.
 
-    Bad input (a missing file, a mismatched task vector, an unknown domain...) ends with one line,
-    ``lightning-score: error: <what is wrong and the fix>``, and exit status 2; set ``LIGHTNING_SCORE_DEBUG=1``
-    for the full traceback.
+    A configuration or input error (a missing file, a mismatched task vector, an unknown domain, a refused
+    strategy...) ends with one line, ``lightning-score: error: <what is wrong and the fix>``, and exit
+    status 2; set ``LIGHTNING_SCORE_DEBUG=1`` for its traceback. An error while training or evaluating
+    runs keeps its traceback.
     """
     argv = list(sys.argv[1:] if args is None else args)
     _show_our_info_logs()
+    if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        sys.stderr.write(
+            f"lightning-score: error: unknown command '{argv[0]}'; the commands are {', '.join(_COMMANDS)}.\n"
+        )
+        raise SystemExit(2)
     try:
         if argv and argv[0] in _FUNCTION_COMMANDS:
             from jsonargparse import CLI
@@ -222,10 +348,9 @@ def main(args: list[str] | None = None) -> None:
             return
         LightningScoreCLI(args=args)
     except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("LIGHTNING_SCORE_DEBUG"):
+        if os.environ.get("LIGHTNING_SCORE_DEBUG") or _raised_while_running(error):
             raise
-        cause = _root_cause(error)
-        sys.stderr.write(f"lightning-score: error: {cause}\n")
+        sys.stderr.write(f"lightning-score: error: {_own_error(error)}\n")
         raise SystemExit(2) from None
 
 

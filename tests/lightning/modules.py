@@ -85,3 +85,26 @@ def trainer(root: Path, callbacks: list, **kwargs: object) -> pl.Trainer:
 def head_state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
     """The head's weights, cloned, with keys as a task vector names them (``head.0.weight``...)."""
     return {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in module.state_dict().items() if "head" in k}
+
+
+class RegressionData(pl.LightningDataModule):
+    """A user's own datamodule (the CLI takes any ``class_path``): the regression data of :func:`data`."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return data(batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return data(batch_size=self.batch_size)
+
+
+class FailingRegressor(Regressor):
+    """Fails in its third training step, as a bug in user code would."""
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2:
+            raise ValueError("a bug in training_step")
+        return super().training_step(batch, batch_idx)

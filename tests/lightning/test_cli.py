@@ -69,17 +69,34 @@ def test_help_documents_the_arguments(command: str, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = capsys.readouterr().out
-    assert "--model" in text and "--data.root" in text and "--trainer" in text
+    assert "--model" in text and "--data.help" in text and "--trainer" in text
+    assert "--optimizer" in text and "--lr_scheduler" in text  # where LightningCLI users expect them
     if command == "merge":
         assert "--output" in text and "--test" in text and "merged weights" in text
+    with pytest.raises(SystemExit):
+        main([command, "--data.help", "DomainDataModule"])  # the default datamodule's own arguments
+    assert "--data.root" in capsys.readouterr().out
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for command in ("fit", "merge", "test", "analyze"):
-        assert command in text
+    usage = " ".join(text[: text.index("Train-then-merge")].split())
+    assert usage.startswith("usage: ") and "{fit,validate,test,predict,merge,analyze,study}" in usage
+    listed = text[text.index("Available subcommands:") :]
+    for command in ("fit", "validate", "test", "predict", "merge", "analyze", "study"):
+        assert f"\n    {command} " in listed, command
+
+
+def test_an_unknown_command_ends_with_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["anlyze", "--task_vectors=[a.safetensors]"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "lightning-score: error: unknown command 'anlyze'; the commands are fit, validate, test, predict, merge, "
+        "analyze, study."
+    )
 
 
 def test_fit_merge_test_through_the_cli(
@@ -92,7 +109,7 @@ def test_fit_merge_test_through_the_cli(
         main(["fit", "--config", str(RECIPES / "digits/expert.yaml"), f"--data.train_domains=[{domain}]",
               "--trainer.max_steps=3", "--model.init_args.warmup_steps=1", "--trainer.logger=false", *common])  # fmt: skip
     task_vectors = tmp_path / "runs/digits/task_vectors"
-    assert sorted(p.name for p in task_vectors.iterdir()) == ["rot0.safetensors", "rot15.safetensors"]
+    assert sorted(p.name for p in task_vectors.iterdir()) == ["pretrained", "rot0.safetensors", "rot15.safetensors"]
     assert TaskVector.load(task_vectors / "rot15.safetensors").domain == "rot15"
 
     tvs = f"[{task_vectors / 'rot0.safetensors'}, {task_vectors / 'rot15.safetensors'}]"
