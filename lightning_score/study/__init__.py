@@ -37,7 +37,7 @@ def run_study(
     root: str = "builtin:digits",
     domains: list[str] | None = None,
     targets: list[str] | None = None,
-    expert: ExpertSettings = ExpertSettings(lr=1e-4, warmup_steps=15, max_steps=150, max_epochs=None, batch_size=64),  # noqa: B008
+    expert: ExpertSettings = ExpertSettings(lr=1e-3, warmup_steps=15, max_steps=150, max_epochs=None, batch_size=64),  # noqa: B008
     rows: list[Row] | None = None,
     accelerator: str = "auto",
     devices: int = 1,

@@ -8,7 +8,6 @@ experts have been fine-tuned.
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -16,17 +15,15 @@ from typing import Any
 import open_clip
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
+from lightning_score.alpha import ALPHA_SEARCHES
 from lightning_score.data import DomainDataModule
 from lightning_score.data.domain_datamodule import BUILTIN_ROOTS
-from lightning_score.merge_module import MergeModule
 from lightning_score.merging import get_method
 from lightning_score.models import load_templates
 from lightning_score.models.factory import BUILTIN_PREFIX
 from lightning_score.study.config import check_rows
 
 __all__ = ["check_study"]
-
-ALPHA_SEARCHES = ("grid", "golden")
 
 
 def _check_numbers(study: Any) -> None:
@@ -53,8 +50,6 @@ def _check_numbers(study: Any) -> None:
         )
     if study.alpha_search not in ALPHA_SEARCHES:
         raise ValueError(f"alpha_search={study.alpha_search!r}: choose one of {list(ALPHA_SEARCHES)}.")
-    if study.alpha_search != "grid" and "alpha_search" not in inspect.signature(MergeModule).parameters:
-        raise ValueError(f"alpha_search={study.alpha_search!r} needs a MergeModule with alpha_search; use 'grid'.")
 
 
 def _check_model(model_name: str, pretrained: str | None, templates: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from lightning_score.merging import get_method
 from lightning_score.study.config import Entry, Row
 from lightning_score.study.data import FoldData
 
-__all__ = ["Prediction", "evaluate_row", "merge_module", "pack_correct", "search_alpha", "unpack_correct", "use_alpha"]
+__all__ = ["Prediction", "evaluate_row", "merge_module", "pack_correct", "search_alpha", "unpack_correct"]
 
 
 @dataclass(frozen=True)
@@ -74,29 +73,17 @@ def _predict(trainer: L.Trainer, module: MergeModule, data: FoldData) -> Predict
     return Prediction(torch.cat([b["preds"].cpu() for b in batches]), torch.cat([b["labels"].cpu() for b in batches]))
 
 
-def search_record(module: MergeModule) -> dict[str, Any] | None:
-    """What the module's last α search evaluated and chose (``None`` if it searched none)."""
-    result = getattr(module, "alpha_result", None)
-    if result is not None and hasattr(result, "to_dict"):
-        return result.to_dict()
-    record = getattr(module, "alpha_search", None)
-    return record if isinstance(record, dict) else None
-
-
 def search_alpha(module: MergeModule) -> tuple[float, dict[str, Any] | None]:
-    """Search α on the fold's SOURCE validation data (the module's datamodule) and load it; return it and the search."""
-    search = getattr(module, "search_alpha", None) or module.choose_alpha
-    alpha = float(search())
-    use_alpha(module, alpha)
-    return alpha, search_record(module)
+    """Search α on the fold's SOURCE validation data (the module's datamodule) from the merge the module holds.
 
+    :meth:`~lightning_score.MergeModule.choose_alpha` loads θ₀ + α·τ* for each candidate from that one merge
+    (:meth:`~lightning_score.MergeModule.use_alpha`, nothing is merged again) and leaves the chosen α loaded.
 
-def use_alpha(module: MergeModule, alpha: float) -> None:
-    """Load θ₀ + α·τ* from the merge the module already holds (no re-merge)."""
-    if hasattr(module, "use_alpha"):
-        module.use_alpha(alpha)
-    else:  # before MergeModule.use_alpha: the same operation through its public pieces
-        module.image_encoder.load_state_dict(module.merged_weights(alpha))
+    Returns:
+        The chosen α and the search (``{"method", "alphas", "val_acc", "selected"}``).
+    """
+    alpha = float(module.choose_alpha())
+    return alpha, module.alpha_search
 
 
 def merge_module(
@@ -118,9 +105,6 @@ def merge_module(
     method_options = dict(row.options)
     if mode == "merge" and "seed" in get_method(row.method).defaults:
         method_options.setdefault("seed", seed)
-    options: dict[str, Any] = {}
-    if alpha_search != "grid" and "alpha_search" in inspect.signature(MergeModule).parameters:
-        options["alpha_search"] = alpha_search
     return MergeModule(
         model_name,
         pretrained,
@@ -131,7 +115,7 @@ def merge_module(
         method_options=method_options,
         proxy_images=proxy_images,
         templates=templates,
-        **options,
+        alpha_search=alpha_search,  # type: ignore[arg-type]
     )
 
 
@@ -177,7 +161,7 @@ def evaluate_row(
     records = {}
     started = time.perf_counter()
     prediction = _predict(trainer, module, data)  # setup merges (and, for alpha: auto, searches α) once
-    own_search = search_record(module) if entries[0].row.alpha == "auto" else None
+    own_search = module.alpha_search if entries[0].row.alpha == "auto" else None
     own_alpha = own_search["selected"] if own_search else entries[0].row.alpha
     for entry in entries:
         if not entry.tuned:
