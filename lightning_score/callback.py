@@ -374,10 +374,15 @@ class ScoreMergeCallback(Callback):
         if set(pretrained) != set(state):
             only = sorted(set(pretrained) ^ set(state))[:3]
             raise RuntimeError(f"ScoreMergeCallback: the module's keys changed during fitting (e.g. {only}).")
-        finetuned = {k: state[k].detach().to("cpu", pretrained[k].dtype) for k in state}  # τ in θ₀'s precision
-        metadata["base_fingerprint"] = snapshot.fingerprint
-        tv = TaskVector.from_state_dicts(pretrained, finetuned, **metadata)
-        del finetuned
+        tensors = {}
+        for key in sorted(state):  # τ = θ_T − θ₀ in float64, one key at a time, stored in θ₀'s dtype
+            base, live = pretrained[key], state[key].detach()
+            if base.shape != live.shape:
+                raise RuntimeError(
+                    f"ScoreMergeCallback: '{key}' changed shape during fitting ({base.shape} → {live.shape})."
+                )
+            tensors[key] = (live.to("cpu", torch.float64) - base.to(torch.float64)).to(base.dtype).contiguous()
+        tv = TaskVector(tensors, {**metadata, "base_fingerprint": snapshot.fingerprint})
         path = tv.save(folder / (self.filename or f"{tv.name}.safetensors"))
         rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {path}")
         outputs: dict[str, Any] = {"task_vector": str(path), "merged": None, "pretrained": str(snapshot.path),

@@ -101,7 +101,7 @@ def test_experts_of_one_base_share_one_snapshot_written_once(tmp_path: Path) -> 
 # --- item 4: precision -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "bf16-mixed", "64-true"])
 def test_theta0_in_the_weights_own_precision_whatever_the_training_precision(precision: str, tmp_path: Path) -> None:
     first = Regressor()
     trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="fp32")]).fit(first, data())
@@ -117,7 +117,8 @@ def test_theta0_in_the_weights_own_precision_whatever_the_training_precision(pre
         assert tv[key].dtype == torch.float32
         # τ = θ_T − θ₀ with θ₀ in float32 (as built), θ_T in whatever precision it trained in (float64 reference)
         torch.testing.assert_close(tv[key], (end[key].double() - start[key].double()).float(), rtol=0, atol=0)
-        trained_in = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "bf16-mixed": torch.float32}[precision]
+        trained_in = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "bf16-mixed": torch.float32,
+                      "64-true": torch.float64}[precision]  # fmt: skip
         assert end[key].dtype == trained_in
     assert callback.merged_path is not None and callback.merged_path.exists()
 
