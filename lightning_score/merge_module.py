@@ -34,12 +34,11 @@ from torch import Tensor, nn
 
 from lightning_score.alpha import ALPHA_SEARCHES, golden_section_search, grid_search
 from lightning_score.classifier import CLIPClassifier
-from lightning_score.merge_passes import layer_inputs, validation_accuracy
-from lightning_score.merging import get_method, merge_task_vectors
-from lightning_score.merging.esm import ESM_TARGETS
+from lightning_score.merge_passes import expert_activations, validation_accuracy
+from lightning_score.merge_ranks import merge_on_ranks, shard_keys
+from lightning_score.merging import get_method
 from lightning_score.models import save_clip_weights
 from lightning_score.profiling import Measure
-from lightning_score.ranks import gather_outcomes, on_rank_zero
 from lightning_score.strategies import check_strategy
 from lightning_score.task_vector import TaskVector
 
@@ -52,30 +51,6 @@ MODES: tuple[str, ...] = ("merge", "zeroshot", "ensemble", "expert")
 DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
 _CHECKPOINT_KEY = "lightning_score_merge"
 _RESTORING = contextvars.ContextVar("lightning_score_merge_restoring", default=False)
-
-
-def _cost(shape: tuple[int, ...]) -> int:
-    """Rough relative cost of merging one key: m·n·r for matrices, the entry count otherwise."""
-    if len(shape) == 2:
-        return shape[0] * shape[1] * min(shape)
-    size = 1
-    for dim in shape:
-        size *= dim
-    return size
-
-
-def shard_keys(shapes: Mapping[str, tuple[int, ...]], world_size: int) -> list[list[str]]:
-    """Split keys into ``world_size`` shares of about equal merge cost (largest first, to the lightest share).
-
-    Deterministic, so every rank computes the same split without communicating.
-    """
-    shares: list[list[str]] = [[] for _ in range(world_size)]
-    loads = [0] * world_size
-    for key in sorted(shapes, key=lambda k: (-_cost(shapes[k]), k)):
-        lightest = loads.index(min(loads))
-        shares[lightest].append(key)
-        loads[lightest] += _cost(shapes[key])
-    return shares
 
 
 class MergeModule(CLIPClassifier):
@@ -255,14 +230,10 @@ class MergeModule(CLIPClassifier):
         device = self._compute_device()
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
-        spec = get_method(self.method)
         with Measure(device) as measure:
-            if strategy is None or strategy.world_size == 1:
-                merged = self._merge_keys(device, None)
-            elif spec.shardable and not spec.needs_data:
-                merged = self._merge_sharded(device)
-            else:
-                merged = TaskVector(*on_rank_zero(strategy, lambda: self._portable_merge(device)))
+            merged = merge_on_ranks(
+                self._task_vectors, self.method, self.method_options, device, strategy, self.collect_activations
+            )
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
         rank_zero_info(
@@ -270,37 +241,6 @@ class MergeModule(CLIPClassifier):
             f"{measure.seconds:.1f} s (peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
         )
         return merged
-
-    def _merge_keys(self, device: torch.device, keys: list[str] | None) -> TaskVector:
-        options = dict(self.method_options)
-        if get_method(self.method).needs_data:
-            options["activations"] = self.collect_activations(device)
-        if keys is not None:
-            options["keys"] = keys
-        return merge_task_vectors(self._task_vectors, self.method, device=device, **options)
-
-    def _portable_merge(self, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        merged = self._merge_keys(device, None)
-        return {k: merged[k] for k in merged}, merged.metadata
-
-    def _merge_sharded(self, device: torch.device) -> TaskVector:
-        strategy = self.trainer.strategy
-        world = strategy.world_size
-        shapes = {k: self._task_vectors[0].tensor_spec(k)[0] for k in self._task_vectors[0]}
-        share = shard_keys(shapes, world)[strategy.global_rank]
-
-        def merge_share() -> tuple[dict[str, Tensor], dict[str, Any]]:
-            local = self._merge_keys(device, share)
-            return {k: local[k] for k in local}, local.metadata
-
-        parts = gather_outcomes(strategy, merge_share)
-        tensors = {k: v for part, _ in parts for k, v in part.items()}
-        metadata = parts[0][1]
-        metadata["merge"]["sharded_over_ranks"] = world
-        metadata["merge"]["alpha_exempt_keys"] = sorted(
-            {k for _, meta in parts for k in meta["merge"]["alpha_exempt_keys"]}
-        )
-        return TaskVector({k: tensors[k] for k in shapes}, metadata)
 
     def merged_weights(self, alpha: float) -> dict[str, Tensor]:
         """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is), in θ₀'s dtype."""
@@ -381,28 +321,16 @@ class MergeModule(CLIPClassifier):
         Returns:
             One mapping per task vector: weight key → layer inputs ``[images × tokens, width]`` (on CPU).
         """
-        datamodule = self._datamodule()
-        if datamodule is None or not hasattr(datamodule, "proxy_dataloader"):
-            raise ValueError(f"Method '{self.method}' needs unlabelled source images: test with a DomainDataModule.")
-        targets = [k for k in self._pretrained_state if k.endswith(ESM_TARGETS)]
-        test_domains = set(getattr(datamodule, "test_domains", []) or [])
-        activations = []
-        for tv in self._task_vectors:
-            if not tv.domain:
-                raise ValueError(
-                    f"{tv.describe()} does not record its domain, which '{self.method}' needs to draw proxy images."
-                )
-            if tv.domain in test_domains:
-                raise ValueError(
-                    f"{tv.describe()} is the expert of '{tv.domain}', a test domain: '{self.method}' never uses "
-                    "target-domain images. Merge only source-domain experts."
-                )
-            expert = copy.deepcopy(self.image_encoder).to(device)
-            expert.load_state_dict(tv.apply_to(self._pretrained_state))
-            loader = datamodule.proxy_dataloader(tv.domain, self.proxy_images)
-            activations.append(layer_inputs(expert, targets, loader, self._trainer, device))
-            del expert
-        return activations
+        return expert_activations(
+            self.image_encoder,
+            self._pretrained_state,
+            self._task_vectors,
+            self._datamodule(),
+            self.proxy_images,
+            self.method,
+            self._trainer,
+            device,
+        )
 
     # --- the logit ensemble ------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ never a test (target) loader.
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_score.merging.esm import ESM_TARGETS
 from lightning_score.ranks import rank_share
+from lightning_score.task_vector import TaskVector
 
-__all__ = ["inference_pass", "layer_inputs", "validation_accuracy"]
+__all__ = ["expert_activations", "inference_pass", "layer_inputs", "validation_accuracy"]
 
 
 @contextlib.contextmanager
@@ -110,3 +113,39 @@ def layer_inputs(
         for handle in handles:
             handle.remove()
     return {key: torch.cat(chunks) for key, chunks in captured.items()}
+
+
+def expert_activations(
+    encoder: nn.Module,
+    pretrained: Mapping[str, Tensor],
+    task_vectors: Sequence[TaskVector],
+    datamodule: Any,
+    num_images: int,
+    method: str,
+    trainer: pl.Trainer | None,
+    device: torch.device,
+) -> list[dict[str, Tensor]]:
+    """ESM's proxy pass: each expert θ₀ + τ_t on a few unlabelled images of its own (source) domain.
+
+    Returns:
+        One mapping per task vector: target weight key → its layer's inputs ``[images × tokens, width]``.
+    """
+    if datamodule is None or not hasattr(datamodule, "proxy_dataloader"):
+        raise ValueError(f"Method '{method}' needs unlabelled source images: test with a DomainDataModule.")
+    targets = [k for k in pretrained if k.endswith(ESM_TARGETS)]
+    test_domains = set(getattr(datamodule, "test_domains", []) or [])
+    activations = []
+    for tv in task_vectors:
+        if not tv.domain:
+            raise ValueError(f"{tv.describe()} records no domain, which '{method}' needs to draw proxy images.")
+        if tv.domain in test_domains:
+            raise ValueError(
+                f"{tv.describe()} is the expert of '{tv.domain}', a test domain: '{method}' never uses "
+                "target-domain images. Merge only source-domain experts."
+            )
+        expert = copy.deepcopy(encoder).to(device)
+        expert.load_state_dict(tv.apply_to(pretrained))
+        loader = datamodule.proxy_dataloader(tv.domain, num_images)
+        activations.append(layer_inputs(expert, targets, loader, trainer, device))
+        del expert
+    return activations
