@@ -65,8 +65,18 @@ def state_dict_fingerprint(state_dict: Mapping[str, Tensor], keys: Iterable[str]
     for key in sorted(keys):
         tensor = state_dict[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # the bytes, without a copy
     return "blake2b:" + digest.hexdigest()
+
+
+# Content fingerprints of task-vector files already hashed in this process, keyed by the file's identity.
+_FILE_FINGERPRINTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _check_path_is_task_vector(path: Path) -> dict[str, str]:
@@ -182,6 +192,7 @@ class TaskVector(Mapping[str, Tensor]):
         except TypeError as error:
             raise ValueError(f"Task-vector metadata must be JSON-serialisable: {error}") from error
         self._path: Path | None = None
+        self._content_fingerprint: str | None = None
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -278,6 +289,28 @@ class TaskVector(Mapping[str, Tensor]):
     def base_fingerprint(self) -> str | None:
         """:func:`state_dict_fingerprint` of the pre-trained weights, if recorded."""
         return self._metadata.get("base_fingerprint")
+
+    def content_fingerprint(self) -> str:
+        """:func:`state_dict_fingerprint` of this task vector's own tensors: what identifies its content.
+
+        Computed once per object, and for a task vector loaded from a file once per process and file (the file's
+        path, inode, size and modification time name it), since hashing reads every byte (about 0.4 s for a
+        ViT-B/32 image tower). Caches of work derived from the task vector, such as
+        :class:`~lightning_score.merging.FactorCache`, are keyed by it.
+
+        Example:
+            >>> import torch
+            >>> a = TaskVector({"w": torch.ones(2, 2)}, {"name": "a"})
+            >>> a.content_fingerprint() == TaskVector({"w": torch.ones(2, 2)}, {"name": "b"}).content_fingerprint()
+            True
+        """
+        if self._content_fingerprint is None:
+            identity = _file_identity(self._path) if self._path is not None and self._path.exists() else None
+            cached = _FILE_FINGERPRINTS.get(identity) if identity is not None else None
+            self._content_fingerprint = cached or state_dict_fingerprint(self, list(self))
+            if identity is not None:
+                _FILE_FINGERPRINTS[identity] = self._content_fingerprint
+        return self._content_fingerprint
 
     def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of entry ``key``; for a lazily loaded file, without reading the tensor."""

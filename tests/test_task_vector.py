@@ -147,3 +147,16 @@ def test_saved_files_have_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and ordinary_mode() == 0o666 & ~old
+
+
+def test_content_fingerprint_names_the_content_not_the_metadata(tmp_path) -> None:
+    a = TaskVector({"w": torch.ones(3, 2), "b": torch.zeros(2)}, {"name": "a"})
+    same = TaskVector({"b": torch.zeros(2), "w": torch.ones(3, 2)}, {"name": "other name"})
+    changed = TaskVector({"w": torch.ones(3, 2), "b": torch.tensor([0.0, 1e-30])}, {"name": "a"})
+    half = TaskVector({"w": torch.ones(3, 2, dtype=torch.float16), "b": torch.zeros(2)}, {"name": "a"})
+    assert a.content_fingerprint() == same.content_fingerprint()
+    assert len({a.content_fingerprint(), changed.content_fingerprint(), half.content_fingerprint()}) == 3
+    path = a.save(tmp_path / "a.safetensors")
+    assert TaskVector.load(path).content_fingerprint() == a.content_fingerprint()
+    changed.save(path)  # the same file name, new content: a new fingerprint
+    assert TaskVector.load(path).content_fingerprint() == changed.content_fingerprint()

@@ -9,9 +9,12 @@ package registers every method.
 from lightning_score.merging import score, tsv, iso, ties, magmax, pcb, arithmetic, esm  # noqa: F401  # isort: skip
 from lightning_score.merging import dare, breadcrumbs, randmix, model_stock, cart, wudi, regmean, fisher  # noqa: F401  # isort: skip
 from lightning_score.merging.engine import is_matrix_key, merge_task_vectors, resolve_device
+from lightning_score.merging.factors import FactorCache, KeyFactors
 from lightning_score.merging.registry import KeyMerger, KeyStream, MethodSpec, get_method, list_methods, register_method
 
 __all__ = [
+    "FactorCache",
+    "KeyFactors",
     "KeyMerger",
     "KeyStream",
     "MethodSpec",

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from lightning_score import __version__
+from lightning_score.merging.factors import ExpertSet, FactorCache
+from lightning_score.merging.prefetch import prefetched
 from lightning_score.merging.registry import KeyStream, get_method
 from lightning_score.task_vector import TaskVector
 
@@ -120,6 +122,13 @@ def _check_compatible(tvs: list[TaskVector]) -> None:
                 )
 
 
+def _non_finite(tvs: list[TaskVector], key: str, index: int) -> None:
+    raise ValueError(
+        f"Key '{key}' of {_label(tvs[index], index)} has non-finite values (NaN or inf): that expert "
+        "diverged. Re-train it (lower the learning rate) or leave it out of the merge."
+    )
+
+
 def _shape_dtype(tv: TaskVector, key: str) -> tuple[tuple[int, ...], torch.dtype]:
     spec = tv.tensor_spec(key)
     return tuple(spec[0]), spec[1]
@@ -144,6 +153,9 @@ def merge_task_vectors(
     is_matrix: MatrixPredicate = is_matrix_key,
     compute_dtype: torch.dtype | None = None,
     keys: Collection[str] | None = None,
+    factors: FactorCache | None = None,
+    batch_svd: bool | None = None,
+    prefetch: bool | None = None,
     **options: Any,
 ) -> TaskVector:
     """Merge T task vectors into one: θ = θ₀ + α·τ* once applied.
@@ -160,6 +172,15 @@ def merge_task_vectors(
         compute_dtype: The dtype to compute in; default the inputs' dtype promoted to at least float32.
         keys: Merge only these keys (the result holds only them), e.g. one process's share of a merge split
             across processes. Statistics over the whole model (TIES, PCB) still read every key.
+        factors: A :class:`~lightning_score.merging.FactorCache` shared by several merges: methods that start
+            from each task's thin SVD (SCORE, TSV-M, ESM's TSV-merged layers) take the experts' factorizations,
+            and what they derive from them for these experts, from it instead of computing them again. The
+            result is bit-identical without it.
+        batch_svd: Factorize all same-shaped keys of an expert (every block's ``mlp.c_fc.weight``...) through one
+            batched solver call before merging (default: on CUDA only). Without ``factors``, the factors are
+            kept for this merge only.
+        prefetch: Load the next key (or batch) in a background thread while this one is computed (default: on
+            CUDA only).
         **options: The method's options (see its docstring); unknown ones are rejected.
 
     Returns:
@@ -195,19 +216,24 @@ def merge_task_vectors(
             raise ValueError(f"Method '{method}' needs every key in one process (it rescales across layers).")
     selected = [k for k in all_keys if keys is None or k in keys]
 
+    def dtype_of(key: str) -> torch.dtype:
+        return compute_dtype or torch.promote_types(_shape_dtype(tvs[0], key)[1], torch.float32)
+
     def load(key: str) -> Tensor:
         """One key's T slices on the compute device, checked for NaN/inf."""
-        input_dtype = _shape_dtype(tvs[0], key)[1]
-        dtype = compute_dtype or torch.promote_types(input_dtype, torch.float32)
+        dtype = dtype_of(key)
         deltas = torch.stack([tv[key].to(device=target, dtype=dtype, non_blocking=True) for tv in tvs])
         finite = torch.isfinite(deltas.reshape(len(tvs), -1)).all(dim=1)
         if not bool(finite.all()):
-            index = int((~finite).nonzero()[0])
-            raise ValueError(
-                f"Key '{key}' of {_label(tvs[index], index)} has non-finite values (NaN or inf): that expert "
-                "diverged. Re-train it (lower the learning rate) or leave it out of the merge."
-            )
+            _non_finite(tvs, key, int((~finite).nonzero()[0]))
         return deltas
+
+    def load_one(index: int, key: str, dtype: torch.dtype) -> Tensor:
+        """One task's slice of a key on the compute device, checked for NaN/inf."""
+        matrix = tvs[index][key].to(device=target, dtype=dtype, non_blocking=True)
+        if not bool(torch.isfinite(matrix).all()):
+            _non_finite(tvs, key, index)
+        return matrix
 
     def in_scope(key: str) -> bool:
         return spec.scope == "all" or is_matrix(key, _shape_dtype(tvs[0], key)[0])
@@ -215,19 +241,40 @@ def merge_task_vectors(
     started = time.perf_counter()
     shapes = {key: _shape_dtype(tvs[0], key)[0] for key in all_keys}
     merger.prepare(KeyStream([k for k in all_keys if in_scope(k)], load, shapes, len(tvs)))
+    on_cuda = target.type == "cuda"
+    batched = on_cuda if batch_svd is None else batch_svd
+    overlap = on_cuda if prefetch is None else prefetch
+    factorized = set(merger.factorized_keys([k for k in selected if in_scope(k)]))
+    if factors is None and batched and factorized:
+        factors = FactorCache.for_one_merge(len(tvs))  # this merge's factors, computed in batches
+    experts: ExpertSet | None = None
+    if factors is not None and factorized:
+        ordered = [k for k in selected if k in factorized]
+        experts = factors.prepare(
+            tvs, ordered, device=target, dtypes={k: dtype_of(k) for k in ordered}, shapes=shapes, load=load_one,
+            batched=batched, prefetch=overlap,
+        )  # fmt: skip
     merged: dict[str, Tensor] = {}
-    iterator: Any = selected
+    bar: Any = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(selected, desc=f"merge ({method})", unit="key", leave=False)
-    for key in iterator:
-        deltas = load(key)
-        result = merger.merge_key(key, deltas) if in_scope(key) else deltas.mean(dim=0)
+        bar = tqdm(total=len(selected), desc=f"merge ({method})", unit="key", leave=False)
+    for key, deltas in prefetched(selected, load, enabled=overlap, device=target):
+        if not in_scope(key):
+            result = deltas.mean(dim=0)
+        elif experts is not None and key in factorized:
+            result = merger.merge_key(key, deltas, factors=experts.key(key, deltas))  # type: ignore[call-arg]
+        else:
+            result = merger.merge_key(key, deltas)
         if result.shape != deltas.shape[1:]:
             raise RuntimeError(f"Method '{method}' returned shape {tuple(result.shape)} for key '{key}'.")
         merged[key] = result
         del deltas
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     merger.finalize(merged)
     for key in selected:
         scale = alpha if merger.scales_with_alpha(key) else 1.0

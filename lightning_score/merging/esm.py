@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -49,6 +50,9 @@ from torch import Tensor
 from lightning_score.merging.registry import KeyMerger, KeyStream, register_method
 from lightning_score.merging.shared_basis import polar
 from lightning_score.merging.tsv import tsv_merge
+
+if TYPE_CHECKING:
+    from lightning_score.merging.key_factors import KeyFactors
 
 __all__ = ["ESMMerge", "essential_subspace", "layer_type", "polarized_merge"]
 
@@ -179,10 +183,14 @@ class ESMMerge(KeyMerger):
                         f"[N, {width}] (rows = images × tokens)."
                     )
 
-    def merge_key(self, key: str, deltas: Tensor) -> Tensor:
+    def factorized_keys(self, keys: Sequence[str]) -> list[str]:
+        """The matrices merged by TSV-M (not the target layers): they start from the tasks' SVDs."""
+        return [key for key in keys if key not in self.targets]
+
+    def merge_key(self, key: str, deltas: Tensor, factors: KeyFactors | None = None) -> Tensor:
         """Target layers by polarized merging in their essential subspace, other matrices by TSV-M."""
         if key not in self.targets:
-            return tsv_merge(deltas)
+            return tsv_merge(deltas, factors=factors)
         inputs = [mapping[key].to(deltas.device) for mapping in self.activations]
         return polarized_merge(deltas, inputs, eigen_power=self.eigen_power, scale=self.scale)
 

@@ -5,6 +5,10 @@ A method is registered either as a **function** that merges one key,
 (:class:`KeyMerger` subclass) when it needs statistics over the whole model before merging any key
 (TIES, PCB) or data besides the task vectors (ESM). Either way the options are the keyword-only
 parameters with their defaults, so the registry can list them, fill defaults and reject unknown ones.
+
+One keyword-only parameter is not an option: ``factors`` (default None). A function that declares it starts
+from each task's thin SVD, and the engine passes it a :class:`~lightning_score.merging.KeyFactors`
+when the merge has a :class:`~lightning_score.merging.FactorCache`, to reuse the factorizations.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 __all__ = [
+    "FACTORS_PARAMETER",
     "KeyMerger",
     "KeyStream",
     "MethodSpec",
@@ -28,6 +33,9 @@ __all__ = [
 ]
 
 KeyScope = Literal["matrix", "all"]
+
+#: The keyword a per-key merge function declares to receive reusable factorizations (not an option).
+FACTORS_PARAMETER = "factors"
 
 
 class KeyStream:
@@ -82,6 +90,14 @@ class KeyMerger:
     def prepare(self, stream: KeyStream) -> None:
         """Collect statistics over the whole model (default: nothing to collect)."""
 
+    def factorized_keys(self, keys: Sequence[str]) -> list[str]:
+        """Of the keys in scope, those whose merge starts from each task's thin SVD (default: none).
+
+        For these keys the engine may call ``merge_key(key, deltas, factors=...)`` with a
+        :class:`~lightning_score.merging.KeyFactors`, so a merger that returns any must accept it.
+        """
+        return []
+
     def merge_key(self, key: str, deltas: Tensor) -> Tensor:
         """Merge the T slices ``deltas[t]`` of one key into one tensor of the same shape."""
         raise NotImplementedError
@@ -100,8 +116,14 @@ class _FunctionMerger(KeyMerger):
     def __init__(self, fn: Callable[..., Tensor], options: Mapping[str, Any]) -> None:
         self._fn = fn
         self._options = dict(options)
+        self._takes_factors = FACTORS_PARAMETER in inspect.signature(fn).parameters
 
-    def merge_key(self, key: str, deltas: Tensor) -> Tensor:
+    def factorized_keys(self, keys: Sequence[str]) -> list[str]:
+        return list(keys) if self._takes_factors else []
+
+    def merge_key(self, key: str, deltas: Tensor, factors: Any = None) -> Tensor:
+        if factors is not None:
+            return self._fn(deltas, **self._options, factors=factors)
         return self._fn(deltas, **self._options)
 
 
@@ -180,7 +202,7 @@ def _check_type(method: str, option: str, value: Any, default: Any) -> None:
 def _keyword_defaults(signature: inspect.Signature, owner: str) -> dict[str, Any]:
     defaults = {}
     for param in signature.parameters.values():
-        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY or param.name == FACTORS_PARAMETER:
             continue
         if param.default is inspect.Parameter.empty:
             raise TypeError(f"Option '{param.name}' of merge method {owner} needs a default value.")

@@ -22,13 +22,16 @@ of r² entries. The T tasks of a key go through each step as one batch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_score.merging.registry import register_method
 from lightning_score.merging.shared_basis import shared_orthogonal_basis
+
+if TYPE_CHECKING:
+    from lightning_score.merging.key_factors import KeyFactors
 
 __all__ = ["VARIANTS", "aggregate", "project", "score_merge", "trim_mask"]
 
@@ -87,6 +90,7 @@ def score_merge(
     z: float = 1.96,
     divide_by_tasks: bool = True,
     sign_convention: str = "svd",
+    factors: KeyFactors | None = None,
 ) -> Tensor:
     """Project every task into a shared orthogonal basis and trim the large off-diagonal conflicts.
 
@@ -104,11 +108,17 @@ def score_merge(
             invariant to the joint sign of a singular pair, and CPU and CUDA solvers choose signs
             differently, so ``canonical`` fixes them (largest entry of each u_i positive) for results that
             are identical on every backend.
+        factors: Supplied by the engine from a :class:`~lightning_score.merging.FactorCache`: the tasks' SVDs,
+            and the basis and projections of steps 1-4, computed once for these experts and shared by every
+            variant and by TSV-M. The result is bit-identical without it.
 
     Returns:
         Δ* ``[m, n]``.
     """
-    U_perp, _, Vh_perp = shared_orthogonal_basis(deltas, sign_convention)  # singular values unused
-    C = project(deltas, U_perp, Vh_perp)
+    U_perp, _, Vh_perp = shared_orthogonal_basis(deltas, sign_convention, factors)  # singular values unused
+    if factors is None:
+        C = project(deltas, U_perp, Vh_perp)
+    else:
+        C = factors.reuse(deltas, ("score_projection", sign_convention), lambda: project(deltas, U_perp, Vh_perp))
     sigma = aggregate(C, variant, z, divide_by_tasks)
     return U_perp @ sigma @ Vh_perp

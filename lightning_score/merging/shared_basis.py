@@ -14,12 +14,18 @@ serves all T tasks of a key.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_score.merging.key_factors import KeyFactors
 
 __all__ = [
     "canonicalize_signs",
     "concatenate_leading",
+    "leading_triplets",
     "polar",
     "rank_budget",
     "shared_orthogonal_basis",
@@ -60,20 +66,39 @@ def canonicalize_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     return U * signs, Vh * signs.mT
 
 
-def concatenate_leading(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Concatenate each task's k leading singular triplets into r slots (zero-padded).
+def leading_triplets(deltas: Tensor, k: int, sign_convention: str = "svd") -> tuple[Tensor, Tensor, Tensor]:
+    """Step 1 for T task matrices ``[T, m, n]``: each task's k leading singular triplets.
 
     Args:
-        U: ``[T, m, r]`` left singular vectors of the T tasks.
-        S: ``[T, r]`` singular values.
-        Vh: ``[T, r, n]`` right singular vectors (as rows).
+        deltas: The T task matrices of one key.
+        k: How many leading triplets of each task.
+        sign_convention: ``"svd"`` keeps ``torch.linalg.svd``'s singular vectors as they are;
+            ``"canonical"`` applies :func:`canonicalize_signs` first.
+
+    Returns:
+        ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]``.
+    """
+    U, S, Vh = thin_svd(deltas)
+    if sign_convention == "canonical":
+        U, Vh = canonicalize_signs(U, Vh)
+    return U[..., :k], S[..., :k], Vh[..., :k, :]
+
+
+def concatenate_leading(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate each task's k leading singular triplets into r = min(m, n) slots (zero-padded).
+
+    Args:
+        U: ``[T, m, q]`` left singular vectors of the T tasks (q ≥ k: all r of them, or the leading ones).
+        S: ``[T, q]`` singular values.
+        Vh: ``[T, q, n]`` right singular vectors (as rows).
         k: Per-task rank budget.
 
     Returns:
         ``U_cat [m, r]``, ``s_cat [r]`` and ``V_catᵀ [r, n]``; task t fills slots t·k … (t+1)·k − 1.
     """
-    num_tasks, m, r = U.shape
+    num_tasks, m, _ = U.shape
     n = Vh.shape[-1]
+    r = min(m, n)
     U_cat, s_cat, Vh_cat = U.new_zeros(m, r), S.new_zeros(r), Vh.new_zeros(r, n)
     used = num_tasks * k
     U_cat[:, :used] = U[:, :, :k].permute(1, 0, 2).reshape(m, used)
@@ -82,18 +107,29 @@ def concatenate_leading(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tenso
     return U_cat, s_cat, Vh_cat
 
 
-def shared_orthogonal_basis(deltas: Tensor, sign_convention: str = "svd") -> tuple[Tensor, Tensor, Tensor]:
+def shared_orthogonal_basis(
+    deltas: Tensor, sign_convention: str = "svd", factors: KeyFactors | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Steps 1-3 for T task matrices ``[T, m, n]``: U⊥ ``[m, r]``, s_cat ``[r]``, V⊥ᵀ ``[r, n]``.
 
     Args:
         deltas: The T task matrices of one key.
         sign_convention: ``"svd"`` keeps ``torch.linalg.svd``'s singular vectors as they are;
             ``"canonical"`` applies :func:`canonicalize_signs` first.
+        factors: Precomputed per-task SVDs and bases of these experts (from a
+            :class:`~lightning_score.merging.FactorCache`); the result is bit-identical without them.
     """
+    if factors is None:
+        return _basis(deltas, sign_convention, None)
+    return factors.reuse(deltas, ("shared_basis", sign_convention), lambda: _basis(deltas, sign_convention, factors))
+
+
+def _basis(deltas: Tensor, sign_convention: str, factors: KeyFactors | None) -> tuple[Tensor, Tensor, Tensor]:
     _, k = rank_budget(deltas.shape, deltas.shape[0])
-    U, S, Vh = thin_svd(deltas)
-    if sign_convention == "canonical":
-        U, Vh = canonicalize_signs(U, Vh)
+    if factors is None:
+        U, S, Vh = leading_triplets(deltas, k, sign_convention)
+    else:
+        U, S, Vh = factors.leading(deltas, k, sign_convention)
     U_cat, s_cat, Vh_cat = concatenate_leading(U, S, Vh, k)
     return polar(U_cat), s_cat, polar(Vh_cat)
 

@@ -10,10 +10,15 @@ polar factors and put the singular values back: Δ* = U⊥ · diag(s_cat) · V�
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from lightning_score.merging.registry import register_method
 from lightning_score.merging.shared_basis import shared_orthogonal_basis
+
+if TYPE_CHECKING:
+    from lightning_score.merging.key_factors import KeyFactors
 
 __all__ = ["tsv_merge"]
 
@@ -23,7 +28,7 @@ __all__ = ["tsv_merge"]
     reference="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025, "
     "arXiv:2412.00081",
 )
-def tsv_merge(deltas: Tensor) -> Tensor:
+def tsv_merge(deltas: Tensor, *, factors: KeyFactors | None = None) -> Tensor:
     """Keep each task's leading singular triplets and decorrelate them by orthogonalising the vectors.
 
     No options (the rank budget is k = ⌊r/T⌋). Non-matrix keys get the mean. The result does not depend on
@@ -31,9 +36,12 @@ def tsv_merge(deltas: Tensor) -> Tensor:
 
     Args:
         deltas: ``[T, m, n]`` the T task matrices of one key.
+        factors: Supplied by the engine from a :class:`~lightning_score.merging.FactorCache`: the tasks' SVDs
+            and the shared basis (the one SCORE builds), computed once for these experts. The result is
+            bit-identical without it.
 
     Returns:
         Δ* ``[m, n]``.
     """
-    U_perp, s_cat, Vh_perp = shared_orthogonal_basis(deltas)
+    U_perp, s_cat, Vh_perp = shared_orthogonal_basis(deltas, "svd", factors)
     return (U_perp * s_cat) @ Vh_perp

@@ -1,0 +1,167 @@
+"""Factor files: one expert's per-key thin SVDs as a safetensors file, shared by processes and cluster jobs.
+
+A file holds, for some matrix keys of one task vector, the leading singular triplets of its thin SVD
+Δ = U S Vᵀ as computed on one kind of device in one dtype (tensors ``<key>::U [m, q]``, ``<key>::S [q]``,
+``<key>::Vh [q, n]``, q ≤ min(m, n)), and a header naming the format, the task vector's content fingerprint,
+the device, the dtype and the torch version. Its name hashes all of these, so a file is only ever read back
+by a process that would compute the same bits, and a re-trained expert (new content) gets a new file.
+
+Files are written atomically (a temporary file, then a rename), so a reader sees a complete file or none;
+:func:`factor_lock` (a :mod:`filelock` lock beside the file) lets a second process wait for the first instead
+of computing the same factors again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import filelock
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lightning_score.atomic import atomic_write
+
+__all__ = ["FORMAT", "FactorFile", "device_tag", "factor_lock", "factor_path", "write_factor_file"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lightning-score/factors"
+FORMAT_VERSION = 1
+Triplet = tuple[Tensor, Tensor, Tensor]
+
+
+def device_tag(device: torch.device) -> str:
+    """What decides the bits of an SVD besides its input: the device kind (and GPU model), and torch's version."""
+    tag = f"{device.type}|torch {torch.__version__}"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        tag += f"|{torch.cuda.get_device_name(index)}|cuda {torch.version.cuda}"
+    return tag
+
+
+def _digest(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=6).hexdigest()
+
+
+def factor_path(
+    fingerprint: str, device: torch.device, dtype: torch.dtype, *, beside: Path | None, directory: Path | None
+) -> Path | None:
+    """Where the factors of a task vector live: in ``directory``, else beside its file ``beside``, else nowhere.
+
+    The name is ``<task-vector stem>.factors-<hash>.safetensors`` (``factors-<hash>.safetensors`` in a directory),
+    the hash covering the content fingerprint, :func:`device_tag` and the dtype.
+    """
+    tag = _digest(fingerprint, device_tag(device), str(dtype))
+    if directory is not None:
+        return Path(directory) / f"factors-{fingerprint.split(':')[-1][:16]}-{tag}.safetensors"
+    if beside is not None:
+        return beside.with_name(f"{beside.stem}.factors-{tag}.safetensors")
+    return None
+
+
+class FactorFile:
+    """A factor file opened for reading; tensors are read (memory-mapped) only when asked for.
+
+    Args:
+        path: The file.
+        fingerprint: The content fingerprint the file must have been written for.
+        device: The device the factors must have been computed on.
+        dtype: The dtype they must be in.
+
+    Raises:
+        ValueError: The file is not a factor file of this task vector, device and dtype (the message names it).
+    """
+
+    def __init__(self, path: Path, fingerprint: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"'{path}' is not a readable factor file ({error}).") from error
+        wanted = {"format": FORMAT, "fingerprint": fingerprint, "device": device_tag(device), "dtype": str(dtype)}
+        found = {name: header.get(name) for name in wanted}
+        if found != wanted:
+            raise ValueError(f"'{path}' holds factors of {found}, not of {wanted}.")
+        self.ranks: dict[str, int] = {key: int(rank) for key, rank in json.loads(header.get("ranks", "{}")).items()}
+        self._handle = safe_open(str(path), framework="pt")
+
+    def rank(self, key: str) -> int:
+        """How many leading triplets the file holds for ``key`` (0: none)."""
+        return self.ranks.get(key, 0)
+
+    def read(self, key: str) -> Triplet:
+        """The stored ``(U [m, q], S [q], Vh [q, n])`` of ``key``, on CPU."""
+        return tuple(self._handle.get_tensor(f"{key}::{name}") for name in ("U", "S", "Vh"))  # type: ignore[return-value]
+
+
+def open_factor_file(path: Path, fingerprint: str, device: torch.device, dtype: torch.dtype) -> FactorFile | None:
+    """The file at ``path`` if it exists and matches; a mismatching or damaged file is logged and ignored."""
+    if not path.is_file():
+        return None
+    try:
+        return FactorFile(path, fingerprint, device, dtype)
+    except ValueError as error:
+        log.warning("Ignoring factor file: %s It will be computed again and replaced.", error)
+        return None
+
+
+def write_factor_file(
+    path: Path, fingerprint: str, device: torch.device, dtype: torch.dtype, factors: Mapping[str, Triplet]
+) -> Path:
+    """Write ``{key: (U, S, Vh)}`` atomically as the factor file of a task vector.
+
+    Args:
+        path: The destination (see :func:`factor_path`).
+        fingerprint: The task vector's content fingerprint.
+        device: The device the factors were computed on.
+        dtype: Their dtype.
+        factors: The leading triplets per key.
+
+    Returns:
+        ``path``.
+    """
+    tensors: dict[str, Tensor] = {}
+    for key, triplet in factors.items():
+        for name, tensor in zip(("U", "S", "Vh"), triplet, strict=True):
+            tensors[f"{key}::{name}"] = tensor.detach().to("cpu").contiguous()
+    header = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "fingerprint": fingerprint,
+        "device": device_tag(device),
+        "dtype": str(dtype),
+        "ranks": json.dumps({key: int(triplet[1].shape[-1]) for key, triplet in factors.items()}, sort_keys=True),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+@contextlib.contextmanager
+def factor_lock(path: Path, timeout: float) -> Iterator[None]:
+    """Hold the inter-process lock of a factor file (``<file>.lock`` beside it) while computing and writing it.
+
+    Raises:
+        TimeoutError: Another process held the lock longer than ``timeout`` seconds; the message names the lock.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path), timeout=timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise TimeoutError(
+            f"Waited {timeout:.0f} s for '{lock_path}', held by another process computing the same factors. If no "
+            "such process is running, delete the lock file; otherwise raise FactorCache(lock_timeout=...)."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
