@@ -9,7 +9,8 @@ Two searches over ``accuracy(α)`` (one evaluation = one pass over the validatio
   narrower than ``tolerance`` (0.01) or after ``max_iterations`` (15) steps.
 
 Both return the α with the highest accuracy among those evaluated; ties go to the α closest to 1 (the
-unscaled merge), then to the one evaluated first.
+unscaled merge), then to the one evaluated first. :meth:`AlphaSearchResult.edge` says when the choice lies at
+the end of the searched range (the best α may then lie beyond it).
 """
 
 from __future__ import annotations
@@ -33,11 +34,48 @@ class AlphaSearchResult:
         method: ``"grid"`` or ``"golden"``.
         evaluated: ``(α, accuracy)`` pairs in the order they were evaluated.
         selected: The chosen α.
+        low: The smallest α the search could choose (the grid's smallest value, the bracket's left end).
+        high: The largest.
+        margin: How close to an end counts as at it (0 for a grid; twice the tolerance for golden section,
+            which never evaluates the ends themselves).
     """
 
     method: str
     evaluated: list[tuple[float, float]] = field(default_factory=list)
     selected: float = 1.0
+    low: float | None = None
+    high: float | None = None
+    margin: float = 0.0
+
+    def edge(self) -> str | None:
+        """``"upper"`` or ``"lower"`` when α was chosen at that end of the searched range, else None.
+
+        The lower end counts only above 0: α below 0 would undo the experts.
+
+        Example:
+            >>> grid_search(lambda a: a, [0.5, 1.0, 1.5]).edge()
+            'upper'
+        """
+        if self.low is None or self.high is None or not self.high > self.low:
+            return None
+        if self.selected >= self.high - self.margin:
+            return "upper"
+        if self.low > 0 and self.selected <= self.low + self.margin:
+            return "lower"
+        return None
+
+    def edge_warning(self) -> str | None:
+        """One sentence for a warning when :meth:`edge` is not None."""
+        edge = self.edge()
+        if edge is None:
+            return None
+        end, beyond = (self.high, "larger") if edge == "upper" else (self.low, "smaller")
+        where = "grid" if self.method == "grid" else "search bracket"
+        fix = "extend alpha_grid" if self.method == "grid" else "set a number for alpha"
+        return (
+            f"α search chose α = {self.selected:.3g}, at the {edge} end of its {where} ({end:.3g}): the best α may be "
+            f"{beyond} than any value tried; {fix} to look further."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"method", "alphas", "val_acc", "selected"}``."""
@@ -65,7 +103,7 @@ def grid_search(accuracy: Callable[[float], float], grid: Sequence[float]) -> Al
     if not grid:
         raise ValueError("The α grid is empty: give at least one value, e.g. alpha_grid=[0.5, 1.0].")
     evaluated = [(float(alpha), float(accuracy(float(alpha)))) for alpha in grid]
-    return AlphaSearchResult("grid", evaluated, _best(evaluated))
+    return AlphaSearchResult("grid", evaluated, _best(evaluated), float(min(grid)), float(max(grid)))
 
 
 def golden_section_search(
@@ -115,4 +153,4 @@ def golden_section_search(
             fd = evaluate(d)
         if abs(b - a) < tolerance:
             break
-    return AlphaSearchResult("golden", evaluated, _best(evaluated))
+    return AlphaSearchResult("golden", evaluated, _best(evaluated), float(low), float(high), 2 * tolerance)

@@ -13,8 +13,10 @@ Modes:
 * ``expert``: one task vector applied, θ₀ + α·τ.
 * ``ensemble``: the average of the experts' logits (one image encoder per expert, T× inference cost).
 
-Everything data-dependent (α search, ESM's proxy activations) reads the sources' validation data only
-(``datamodule.val_dataloader()`` and ``datamodule.proxy_dataloader(domain, n)``), never a test loader.
+Everything data-dependent (α search; the statistics of the data-using methods: ESM's layer inputs, RegMean's
+Gram matrices, Fisher merging's diagonal Fishers, see :mod:`lightning_score.merge_statistics`) reads the
+sources' validation data only (``datamodule.val_dataloader()`` and ``datamodule.proxy_dataloader(domain, n)``),
+never a test loader.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_score.alpha import ALPHA_SEARCHES, golden_section_search, grid_search
 from lightning_score.classifier import CLIPClassifier
-from lightning_score.merge_passes import expert_activations, validation_accuracy
+from lightning_score.console import describe_options, quiet_logger
+from lightning_score.merge_passes import validation_accuracy
 from lightning_score.merge_ranks import merge_on_ranks, shard_keys
+from lightning_score.merge_statistics import STATISTICS, collect_statistics, statistic_options
 from lightning_score.merging import get_method
 from lightning_score.models import save_clip_weights
 from lightning_score.profiling import Measure
@@ -69,7 +73,8 @@ class MergeModule(CLIPClassifier):
         alpha_grid: Candidate values of ``alpha="auto"`` with ``alpha_search="grid"``.
         alpha_search: How ``alpha="auto"`` searches: ``"grid"`` (every value of ``alpha_grid``, the default)
             or ``"golden"`` (golden-section search on [0, 2] to a 0.01-wide bracket, as the ESM authors tune α).
-        proxy_images: Unlabelled images per source domain for data-dependent methods (ESM).
+        proxy_images: Unlabelled images per source domain from which the data-using methods' statistics are
+            collected (ESM, RegMean, Fisher; see :mod:`lightning_score.merge_statistics`).
         merge_device: Where to merge; default the Trainer's device.
         templates: Prompt-template set of the zero-shot head (see :class:`CLIPClassifier`).
         classnames: Class names of the head; default the datamodule's.
@@ -103,7 +108,15 @@ class MergeModule(CLIPClassifier):
         self.method_options = dict(method_options or {})
         if mode == "merge":
             spec = get_method(method)  # unknown method: a clear error before loading anything
-            spec.resolve_options({k: v for k, v in self.method_options.items() if k != "activations"})
+            collected = statistic_options(method)  # a data method whose statistics are not collected: refused
+            given = sorted(set(collected) & set(self.method_options))
+            if given:
+                raise ValueError(
+                    f"method_options[{given[0]!r}]: MergeModule collects '{method}'s {given[0]} itself, from "
+                    f"proxy_images unlabelled images of each source domain; drop it (to merge with statistics of "
+                    "your own, call lightning_score.merging.merge_task_vectors)."
+                )
+            spec.resolve_options(self.method_options)
         super().__init__(model_name, pretrained, templates, classnames, head_cache)
         self.mode = mode
         self.alpha = alpha
@@ -118,7 +131,7 @@ class MergeModule(CLIPClassifier):
         self.experts = nn.ModuleList()
         self.merged: TaskVector | None = None  #: τ* at α = 1 (mode ``merge``), on CPU.
         self.current_alpha: float | None = None  #: The α of the weights now in the image encoder.
-        self.merge_seconds: float | None = None  #: Wall time of the merge (including ESM's activations).
+        self.merge_seconds: float | None = None  #: Wall time of the merge (including a data method's statistics).
         self.merge_peak_bytes: int | None = None  #: Memory growth during the merge on the merge device.
         #: What the α search evaluated and chose: ``{"method", "alphas", "val_acc", "selected"}``, else None.
         self.alpha_search: dict[str, Any] | None = None
@@ -151,21 +164,33 @@ class MergeModule(CLIPClassifier):
             rank_zero_info("MergeModule(mode='zeroshot') ignores its task vectors.")
             return []
         tvs = [TaskVector.load(path) for path in self.task_vector_paths]  # missing / not a task vector: clear errors
-        encoder_keys = set(self.image_encoder.state_dict())
         for tv in tvs:
-            if tv.base_fingerprint and tv.base_fingerprint != self.pretrained_fingerprint:
-                raise ValueError(
-                    f"{tv.describe()} was made from different pre-trained weights than {self.base_model} "
-                    f"(base fingerprint {tv.base_fingerprint[:20]}… vs {self.pretrained_fingerprint[:20]}…). "
-                    "Merge experts into the model they were fine-tuned from: check model_name and pretrained."
-                )
-            extra = sorted(set(tv) - encoder_keys)
-            if extra:
-                raise ValueError(
-                    f"{tv.describe()} has key '{extra[0]}' that {self.model_name}'s image encoder lacks: it is not a "
-                    "task vector of this architecture's image encoder."
-                )
+            self._check_base(tv)
         return tvs
+
+    def _check_base(self, tv: TaskVector) -> None:
+        """Refuse a task vector of another architecture (shapes) or of other pre-trained weights (fingerprint)."""
+        theirs = f"{tv.describe()} (fine-tuned from {tv.base_model or 'an unrecorded base model'})"
+        fix = "Merge experts into the model they were fine-tuned from: set model_name and pretrained to theirs."
+        encoder = self.image_encoder.state_dict()
+        for key in tv:
+            if key not in encoder:
+                raise ValueError(
+                    f"{theirs} is of a different architecture than {self.base_model}: its key '{key}' is not in this "
+                    f"model's image encoder. {fix}"
+                )
+            shape = tv.tensor_spec(key)[0]
+            if tuple(shape) != tuple(encoder[key].shape):
+                raise ValueError(
+                    f"{theirs} is of a different architecture than {self.base_model}: '{key}' has shape "
+                    f"{list(shape)} there and {list(encoder[key].shape)} here. {fix}"
+                )
+        if tv.base_fingerprint and tv.base_fingerprint != self.pretrained_fingerprint:
+            raise ValueError(
+                f"{theirs} was made from different pre-trained weights than {self.base_model}, of the same "
+                f"architecture (base fingerprints {tv.base_fingerprint[:20]}… vs {self.pretrained_fingerprint[:20]}…). "
+                f"{fix}"
+            )
 
     # --- setup: build the weights once ------------------------------------------------------------
 
@@ -221,8 +246,8 @@ class MergeModule(CLIPClassifier):
         """Merge the task vectors (at α = 1) on the compute device, once for all ranks.
 
         Shardable methods: each of the Trainer's ranks merges a share of the keys and the shares are
-        exchanged. Others (and data-dependent ones, ESM): rank zero merges and broadcasts τ*. A failure on
-        any rank stops every rank.
+        exchanged. Others (and the data-using ones: ESM, RegMean, Fisher): rank zero collects the statistics
+        (:meth:`collect_statistics`), merges and broadcasts τ*. A failure on any rank stops every rank.
 
         Returns:
             τ* on CPU. :attr:`merge_seconds` and :attr:`merge_peak_bytes` record the cost.
@@ -230,17 +255,26 @@ class MergeModule(CLIPClassifier):
         device = self._compute_device()
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
-        with Measure(device) as measure:
+        # the engine's own line is quieted: the one below says it, with the options
+        with Measure(device) as measure, quiet_logger("lightning_score.merging.engine"):
             merged = merge_on_ranks(
-                self._task_vectors, self.method, self.method_options, device, strategy, self.collect_activations
+                self._task_vectors, self.method, self.method_options, device, strategy, self.collect_statistics
             )
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
         rank_zero_info(
-            f"MergeModule: merged {len(self._task_vectors)} task vectors with '{self.method}' on {device} in "
-            f"{measure.seconds:.1f} s (peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
+            f"MergeModule: merged {len(self._task_vectors)} task vectors with '{self.method}' "
+            f"({describe_options(self._merge_record.get('options', {}), skip=list(STATISTICS))}"
+            f"{self._statistics_note()}) on {device} in {measure.seconds:.1f} s "
+            f"(peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
         )
         return merged
+
+    def _statistics_note(self) -> str:
+        names = statistic_options(self.method)
+        if not names:
+            return ""
+        return f"; {' and '.join(names)} from {self.proxy_images} proxy images per source domain"
 
     def merged_weights(self, alpha: float) -> dict[str, Tensor]:
         """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is), in θ₀'s dtype."""
@@ -311,25 +345,36 @@ class MergeModule(CLIPClassifier):
             f"MergeModule: α search ({result.method}) on the source validation data ({table}); "
             f"chose α = {result.selected:.3g}."
         )
+        warning = result.edge_warning()
+        if warning is not None:
+            rank_zero_warn(f"MergeModule: {warning}")
         return result.selected
 
-    # --- ESM's proxy activations -------------------------------------------------------------------
+    # --- the data-using methods' statistics -------------------------------------------------------
 
-    def collect_activations(self, device: torch.device) -> list[dict[str, Tensor]]:
-        """Run each expert on a few unlabelled images of its own (source) domain; record its target layers' inputs.
+    def collect_statistics(self, device: torch.device | None = None) -> dict[str, list[dict[str, Tensor]]]:
+        """Run each expert θ₀ + τ_t on :attr:`proxy_images` unlabelled images of its own (source) domain.
+
+        Collects what :attr:`method` takes (ESM: ``activations``, RegMean: ``grams``, Fisher: ``fishers``;
+        see :mod:`lightning_score.merge_statistics`), in eval mode under the Trainer's precision. Never reads
+        a test (target) domain.
+
+        Args:
+            device: Where the experts run; default the merge device.
 
         Returns:
-            One mapping per task vector: weight key → layer inputs ``[images × tokens, width]`` (on CPU).
+            Option name → one mapping per task vector (CPU tensors); empty for a data-free method.
         """
-        return expert_activations(
+        return collect_statistics(
+            self.method,
+            self._task_vectors,
             self.image_encoder,
             self._pretrained_state,
-            self._task_vectors,
+            self.head,
             self._datamodule(),
             self.proxy_images,
-            self.method,
             self._trainer,
-            device,
+            device or self._compute_device(),
         )
 
     # --- the logit ensemble ------------------------------------------------------------------------

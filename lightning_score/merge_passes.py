@@ -1,8 +1,9 @@
-"""The forward passes a merge needs before testing: α's validation accuracy and ESM's proxy activations.
+"""The forward passes a merge needs before testing: α's validation accuracy and the data methods' statistics.
 
-Both run as Lightning's own evaluation loops do: the model in eval mode, under ``torch.inference_mode``,
-inside the precision plugin's forward context (autocast for ``*-mixed``, half-precision weights and inputs
-for ``*-true``), on the Trainer's device. They read only source-domain data: the datamodule's
+They run as Lightning's own evaluation loops do: the model in eval mode, under ``torch.inference_mode``
+(:func:`inference_pass`; the Fisher pass needs gradients, so :func:`gradient_pass` drops only that), inside
+the precision plugin's forward context (autocast for ``*-mixed``, half-precision weights and inputs for
+``*-true``), on the Trainer's device. They read only source-domain data: the datamodule's
 ``val_dataloader()`` (the sources' validation data) and ``proxy_dataloader(domain, n)`` for a source domain,
 never a test (target) loader.
 """
@@ -10,9 +11,7 @@ never a test (target) loader.
 from __future__ import annotations
 
 import contextlib
-import copy
-import operator
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,31 +19,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_score.merging.esm import ESM_TARGETS
+from lightning_score.layer_inputs import record_layer_inputs
 from lightning_score.ranks import rank_share
-from lightning_score.task_vector import TaskVector
 
-__all__ = ["expert_activations", "inference_pass", "layer_inputs", "validation_accuracy"]
+__all__ = ["gradient_pass", "images_and_labels", "inference_pass", "layer_grams", "layer_inputs", "validation_accuracy"]
 
 
 @contextlib.contextmanager
-def inference_pass(module: nn.Module, trainer: pl.Trainer | None) -> Iterator[Callable[[Tensor], Tensor]]:
+def inference_pass(
+    module: nn.Module, trainer: pl.Trainer | None, gradients: bool = False
+) -> Iterator[Callable[[Tensor], Tensor]]:
     """Eval mode, inference mode and the Trainer's precision context; yields the input converter.
 
     The module's train/eval flags (per submodule) are restored afterwards.
+
+    Args:
+        module: The model to run.
+        trainer: Its Trainer (``None``: no precision context, inputs unchanged).
+        gradients: Record gradients (:func:`gradient_pass`) instead of inference mode.
     """
     modes = {sub: sub.training for sub in module.modules()}
     precision = trainer.precision_plugin if trainer is not None else None
     module.eval()
     try:
-        with torch.inference_mode(), precision.forward_context() if precision else contextlib.nullcontext():
+        with (
+            _gradients_on() if gradients else torch.inference_mode(),
+            precision.forward_context() if precision else contextlib.nullcontext(),
+        ):
             yield precision.convert_input if precision is not None else (lambda images: images)
     finally:
         for sub, training in modes.items():
             sub.training = training
 
 
-def _images_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
+@contextlib.contextmanager
+def _gradients_on() -> Iterator[None]:
+    """Autograd on and inference mode off, even inside an evaluation loop."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def gradient_pass(module: nn.Module, trainer: pl.Trainer | None) -> contextlib.AbstractContextManager:
+    """As :func:`inference_pass` (eval mode, the Trainer's precision), with autograd on: for the Fisher pass."""
+    return inference_pass(module, trainer, gradients=True)
+
+
+def images_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """A batch's images and labels (``None`` for a loader of images only, such as ``proxy_dataloader``)."""
     if isinstance(batch, list | tuple):
         return batch[0], batch[1] if len(batch) > 1 else None
     return batch, None
@@ -70,7 +91,7 @@ def validation_accuracy(
     with inference_pass(encoder, trainer) as convert:
         for index, loader in enumerate(loader_list):
             for batch in rank_share(loader, rank, world):
-                images, labels = _images_and_labels(batch)
+                images, labels = images_and_labels(batch)
                 if labels is None:
                     raise ValueError("The validation loader yields images without labels; α search needs labels.")
                 logits = head(F.normalize(encoder(convert(images.to(device))), dim=-1))
@@ -89,63 +110,70 @@ def layer_inputs(
     trainer: pl.Trainer | None,
     device: torch.device,
 ) -> dict[str, Tensor]:
-    """The inputs of the layers owning the weight keys ``targets``, over every image of ``loader``.
+    """The inputs of the layers owning the weight keys ``targets``, over every image of ``loader`` (ESM).
 
     Returns:
         weight key → ``[images × tokens, width]`` float32 on CPU.
     """
     captured: dict[str, list[Tensor]] = {key: [] for key in targets}
-    handles = []
-    for key in targets:
-        module_path = key.removesuffix(".in_proj_weight").removesuffix(".weight")
-        module = operator.attrgetter(module_path)(encoder)
 
-        def hook(_: nn.Module, args: tuple[Any, ...], key: str = key) -> None:
-            captured[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", torch.float32))
+    def keep(key: str, rows: Tensor) -> None:
+        captured[key].append(rows.to("cpu", torch.float32))
 
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with inference_pass(encoder, trainer) as convert:
-            for batch in loader:
-                images, _ = _images_and_labels(batch)
-                encoder(convert(images.to(device)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_over(encoder, targets, loader, trainer, device, keep)
     return {key: torch.cat(chunks) for key, chunks in captured.items()}
 
 
-def expert_activations(
+def layer_grams(
     encoder: nn.Module,
-    pretrained: Mapping[str, Tensor],
-    task_vectors: Sequence[TaskVector],
-    datamodule: Any,
-    num_images: int,
-    method: str,
+    targets: Sequence[str],
+    loader: Any,
     trainer: pl.Trainer | None,
     device: torch.device,
-) -> list[dict[str, Tensor]]:
-    """ESM's proxy pass: each expert θ₀ + τ_t on a few unlabelled images of its own (source) domain.
+) -> dict[str, Tensor]:
+    """RegMean's statistics: ``XᵀX / N`` of each target layer's inputs X ``[N, width]`` over ``loader``.
+
+    N counts rows (images × tokens); the products are summed in float64 on ``device`` batch by batch, so
+    the inputs themselves are never kept. Dividing by N is the normalisation of RegMean's released code
+    (a running mean over batches): with the same number of proxy images per source, every task weighs the same.
 
     Returns:
-        One mapping per task vector: target weight key → its layer's inputs ``[images × tokens, width]``.
+        weight key → ``[width, width]`` float32 on CPU.
     """
-    if datamodule is None or not hasattr(datamodule, "proxy_dataloader"):
-        raise ValueError(f"Method '{method}' needs unlabelled source images: test with a DomainDataModule.")
-    targets = [k for k in pretrained if k.endswith(ESM_TARGETS)]
-    test_domains = set(getattr(datamodule, "test_domains", []) or [])
-    activations = []
-    for tv in task_vectors:
-        if not tv.domain:
-            raise ValueError(f"{tv.describe()} records no domain, which '{method}' needs to draw proxy images.")
-        if tv.domain in test_domains:
-            raise ValueError(
-                f"{tv.describe()} is the expert of '{tv.domain}', a test domain: '{method}' never uses "
-                "target-domain images. Merge only source-domain experts."
-            )
-        expert = copy.deepcopy(encoder).to(device)
-        expert.load_state_dict(tv.apply_to(pretrained))
-        loader = datamodule.proxy_dataloader(tv.domain, num_images)
-        activations.append(layer_inputs(expert, targets, loader, trainer, device))
-        del expert
-    return activations
+    sums: dict[str, Tensor] = {}
+    rows: dict[str, int] = dict.fromkeys(targets, 0)
+
+    def accumulate(key: str, x: Tensor) -> None:
+        x = x.to(device=device, dtype=torch.float64)
+        product = x.T @ x
+        sums[key] = sums[key] + product if key in sums else product
+        rows[key] += x.shape[0]
+
+    _run_over(encoder, targets, loader, trainer, device, accumulate)
+    return {key: (sums[key] / rows[key]).to("cpu", torch.float32) for key in targets}
+
+
+def _run_over(
+    encoder: nn.Module,
+    targets: Sequence[str],
+    loader: Any,
+    trainer: pl.Trainer | None,
+    device: torch.device,
+    sink: Callable[[str, Tensor], None],
+) -> None:
+    seen: set[str] = set()
+
+    def record(key: str, rows: Tensor) -> None:
+        seen.add(key)
+        sink(key, rows)
+
+    with record_layer_inputs(encoder, targets, record), inference_pass(encoder, trainer) as convert:
+        for batch in loader:
+            images, _ = images_and_labels(batch)
+            encoder(convert(images.to(device)))
+    missing = [key for key in targets if key not in seen]
+    if missing:
+        raise ValueError(
+            f"Layer '{missing[0]}' (and {len(missing) - 1} more) received no input during the proxy pass: the "
+            "loader was empty, or the model never calls that layer."
+        )

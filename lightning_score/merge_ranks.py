@@ -3,7 +3,8 @@
 * A shardable method (every key merged on its own: SCORE, TSV, Iso, TIES...) is split into shares of about
   equal cost (:func:`shard_keys`); each rank merges its share and the shares are exchanged through the
   Trainer's strategy, so every rank ends with the whole τ*.
-* A method that needs every key at once or data (ESM) is merged by rank zero alone, which broadcasts τ*.
+* A method that needs every key at once or data (ESM, RegMean, Fisher) is merged by rank zero alone, which
+  collects the statistics and broadcasts τ*.
 
 A failure on any rank is raised on every rank (:mod:`lightning_score.ranks`). Under a single-device
 strategy, or with no Trainer, it is a plain :func:`~lightning_score.merging.merge_task_vectors` call.
@@ -24,7 +25,7 @@ from lightning_score.task_vector import TaskVector
 
 __all__ = ["merge_on_ranks", "shard_keys"]
 
-Activations = Callable[[torch.device], list[dict[str, Tensor]]]
+Statistics = Callable[[torch.device], Mapping[str, Any]]
 
 
 def _cost(shape: tuple[int, ...]) -> int:
@@ -65,7 +66,7 @@ def merge_on_ranks(
     options: Mapping[str, Any],
     device: torch.device,
     strategy: Strategy | None,
-    activations: Activations | None = None,
+    statistics: Statistics | None = None,
 ) -> TaskVector:
     """τ* at α = 1, the same on every rank of ``strategy``.
 
@@ -75,7 +76,8 @@ def merge_on_ranks(
         options: Its options.
         device: Where each rank computes.
         strategy: The Trainer's strategy (``None``: this process alone).
-        activations: For data methods (ESM): computes their activations on the merging rank.
+        statistics: For data methods: computes their statistics options (``{"grams": [...]}``...) on the
+            merging rank (see :func:`lightning_score.merge_statistics.collect_statistics`).
 
     Returns:
         τ* on CPU; under a sharded merge its metadata records ``sharded_over_ranks``.
@@ -85,9 +87,9 @@ def merge_on_ranks(
     def merge(keys: list[str] | None) -> TaskVector:
         kwargs = dict(options)
         if spec.needs_data:
-            if activations is None:
-                raise ValueError(f"Method '{method}' needs data: give it its activations.")
-            kwargs["activations"] = activations(device)
+            if statistics is None:
+                raise ValueError(f"Method '{method}' needs data: give it its statistics.")
+            kwargs.update(statistics(device))
         if keys is not None:
             kwargs["keys"] = keys
         return merge_task_vectors(task_vectors, method, device=device, **kwargs)
