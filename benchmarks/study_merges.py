@@ -131,7 +131,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=None, help="only the first N transformer blocks")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--files", action="store_true", help="also run the factor-file modes (write, then read)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the cores)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
     shapes = vit_b32_shapes()

@@ -254,20 +254,22 @@ class FactorCache:
         batched: bool = False,
         prefetch: bool = False,
         batch_bytes: int = 2**30,
+        num_tasks: int | None = None,
     ) -> ExpertSet:
         """Make sure every expert's factors of ``keys`` are held (memory or file) before a merge reads them.
 
         Missing factors are computed key by key, or with ``batched`` all same-shaped keys of an expert (every
         block's ``mlp.c_fc.weight``...) through one solver call, at most ``batch_bytes`` of inputs at a time, and
         with ``prefetch`` the next batch loads while this one is factorized. With ``save`` the expert's file is
-        (re)written, under its lock, with everything held for it.
+        (re)written, under its lock, with everything held for it. The engine calls this; ``load(index, key,
+        dtype)`` returns expert ``index``'s slice of ``key`` on ``device``, checked for NaN/inf.
 
         Returns:
             The handle the merge uses to read factors per key.
         """
-        num_tasks = len(task_vectors)
+        num_tasks = num_tasks or len(task_vectors)
         if self._anonymous:
-            fingerprints = tuple(f"task {index}" for index in range(num_tasks))
+            fingerprints = tuple(f"task {index}" for index in range(len(task_vectors)))
         else:
             fingerprints = tuple(tv.content_fingerprint() for tv in task_vectors)
         expert_set = ExpertSet(self, fingerprints, device)
@@ -281,6 +283,40 @@ class FactorCache:
                     batched, prefetch, batch_bytes,
                 )  # fmt: skip
         return expert_set
+
+    def factorize(
+        self,
+        task_vector: TaskVector,
+        *,
+        num_tasks: int,
+        device: str | torch.device | None = None,
+        compute_dtype: torch.dtype | None = None,
+        batched: bool | None = None,
+    ) -> None:
+        """Compute one expert's factors of every matrix key now, for later merges of ``num_tasks`` experts or more.
+
+        E.g. in the job that trained it, so that a later evaluation job finds its factors file (with ``save``)
+        instead of computing it. Same keys, dtype and device rules as
+        :func:`~lightning_score.merging.merge_task_vectors`.
+        """
+        from lightning_score.merging.engine import is_matrix_key, resolve_device
+
+        target = resolve_device(device)
+        specs = {key: task_vector.tensor_spec(key) for key in task_vector}
+        keys = [key for key, (shape, _) in specs.items() if is_matrix_key(key, tuple(shape))]
+        dtypes = {key: compute_dtype or torch.promote_types(specs[key][1], torch.float32) for key in keys}
+
+        def load(index: int, key: str, dtype: torch.dtype) -> Tensor:
+            matrix = task_vector[key].to(device=target, dtype=dtype)
+            if not bool(torch.isfinite(matrix).all()):
+                raise ValueError(f"Key '{key}' of {task_vector.describe()} has non-finite values (NaN or inf).")
+            return matrix
+
+        on_cuda = target.type == "cuda"
+        self.prepare(
+            [task_vector], keys, device=target, dtypes=dtypes, shapes={k: tuple(specs[k][0]) for k in keys},
+            load=load, batched=on_cuda if batched is None else batched, prefetch=on_cuda, num_tasks=num_tasks,
+        )  # fmt: skip
 
     def _prepare_expert(
         self,

@@ -396,3 +396,35 @@ def test_prefetching_reports_non_finite_values_at_their_key(tmp_path: Path) -> N
     for options in ({"prefetch": True}, {"batch_svd": True, "prefetch": True}, {"factors": FactorCache()}):
         with pytest.raises(ValueError, match=r"'transformer.resblocks.1.mlp.c_fc.weight' of task 2 .* non-finite"):
             merge_task_vectors(tvs, "score", device="cpu", **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batched_cached_and_unbatched_merges_agree() -> None:
+    """On CUDA every path factorizes each (> 32 × 32) matrix with the same solver, so the bits agree too."""
+    g = torch.Generator().manual_seed(3)
+    tvs = [
+        TaskVector({f"transformer.resblocks.{b}.mlp.c_fc.weight": torch.randn(96, 48, generator=g) for b in range(3)})
+        for _ in range(4)
+    ]
+    cache = FactorCache()
+    for method, options in ROWS:
+        unbatched = merge_task_vectors(tvs, method, device="cuda", batch_svd=False, prefetch=False, **options)
+        batched = merge_task_vectors(tvs, method, device="cuda", **options)  # the default on CUDA
+        cached = merge_task_vectors(tvs, method, device="cuda", factors=cache, **options)
+        for key in unbatched:
+            assert torch.equal(batched[key], unbatched[key]), (method, options, key)
+            assert torch.equal(cached[key], unbatched[key]), (method, options, key)
+
+
+def test_an_expert_factorized_ahead_is_only_read_by_the_merges(tmp_path: Path) -> None:
+    """What a cluster's expert job does after training, so that the evaluation jobs compute no SVD."""
+    paths = _saved(tmp_path, 4)
+    for path in paths:
+        FactorCache(save=True, min_tasks=3).factorize(TaskVector.load(path), num_tasks=3, device="cpu")
+    evaluation = FactorCache(save=True, min_tasks=3)
+    tvs = [TaskVector.load(p) for p in paths]
+    merged = _leave_one_out(tvs, evaluation)
+    assert evaluation.stats["svd_computed"] == 0 and evaluation.stats["files_written"] == 0
+    plain = _leave_one_out(tvs, None)
+    for name in plain:
+        _assert_identical(merged[name], plain[name], str(name))
