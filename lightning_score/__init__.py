@@ -31,3 +31,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY_EXPORTS:
         return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
     raise AttributeError(f"module 'lightning_score' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (lazily imported: not in the namespace until first used) and the module's dunders."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__") and name.endswith("__"))})

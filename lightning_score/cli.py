@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,14 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
-from jsonargparse import DefaultHelpFormatter, Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from packaging.version import Version
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
 from lightning_score.atomic import atomic_write_text
+from lightning_score.cli_errors import one_line, own_error, raised_while_running
+from lightning_score.cli_help import (
+    DEFAULT_MODEL,
+    FUNCTION_HELP,
+    OVERVIEW,
+    SUBCOMMAND_HELP,
+    HelpFormatter,
+    command_description,
+)
+from lightning_score.console import EpochProgressBar, quiet_library_noise, results_table
 from lightning_score.data import DomainDataModule
 from lightning_score.merge_module import MergeModule
 from lightning_score.ranks import on_rank_zero
@@ -39,28 +49,36 @@ __all__ = ["LightningScoreCLI", "SaveRunConfig", "ScoreTrainer", "analyze", "mai
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_MODEL = {
-    "fit": "lightning_score.CLIPExpert",
-    "validate": "lightning_score.MergeModule",
-    "test": "lightning_score.MergeModule",
-    "predict": "lightning_score.MergeModule",
-    "merge": "lightning_score.MergeModule",
-}
-
-_OVERVIEW = """\
-Train-then-merge for CLIP experts with SCORE.
-
-  fit       fine-tune one expert per domain (the recipe's ScoreMergeCallback writes its task vector)
-  merge     merge task vectors, write the merged weights and config, test on held-out domains
-  validate  / test / predict   Lightning's loops on any module (default: MergeModule)
-  analyze   Subspace Alignment Ratio and singular spectra of task vectors (table, PNG, JSON)
-  study     the whole leave-one-domain-out study from one recipe: experts, every merge, tables, figures
-
-Run `lightning-score <command> --help` for a command's arguments."""
-
 
 class ScoreTrainer(Trainer):
-    """Lightning's Trainer with one more entry point, :meth:`merge`, used by ``lightning-score merge``."""
+    """Lightning's Trainer, plus merge (for lightning-score merge) and a test table with one row per domain."""
+
+    def test(
+        self,
+        model: LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        datamodule: LightningDataModule | None = None,
+        weights_only: bool | None = None,
+    ) -> list[dict[str, float]]:
+        """Lightning's test loop; with ``verbose``, the results print as one table, a row per test domain.
+
+        Args:
+            model: The model to test (default: the one of the last fit).
+            dataloaders: Test dataloaders, or a datamodule.
+            ckpt_path: A checkpoint to test ("best", "last", a path); see Lightning's ``Trainer.test``.
+            verbose: Print the results.
+            datamodule: The datamodule whose test_dataloader() to use.
+            weights_only: Passed to ``torch.load`` when a checkpoint is read.
+
+        Returns:
+            What ``Trainer.test`` returns: one mapping of metrics per test dataloader.
+        """
+        results = super().test(model, dataloaders, ckpt_path, False, datamodule, weights_only)
+        if verbose and self.is_global_zero and results:
+            sys.stdout.write(results_table(results) + "\n")
+        return results
 
     def merge(
         self,
@@ -95,10 +113,6 @@ class ScoreTrainer(Trainer):
         rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
         self.merged_path = target
         return results[0] if results and test else {}
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
-    """jsonargparse's help, keeping the line breaks of the overview."""
 
 
 def _dump(parser: LightningArgumentParser, config: Namespace) -> str:
@@ -146,12 +160,6 @@ class SaveRunConfig(SaveConfigCallback):
         self.saved_path = path
 
 
-_FUNCTION_HELP = {
-    "analyze": "Subspace Alignment Ratio and singular spectra of task vectors (`lightning-score analyze --help`).",
-    "study": "The whole leave-one-domain-out study from one recipe (`lightning-score study --help`).",
-}
-
-
 class LightningScoreCLI(LightningCLI):
     """``LightningCLI`` for lightning-score: any LightningModule as the model, any LightningDataModule as data.
 
@@ -163,10 +171,15 @@ class LightningScoreCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
-        parser_kwargs.setdefault("description", _OVERVIEW)
-        parser_kwargs.setdefault("formatter_class", _HelpFormatter)
-        for command, model in _DEFAULT_MODEL.items():
-            parser_kwargs.setdefault(command, {}).setdefault("default_model", model)
+        parser_kwargs.setdefault("description", OVERVIEW)
+        parser_kwargs.setdefault("formatter_class", HelpFormatter)
+        parser_kwargs.setdefault("exit_on_error", False)  # main() prints one line, not the usage and a tree
+        for command, model in DEFAULT_MODEL.items():
+            command_kwargs = parser_kwargs.setdefault(command, {})
+            command_kwargs.setdefault("default_model", model)
+            command_kwargs.setdefault("description", command_description(command))
+            command_kwargs.setdefault("formatter_class", HelpFormatter)
+            command_kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("save_config_callback", SaveRunConfig)
         super().__init__(
             LightningModule,
@@ -185,14 +198,18 @@ class LightningScoreCLI(LightningCLI):
         """Lightning's parsers; the subcommand list (and usage line) also names ``analyze`` and ``study``.
 
         Those two run outside LightningCLI (``main`` dispatches them first); they are listed through
-        jsonargparse's ``add_subcommand`` on the parser's subcommands action (``_subcommands_action``, pinned by
-        ``tests/lightning/test_cli.py``).
+        jsonargparse's ``add_subcommand`` on the parser's subcommands action (``_subcommands_action``). Each
+        subcommand's line in the list is ours (Lightning's cuts its docstrings mid-sentence): set on the
+        action's ``_choices_actions`` (argparse's). Both private names are pinned by
+        ``tests/lightning/test_cli_help.py``.
         """
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         action = getattr(self.parser, "_subcommands_action", None) if add_subcommands else None
         if action is not None:
-            for name, help_text in _FUNCTION_HELP.items():
+            for name, help_text in FUNCTION_HELP.items():
                 action.add_subcommand(name, self.init_parser(description=help_text), help=help_text)
+            for choice in getattr(action, "_choices_actions", []):
+                choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -207,12 +224,38 @@ class LightningScoreCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Default classes: the DomainDataModule as data, the subcommand's model (CLIPExpert / MergeModule)."""
+        """Default classes: the DomainDataModule as data, the subcommand's model (CLIPExpert / MergeModule).
+
+        The model's and data's help sections say which class is the default and how to list its arguments
+        (their titles would otherwise be Lightning's base-class docstrings; set through jsonargparse's
+        ``parser.groups``).
+        """
         defaults: dict[str, Any] = {"data": {"class_path": "lightning_score.DomainDataModule"}}
         model = getattr(parser, "lightning_score_default_model", None)
         if model is not None:
             defaults["model"] = {"class_path": model}
         parser.set_defaults(defaults)
+        groups = getattr(parser, "groups", {})
+        short = model.rsplit(".", 1)[-1] if model else "CLIPExpert"
+        titles = {
+            "model": f"Model (default {model}; its arguments: --model.help {short})",
+            "data": "Data (default lightning_score.DomainDataModule; its arguments: --data.help DomainDataModule)",
+        }
+        for key, title in titles.items():
+            if key in groups:
+                groups[key].title = title
+                groups[key].description = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's, with a progress bar that reads "Epoch 6", not "Epoch 6/-2", when no other is configured."""
+        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") if hasattr(config, "get") else None
+        if trainer_config is not None and trainer_config.get("enable_progress_bar", True) is not False:
+            callbacks = trainer_config.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks) and EpochProgressBar.available():
+                trainer_config["callbacks"] = [*callbacks, EpochProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_merge(self) -> None:
         """Write the resolved config next to the merged weights (rank zero)."""
@@ -287,44 +330,6 @@ def _show_our_info_logs() -> None:
 _COMMANDS = ("fit", "validate", "test", "predict", "merge", *_FUNCTION_COMMANDS)
 
 
-def _raised_while_running(error: BaseException) -> bool:
-    """Whether the error came from inside one of Lightning's loops (training, validation, test, predict).
-
-    Errors before the loops start (configuration, files, domains, fingerprints, refused strategies) are input
-    errors; one raised while a loop runs is a failure during training or evaluation and keeps its traceback.
-    """
-    frame = error.__traceback__
-    while frame is not None:
-        parts = Path(frame.tb_frame.f_code.co_filename).parts
-        if any(parts[i : i + 3] == ("lightning", "pytorch", "loops") for i in range(len(parts))):
-            return True
-        frame = frame.tb_next
-    return False
-
-
-_PACKAGE = Path(__file__).resolve().parent
-
-
-def _own_error(error: BaseException) -> BaseException:
-    """The error lightning-score itself raised (its message names the file and the fix), else ``error``.
-
-    jsonargparse wraps an error raised while instantiating a class in its own, and our error may itself
-    wrap a library's (safetensors' bare "header too large"): the outermost error raised by a line of this
-    package is the one that names the file and says what to do.
-    """
-    current: BaseException | None = error
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        frame = current.__traceback__
-        while frame is not None and frame.tb_next is not None:
-            frame = frame.tb_next
-        if frame is not None and _PACKAGE in Path(frame.tb_frame.f_code.co_filename).resolve().parents:
-            return current
-        current = current.__cause__ or current.__context__
-    return error
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-score`` console script.
 
@@ -335,6 +340,7 @@ def main(args: list[str] | None = None) -> None:
     """
     argv = list(sys.argv[1:] if args is None else args)
     _show_our_info_logs()
+    quiet_library_noise()
     if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
         sys.stderr.write(
             f"lightning-score: error: unknown command '{argv[0]}'; the commands are {', '.join(_COMMANDS)}.\n"
@@ -344,13 +350,26 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in _FUNCTION_COMMANDS:
             from jsonargparse import CLI
 
-            CLI(_function_commands()[argv[0]], args=argv[1:], as_positional=False, prog=f"lightning-score {argv[0]}")
+            CLI(
+                _function_commands()[argv[0]],
+                args=argv[1:],
+                as_positional=False,
+                prog=f"lightning-score {argv[0]}",
+                exit_on_error=False,
+            )
             return
         LightningScoreCLI(args=args)
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("LIGHTNING_SCORE_DEBUG") or _raised_while_running(error):
+    except ArgumentError as error:  # a bad command line or config: one line, with what is accepted
+        if os.environ.get("LIGHTNING_SCORE_DEBUG"):
             raise
-        sys.stderr.write(f"lightning-score: error: {_own_error(error)}\n")
+        command = argv[0] if argv and argv[0] in _COMMANDS else None
+        see = f"lightning-score {command} --help" if command else "lightning-score --help"
+        sys.stderr.write(f"lightning-score: error: {one_line(str(error))} (see `{see}`)\n")
+        raise SystemExit(2) from None
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("LIGHTNING_SCORE_DEBUG") or raised_while_running(error):
+            raise
+        sys.stderr.write(f"lightning-score: error: {own_error(error)}\n")
         raise SystemExit(2) from None
 
 

@@ -76,3 +76,32 @@ def test_bad_search_settings() -> None:
         grid_search(lambda a: 0.0, [])
     with pytest.raises(ValueError, match="low < high"):
         golden_section_search(lambda a: 0.0, low=2.0, high=0.0)
+
+
+def test_a_choice_at_the_end_of_the_range_is_flagged() -> None:
+    rising = grid_search(lambda a: a, [0.2, 0.4, 1.6])
+    assert rising.selected == 1.6 and rising.edge() == "upper"
+    assert "upper end of its grid (1.6)" in rising.edge_warning() and "extend alpha_grid" in rising.edge_warning()
+    falling = grid_search(lambda a: -a, [0.2, 0.4, 1.6])
+    assert falling.selected == 0.2 and falling.edge() == "lower"
+    assert grid_search(lambda a: -((a - 0.4) ** 2), [0.2, 0.4, 1.6]).edge() is None  # inside: no warning
+    assert grid_search(lambda a: -a, [0.0, 0.5]).edge() is None  # α = 0 ends the range: nothing lies below it
+    assert grid_search(lambda a: a, [1.0]).edge() is None  # one value: no range to extend
+    assert golden_section_search(lambda a: a).edge() == "upper"  # the maximum is at 2, beyond the bracket's inside
+    assert golden_section_search(lambda a: -((a - 1.3) ** 2)).edge() is None
+    assert golden_section_search(lambda a: -a, low=0.5).edge() == "lower"
+
+
+def test_merge_module_warns_when_alpha_is_chosen_at_the_grid_edge(quick_base, expert_task_vectors) -> None:
+    import lightning as L
+
+    from lightning_score import MergeModule
+    from tests.lightning.conftest import MODEL, QUIET, digits
+
+    paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
+    module = MergeModule(MODEL, str(quick_base), task_vectors=paths, method="task_arithmetic", alpha="auto",
+                         alpha_grid=[0.0, 0.05], templates="digits")  # fmt: skip
+    with pytest.warns(UserWarning, match=r"chose α = 0.05, at the upper end of its grid \(0.05\): the best α may be "):
+        L.Trainer(**QUIET).test(module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]),
+                                verbose=False)  # fmt: skip
+    assert module.alpha_search["selected"] == 0.05

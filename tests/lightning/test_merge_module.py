@@ -132,8 +132,18 @@ def test_bad_inputs_fail_before_any_work(quick_base: Path, expert_task_vectors: 
     tvs = _sources(expert_task_vectors, "rot0", "rot60")
     with pytest.raises(FileNotFoundError, match="missing.safetensors' does not exist"):
         MergeModule(MODEL, str(quick_base), task_vectors=[str(tmp_path / "missing.safetensors")])
-    with pytest.raises(ValueError, match="was made from different pre-trained weights than"):
+    base = TaskVector.load(tvs[0]).base_model
+    assert base.startswith(f"{MODEL}/")
+    with pytest.raises(ValueError, match="was made from different pre-trained weights than") as error:
         MergeModule(MODEL, None, task_vectors=tvs)  # a randomly initialised model is not their base
+    assert f"(fine-tuned from {base})" in str(error.value) and f"than {MODEL}/random, of the same architecture" in str(
+        error.value
+    )
+    with pytest.raises(ValueError, match="different architecture") as error:
+        MergeModule("tiny-ViT-W96-L3", None, task_vectors=tvs)
+    message = str(error.value)
+    assert f"(fine-tuned from {base}) is of a different architecture than tiny-ViT-W96-L3/random" in message
+    assert "has shape [64] there and [96] here" in message and "set model_name and pretrained to theirs" in message
     with pytest.raises(ValueError, match="Unknown merge method 'scor'"):
         MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="scor")
     with pytest.raises(ValueError, match="Unknown option"):
