@@ -308,7 +308,7 @@ class ScoreMergeCallback(Callback):
 
         def write() -> tuple[str, str]:
             path, fingerprint = write_snapshot(state, folder)
-            self._check_merge_with(fingerprint)
+            self._check_merge_with(fingerprint, getattr(pl_module, "base_model", None))
             return str(path), fingerprint
 
         path, fingerprint = on_rank_zero(trainer.strategy, write)
@@ -347,19 +347,21 @@ class ScoreMergeCallback(Callback):
                     f"{type(pl_module).__name__} ({expected[:20]}… vs {restored.fingerprint[:20]}…): the checkpoint "
                     "comes from a fit of another base model."
                 )
-            self._check_merge_with(restored.fingerprint)
+            self._check_merge_with(restored.fingerprint, getattr(pl_module, "base_model", None))
 
         on_rank_zero(trainer.strategy, check)
         return restored
 
-    def _check_merge_with(self, fingerprint: str) -> None:
+    def _check_merge_with(self, fingerprint: str, base_model: str | None = None) -> None:
         for other in self.merge_with:
-            other_fp = TaskVector.load(other).base_fingerprint
+            tv = TaskVector.load(other)
+            other_fp = tv.base_fingerprint
             if other_fp and other_fp != fingerprint:
                 raise ValueError(
-                    f"'{other}' was made from different pre-trained weights than the model being fitted "
-                    f"({other_fp[:20]}… vs {fingerprint[:20]}…). merge_with takes experts fine-tuned from the "
-                    "same base model."
+                    f"'{other}' was made from different pre-trained weights than the model being fitted: it was "
+                    f"fine-tuned from {tv.base_model or 'an unrecorded base model'}, this fit starts from "
+                    f"{base_model or 'other weights'} (base fingerprints {other_fp[:20]}… vs {fingerprint[:20]}…). "
+                    "merge_with takes experts fine-tuned from the same base model."
                 )
 
     def _write_outputs(

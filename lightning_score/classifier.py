@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_score.models import build_clip, build_zero_shot_head, guess_template_set, load_templates
+from lightning_score.models.templates import templates_naming_domains
 from lightning_score.models.zero_shot import ZeroShotHead
 from lightning_score.task_vector import state_dict_fingerprint
 
@@ -189,6 +190,7 @@ class CLIPClassifier(LightningModule):
         """
         name = template_set or self.resolve_templates()
         templates = load_templates(name)
+        self._warn_if_templates_name_held_out_domains(name, templates)
         trainer = self._trainer
         if trainer is not None:
             self.clip.to(trainer.strategy.root_device)
@@ -197,6 +199,27 @@ class CLIPClassifier(LightningModule):
         self.template_set = name
         rank_zero_info(f"Zero-shot head: {len(classnames)} classes x {len(templates)} '{name}' templates.")
         return self.head
+
+    def _warn_if_templates_name_held_out_domains(self, name: str, templates: Sequence[str]) -> None:
+        """Warn when prompts describe a held-out (test-only) domain: the head would know the target's style.
+
+        The datamodule's own default set is exempt: the paper's sets use words such as "photo" or "painting"
+        that are also domain names, on purpose.
+        """
+        datamodule = self._datamodule()
+        if datamodule is None or name == getattr(datamodule, "default_templates", None):
+            return
+        train = set(getattr(datamodule, "train_domains", None) or [])
+        held = [d for d in getattr(datamodule, "test_domains", None) or [] if d not in train]
+        named = templates_naming_domains(templates, held)
+        if named:
+            example, domains = next(iter(named.items()))
+            names = sorted({d for hits in named.values() for d in hits})
+            rank_zero_warn(
+                f"Template set '{name}' names the held-out domain(s) {names} in {len(named)} prompt(s), e.g. "
+                f"{example!r} ({', '.join(domains)}): the zero-shot head then describes the target's style. "
+                "templates='auto' gives the authors' set for a known dataset."
+            )
 
     def setup(self, stage: str) -> None:
         """Build the zero-shot head from the datamodule's class names (unless it exists and they agree)."""

@@ -27,13 +27,13 @@ def test_expert_and_merge_recipes_carry_the_datasets_protocol(name: str, capsys:
     expert = _printed(["fit", "--config", str(RECIPES / name / "vit_b32_expert.yaml")], capsys)
     assert expert["model"]["init_args"]["templates"] == preset.templates
     assert expert["trainer"]["max_epochs"] == preset.epochs and expert["trainer"]["precision"] == "32-true"
-    assert expert["data"]["preset"] == name and expert["data"]["val_fraction"] == 0.0
-    assert expert["data"]["batch_size"] == 128 and expert["model"]["init_args"]["lr"] == 1e-5
+    assert expert["data"]["init_args"]["preset"] == name and expert["data"]["init_args"]["val_fraction"] == 0.0
+    assert expert["data"]["init_args"]["batch_size"] == 128 and expert["model"]["init_args"]["lr"] == 1e-5
     merge = _printed(["merge", "--config", str(RECIPES / name / "vit_b32_merge.yaml")], capsys)
     init = merge["model"]["init_args"]
     assert init["templates"] == preset.templates and init["method"] == "score" and init["alpha"] == 1.0
     assert (init["method_options"] or {}) == dict(preset.score_options)
-    sources, targets = merge["data"]["train_domains"], merge["data"]["test_domains"]
+    sources, targets = merge["data"]["init_args"]["train_domains"], merge["data"]["init_args"]["test_domains"]
     assert [Path(p).stem for p in init["task_vectors"]] == sources and len(targets) == 1
     assert len(sources) + 1 == len(preset.domains) and {preset.canonical_domain(d) for d in sources + targets} == set(
         preset.domains

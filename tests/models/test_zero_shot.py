@@ -96,8 +96,43 @@ def test_custom_json_set_and_errors(tmp_path: Path) -> None:
 
 def test_auto_templates_are_guessed_from_domain_names() -> None:
     assert guess_template_set(["art_painting", "cartoon", "photo", "sketch"]) == "pacs"
-    assert guess_template_set(["Art", "Clipart", "Real World"]) == "office_home"
-    assert guess_template_set(["aptos2019", "messidor2"]) == "medical_retina"
+    assert guess_template_set(["Art", "Clipart", "Real World"]) == "imagenet"  # OfficeHome: the authors' 80 prompts
+    assert guess_template_set(["aptos2019", "messidor2"]) == "retina"  # the RetinaDomains preset's own set
+    assert guess_template_set(["APTOS2019", "idrid"]) == "retina"  # case and the preset's aliases
     assert guess_template_set(["rot0", "rot75"]) == "digits"
     assert guess_template_set(["photo"]) is None
     assert guess_template_set(["a", "b"]) is None
+
+
+def _pacs_like(root: Path) -> Path:
+    from tests.data.generate import domainbed
+
+    return domainbed(root, {d: {"dog": 3, "horse": 3} for d in ("art_painting", "cartoon", "photo", "sketch")})
+
+
+@pytest.mark.parametrize(("templates", "warned"), [("pacs_domains", True), ("auto", False), ("pacs", False)])
+def test_a_template_set_naming_a_held_out_domain_is_flagged_unless_it_is_the_datasets_own(
+    templates: str, warned: bool, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """PACS's own set ("a photo of a {}.") names its photo domain on purpose; another set that does is flagged."""
+    import lightning as L
+
+    from lightning_score import DomainDataModule
+    from lightning_score.classifier import CLIPClassifier
+
+    data = DomainDataModule(str(_pacs_like(tmp_path / "pacs")), train_domains=["cartoon", "sketch"],
+                            test_domains=["photo", "art_painting"], num_workers=0)  # fmt: skip
+    assert data.default_templates == "pacs"
+    module = CLIPClassifier("tiny-ViT-W64-L2", None, templates=templates, head_cache=False)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1).test(
+        module, datamodule=data, verbose=False
+    )
+    flagged = [str(w.message) for w in recwarn if "names the held-out domain" in str(w.message)]
+    if not warned:
+        assert not flagged and module.template_set in ("pacs",)
+        return
+    assert len(flagged) == 1, flagged
+    message = flagged[0]
+    assert "Template set 'pacs_domains' names the held-out domain(s) ['art_painting', 'photo']" in message
+    assert "e.g. 'a photo of a {}.' (photo)" in message
+    assert "templates='auto' gives the authors' set for a known dataset" in message
