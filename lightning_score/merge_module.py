@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_score.alpha import ALPHA_SEARCHES, golden_section_search, grid_search
+from lightning_score.alpha import golden_section_search, grid_search
 from lightning_score.classifier import CLIPClassifier
 from lightning_score.console import describe_options, quiet_logger
+from lightning_score.merge_inputs import MODES, check_arguments, check_base, load_task_vectors
 from lightning_score.merge_passes import validation_accuracy
 from lightning_score.merge_ranks import merge_on_ranks, shard_keys
 from lightning_score.merge_statistics import STATISTICS, collect_statistics, statistic_options
-from lightning_score.merging import get_method
 from lightning_score.models import save_clip_weights
 from lightning_score.profiling import Measure
 from lightning_score.strategies import check_strategy
@@ -51,7 +51,6 @@ __all__ = ["MODES", "MergeModule", "shard_keys"]
 log = logging.getLogger(__name__)
 
 Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
-MODES: tuple[str, ...] = ("merge", "zeroshot", "ensemble", "expert")
 DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
 _CHECKPOINT_KEY = "lightning_score_merge"
 _RESTORING = contextvars.ContextVar("lightning_score_merge_restoring", default=False)
@@ -98,25 +97,9 @@ class MergeModule(CLIPClassifier):
         classnames: list[str] | None = None,
         head_cache: bool = True,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {list(MODES)}.")
-        if isinstance(alpha, str) and alpha != "auto":
-            raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}.")
-        if alpha_search not in ALPHA_SEARCHES:
-            raise ValueError(f"alpha_search={alpha_search!r} is not one of {list(ALPHA_SEARCHES)}.")
+        check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
         self.method = method
         self.method_options = dict(method_options or {})
-        if mode == "merge":
-            spec = get_method(method)  # unknown method: a clear error before loading anything
-            collected = statistic_options(method)  # a data method whose statistics are not collected: refused
-            given = sorted(set(collected) & set(self.method_options))
-            if given:
-                raise ValueError(
-                    f"method_options[{given[0]!r}]: MergeModule collects '{method}'s {given[0]} itself, from "
-                    f"proxy_images unlabelled images of each source domain; drop it (to merge with statistics of "
-                    "your own, call lightning_score.merging.merge_task_vectors)."
-                )
-            spec.resolve_options(self.method_options)
         super().__init__(model_name, pretrained, templates, classnames, head_cache)
         self.mode = mode
         self.alpha = alpha
@@ -155,42 +138,10 @@ class MergeModule(CLIPClassifier):
     # --- inputs, checked before any long work ----------------------------------------------------
 
     def _load_task_vectors(self) -> list[TaskVector]:
-        needed = {"merge": (1, None), "ensemble": (1, None), "expert": (1, 1), "zeroshot": (0, None)}[self.mode]
-        count = len(self.task_vector_paths)
-        if count < needed[0] or (needed[1] is not None and count > needed[1]):
-            wanted = "exactly one task vector" if self.mode == "expert" else "at least one task vector"
-            raise ValueError(f"MergeModule(mode='{self.mode}') needs {wanted}; got {count}: pass task_vectors=[...].")
-        if self.mode == "zeroshot" and count:
-            rank_zero_info("MergeModule(mode='zeroshot') ignores its task vectors.")
-            return []
-        tvs = [TaskVector.load(path) for path in self.task_vector_paths]  # missing / not a task vector: clear errors
+        tvs = load_task_vectors(self.task_vector_paths, self.mode)
         for tv in tvs:
-            self._check_base(tv)
+            check_base(tv, self.image_encoder.state_dict(), self.base_model, self.pretrained_fingerprint)
         return tvs
-
-    def _check_base(self, tv: TaskVector) -> None:
-        """Refuse a task vector of another architecture (shapes) or of other pre-trained weights (fingerprint)."""
-        theirs = f"{tv.describe()} (fine-tuned from {tv.base_model or 'an unrecorded base model'})"
-        fix = "Merge experts into the model they were fine-tuned from: set model_name and pretrained to theirs."
-        encoder = self.image_encoder.state_dict()
-        for key in tv:
-            if key not in encoder:
-                raise ValueError(
-                    f"{theirs} is of a different architecture than {self.base_model}: its key '{key}' is not in this "
-                    f"model's image encoder. {fix}"
-                )
-            shape = tv.tensor_spec(key)[0]
-            if tuple(shape) != tuple(encoder[key].shape):
-                raise ValueError(
-                    f"{theirs} is of a different architecture than {self.base_model}: '{key}' has shape "
-                    f"{list(shape)} there and {list(encoder[key].shape)} here. {fix}"
-                )
-        if tv.base_fingerprint and tv.base_fingerprint != self.pretrained_fingerprint:
-            raise ValueError(
-                f"{theirs} was made from different pre-trained weights than {self.base_model}, of the same "
-                f"architecture (base fingerprints {tv.base_fingerprint[:20]}… vs {self.pretrained_fingerprint[:20]}…). "
-                f"{fix}"
-            )
 
     # --- setup: build the weights once ------------------------------------------------------------
 
