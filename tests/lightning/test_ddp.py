@@ -82,6 +82,35 @@ def test_two_rank_sharded_merge_equals_the_single_process_merge(
     assert searches[0]["alpha_search"]["val_acc"] == pytest.approx(module.alpha_search["val_acc"], abs=2 / total)
 
 
+@pytest.mark.ddp
+def test_a_data_method_collects_and_merges_on_rank_zero_and_every_rank_gets_it(
+    quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
+) -> None:
+    """Fisher merging under DDP: rank zero runs the gradient pass alone (no collective inside it) and broadcasts."""
+    import lightning.pytorch as pl
+
+    from lightning_score import MergeModule
+    from tests.lightning.conftest import MODEL, digits
+
+    paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
+    _run("ddp_merge.py", str(tmp_path), MODEL, str(quick_base), "fisher", *paths)
+    ranks = [TaskVector.load(tmp_path / f"merged-rank{rank}.safetensors") for rank in (0, 1)]
+    assert "sharded_over_ranks" not in ranks[0].metadata["merge"]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    module = MergeModule(MODEL, str(quick_base), task_vectors=paths, method="fisher", templates="digits")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank does
+    try:
+        pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False).test(
+            module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]), verbose=False
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for key in module.merged:
+        torch.testing.assert_close(ranks[0][key], module.merged[key], rtol=1e-5, atol=1e-7)
+
+
 def _scenario(tmp_path: Path, *args: str, ok: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
     result = subprocess.run([sys.executable, str(HERE / "ddp_scenarios.py"), args[0], str(tmp_path), *args[1:]],
