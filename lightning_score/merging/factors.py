@@ -20,8 +20,8 @@ SCORE's projections), so that the rows of one target compute them once. Every re
 fresh computation would produce (the same solver call on the same matrix, sliced), so merges are bit-identical
 with and without the cache on one device.
 
-Sizes, for a ViT-B/32 image tower (88 M parameters, 350 MB in float32): one expert's full factors are ~1.3× its
-task vector (``min_tasks=1``); with ``min_tasks=5`` (merges of 5 or more experts) ~0.27×. The derived results of
+Sizes, for a ViT-B/32 image tower (88 M parameters, 350 MB in float32): one expert's full factors are ~1.2× its
+task vector (``min_tasks=1``); with ``min_tasks=5`` (merges of 5 or more experts) ~0.26×. The derived results of
 one set of 5 experts take ~3× one task vector (basis ~1.3×, SCORE's projections ~1.7×); ``reuse_bases=False``
 keeps none of them. ``max_bytes`` bounds the total, dropping the least recently used first.
 """
@@ -63,6 +63,13 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_nbytes(part) for part in value)
     return 0
+
+
+def _device(device: torch.device) -> torch.device:
+    """The device with its index (``cuda`` → ``cuda:0``), as the tensors on it name it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _truncate(triplet: Triplet, rank: int) -> Triplet:
@@ -268,6 +275,7 @@ class FactorCache:
             The handle the merge uses to read factors per key.
         """
         num_tasks = num_tasks or len(task_vectors)
+        device = _device(device)
         if self._anonymous:
             fingerprints = tuple(f"task {index}" for index in range(len(task_vectors)))
         else:

@@ -148,6 +148,22 @@ def test_esm_tsv_layers_reuse_the_factors_and_stay_identical() -> None:
     assert cache.stats["derived_reused"] == len(tsv_keys)
 
 
+def test_esm_reads_its_tsv_layers_factors_from_files(tmp_path: Path) -> None:
+    tvs = [TaskVector(_expert(s, torch.float64), {"name": f"d{s}"}) for s in range(3)]
+    paths = [tv.save(tmp_path / f"d{i}.safetensors") for i, tv in enumerate(tvs)]
+    targets = [k for k in tvs[0] if k.endswith(("in_proj_weight", "c_fc.weight"))]
+    g = torch.Generator().manual_seed(6)
+    acts = [{k: torch.randn(60, tvs[0][k].shape[1], generator=g, dtype=torch.float64) for k in targets} for _ in tvs]
+    plain = merge_task_vectors(tvs, "esm", device="cpu", activations=acts)
+    merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu", factors=FactorCache(save=True))
+    reader = FactorCache(save=True)
+    from_files = merge_task_vectors(
+        [TaskVector.load(p) for p in paths], "esm", device="cpu", activations=acts, factors=reader
+    )
+    _assert_identical(from_files, plain, "esm from files")
+    assert reader.stats["svd_computed"] == 0 and reader.stats["svd_from_file"] > 0
+
+
 def test_methods_without_factorizations_ignore_the_cache() -> None:
     tvs = _experts(3)
     cache = FactorCache()
@@ -257,7 +273,9 @@ def test_a_file_grows_when_a_merge_needs_more_keys_or_triplets(tmp_path: Path) -
     assert ranks["proj"] == 7 // 2 and ranks["transformer.resblocks.0.mlp.c_fc.weight"] == 12 // 2
     again = FactorCache(save=True)
     _assert_identical(
-        merge_task_vectors(tvs[:2], "tsv", device="cpu", factors=again), merge_task_vectors(tvs[:2], "tsv"), "grown"
+        merge_task_vectors(tvs[:2], "tsv", device="cpu", factors=again),
+        merge_task_vectors(tvs[:2], "tsv", device="cpu"),
+        "grown",
     )
     assert again.stats["svd_computed"] == 0
 
@@ -285,7 +303,9 @@ def test_a_retrained_expert_gets_new_factors(tmp_path: Path) -> None:
     tvs = [TaskVector.load(p) for p in paths]
     cache = FactorCache(save=True)
     _assert_identical(
-        merge_task_vectors(tvs, "tsv", device="cpu", factors=cache), merge_task_vectors(tvs, "tsv"), "retrained"
+        merge_task_vectors(tvs, "tsv", device="cpu", factors=cache),
+        merge_task_vectors(tvs, "tsv", device="cpu"),
+        "retrained",
     )
     assert cache.stats["files_written"] == 1 and len(list(tmp_path.glob("d0.factors-*.safetensors"))) == 2
 
@@ -414,6 +434,7 @@ def test_cuda_batched_cached_and_unbatched_merges_agree() -> None:
         for key in unbatched:
             assert torch.equal(batched[key], unbatched[key]), (method, options, key)
             assert torch.equal(cached[key], unbatched[key]), (method, options, key)
+    assert cache.stats["svd_computed"] == 4 * 3  # once per expert and key, whatever the rows (device "cuda:0")
 
 
 def test_an_expert_factorized_ahead_is_only_read_by_the_merges(tmp_path: Path) -> None:
