@@ -16,6 +16,7 @@ __all__ = ["one_line", "own_error", "raised_while_running"]
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(?P<values>.*?)\]\. Got value: (?P<value>.*)$", re.MULTILINE)
+_EXPECTED = re.compile(r"Expected a (?P<type><class '[\w.]+'>|[\w.\[\], ]+)\. Got value: (?P<value>.*)$", re.MULTILINE)
 _SUBTYPES = re.compile(r"^\s*Subtypes: \[(?P<types>.*)\]\s*$", re.MULTILINE)
 _GIVEN = re.compile(r"^\s*Given value: (?P<value>.*)$", re.MULTILINE)
 _TYPE_NAMES = {"NoneType": "null", "str": "a string", "int": "an integer", "float": "a number", "bool": "true/false"}
@@ -55,7 +56,7 @@ def _flag(keys: list[str]) -> str:
 def one_line(message: str) -> str:
     r"""A jsonargparse error message as one line: the argument, what it accepts, what was given.
 
-    Messages that are one line already are returned unchanged.
+    Other one-line messages are returned unchanged.
 
     Example:
         >>> one_line('Parser key "model":\n  Problem:\n    Parser key "mode":\n'
@@ -63,8 +64,6 @@ def one_line(message: str) -> str:
         "--model.init_args.mode: 'zero-shot' is not one of merge, zeroshot."
     """
     lines = [line for line in message.splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return message.strip()
     keys = _KEY.findall(message)
     where = f"{_flag(keys)}: " if keys else ""
     last = message[message.rfind('Parser key "') :] if keys else message
@@ -72,12 +71,20 @@ def one_line(message: str) -> str:
     if literal is not None:
         values = ", ".join(v.strip().strip("'\"") for v in literal["values"].split(","))
         return f"{where}'{literal['value'].strip()}' is not one of {values}."
+    expected = _EXPECTED.search(last)
+    if expected is not None:
+        value = expected["value"].strip()
+        kind = _type_name(expected["type"])
+        kind = f"a list, e.g. '[{value}]'" if kind == "a list" else kind
+        return f"{where}expected {kind}; got '{value}'."
     subtypes, given = _SUBTYPES.search(last), _GIVEN.search(last)
     if subtypes is not None and given is not None:
         value = given["value"].strip()
         accepted = [_type_name(t) for t in _split_types(subtypes["types"])]
         accepted = [f"a list, e.g. '[{value}]'," if a == "a list" else a for a in dict.fromkeys(accepted)]
         return f"{where}expected {' or '.join(accepted)}; got '{value}'."
+    if len(lines) <= 1:
+        return message.strip()
     detail = next((line.strip() for line in last.splitlines()[1:] if line.strip()), lines[-1].strip())
     return f"{where}{detail}"
 

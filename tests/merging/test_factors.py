@@ -317,6 +317,7 @@ def _race(paths: list[str], output: str, queue: Any) -> None:
     queue.put(cache.stats["svd_computed"])
 
 
+@pytest.mark.ddp  # several processes
 def test_two_processes_racing_compute_each_file_once(tmp_path: Path) -> None:
     paths = [str(p) for p in _saved(tmp_path, 3)]
     context = multiprocessing.get_context("spawn")
@@ -449,3 +450,24 @@ def test_an_expert_factorized_ahead_is_only_read_by_the_merges(tmp_path: Path) -
     plain = _leave_one_out(tvs, None)
     for name in plain:
         _assert_identical(merged[name], plain[name], str(name))
+
+
+def test_the_merge_core_imports_no_lightning_open_clip_or_data() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_score.merging; "
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'open_clip', 'torchvision', 'lightning_score.data') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    from lightning_score.merging import factors
+
+    result = doctest.testmod(factors)
+    assert result.attempted >= 3 and result.failed == 0
