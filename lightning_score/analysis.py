@@ -1,6 +1,6 @@
 """Subspace-conflict analysis: the Subspace Alignment Ratio (SAR) and singular-spectrum summaries.
 
-Notation (``shared/spec/merge-methods.md``, sections 0 and 2). For T task vectors and one matrix key,
+Notation of the SCORE paper (Chaves et al., CVPR 2026, arXiv:2603.05768). For T task vectors and one matrix key,
 Δ_t ∈ ℝ^{m×n} is task t's update, r = min(m, n), and Δ_t = U_t S_t V_tᵀ its thin SVD with singular
 values σ_1 ≥ … ≥ σ_r.
 
@@ -133,7 +133,7 @@ def _alignment_from_svd(U: Tensor, S: Tensor, ranks: Tensor) -> Tensor:
 
 
 def key_alignment(deltas: Tensor, energy: float = 0.97) -> tuple[Tensor, Tensor]:
-    """SAR between every ordered pair of T matrices of one key (spec section 2).
+    """SAR between every ordered pair of T matrices of one key (the SCORE paper's definition).
 
     Args:
         deltas: ``[T, m, n]``, the T tasks' updates of one matrix key, any floating dtype and device.
@@ -539,7 +539,7 @@ def subspace_alignment(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
 ) -> SubspaceAlignment:
-    """The T×T Subspace Alignment Ratio of T task vectors (spec section 2), averaged over matrix keys.
+    """The T×T Subspace Alignment Ratio of T task vectors (SCORE's definition), averaged over matrix keys.
 
     ``result.matrix[i, j] = SAR(Δ_j | Δ_i) = ‖U_{i,:k_i} U_{i,:k_i}ᵀ Δ_j‖_F / ‖Δ_j‖_F``: row i is the basis
     task, column j the projected task. Every ordered pair is computed (i = j included) and the matrix is not
