@@ -6,7 +6,8 @@ images once (through the same :class:`~lightning_score.data.DomainDataModule` lo
 them in memory when they are small (the built-in digits: a few MB), streaming them from disk otherwise (real
 datasets at 224 px). :class:`FoldData` is the LightningDataModule of one leave-one-domain-out fold: it
 offers the target's test split to ``Trainer.predict``, and only the SOURCE domains' validation data to the
-α search and ESM's proxy images; asking it for the target's validation or proxy data is an error.
+α search and ESM's proxy images; asking it for the target's validation or proxy data is an error. On several
+ranks, each rank predicts its own contiguous run of whole test batches (:func:`.distributed.batch_shard`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_score.data import DomainDataModule
+from lightning_score.study.distributed import batch_shard
 
 __all__ = ["EvaluationImages", "FoldData"]
 
@@ -114,6 +116,8 @@ class FoldData(LightningDataModule):
         batch_size: Evaluation batch size.
         alpha_images: Validation images per source domain for the α search (``None``: all).
         proxy_data: Makes the DomainDataModule of the fold, for ESM's proxy images.
+        rank: This process's rank: :meth:`predict_dataloader` gives its share of the test split.
+        world_size: Number of ranks sharing the predictions.
     """
 
     def __init__(
@@ -127,6 +131,8 @@ class FoldData(LightningDataModule):
         batch_size: int,
         alpha_images: int | None,
         proxy_data: Callable[[], DomainDataModule],
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
         if target in sources:
@@ -141,6 +147,7 @@ class FoldData(LightningDataModule):
         self.alpha_images = alpha_images
         self._proxy_factory = proxy_data
         self._proxy: DomainDataModule | None = None
+        self.rank, self.world_size = rank, world_size
 
     @property
     def train_domains(self) -> list[str]:
@@ -169,8 +176,16 @@ class FoldData(LightningDataModule):
         return [self._loader(self.images.test(self.target))]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        """The target's test split, in a fixed order: per-image predictions line up across rows."""
-        return self.test_dataloader()
+        """This rank's share of the target's test split, in a fixed order: per-image predictions line up across rows.
+
+        One rank: the whole split. Several: a contiguous run of whole batches (:func:`.distributed.batch_shard`);
+        the ranks' predictions concatenated in rank order are the whole split's, each image once.
+        """
+        dataset = self.images.test(self.target)
+        if self.world_size > 1:
+            share = batch_shard(len(dataset), self.batch_size, self.rank, self.world_size)  # type: ignore[arg-type]
+            dataset = Subset(dataset, share)
+        return [self._loader(dataset)]
 
     def proxy_dataloader(self, domain: str, num_images: int = 32, batch_size: int | None = None) -> Any:
         """Unlabelled images of a SOURCE domain (ESM's proxy data), from the fold's DomainDataModule."""

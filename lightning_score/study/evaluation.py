@@ -6,6 +6,12 @@ one evaluation Trainer. ``Trainer.predict`` gives every test image's prediction
 balanced accuracy and the 0/1 correctness vector its bootstrap needs. A weight merge is computed once: after
 α = 1 is tested, :meth:`~lightning_score.MergeModule.choose_alpha` searches α on the fold's SOURCE
 validation data, the chosen α is loaded from that same merge, and the target is tested again.
+
+On several ranks (see :mod:`.distributed`) the evaluation is exact: each rank predicts its own contiguous run
+of whole test batches, with no distributed sampler (nothing padded, nothing dropped), and the ranks'
+predictions are gathered to every rank in the test set's order before any number is computed. The α search's
+validation accuracy is MergeModule's own: each rank counts correct/total on its share of the validation
+images and the counts are summed across the ranks, so every image counts once there too.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from lightning_score.merge_module import MergeModule
 from lightning_score.merging import get_method
 from lightning_score.study.config import Entry, Row
 from lightning_score.study.data import FoldData
+from lightning_score.study.distributed import World
 
 __all__ = ["Prediction", "evaluate_row", "merge_module", "pack_correct", "search_alpha", "unpack_correct"]
 
@@ -34,6 +41,7 @@ class Prediction:
 
     preds: torch.Tensor
     labels: torch.Tensor
+    shares: tuple[int, ...] = ()  #: Images predicted by each rank (one entry per rank, in rank order).
 
     @property
     def correct(self) -> np.ndarray:
@@ -65,12 +73,23 @@ def unpack_correct(text: str, count: int) -> np.ndarray:
     return bits[:count].astype(bool)
 
 
-def _predict(trainer: L.Trainer, module: MergeModule, data: FoldData) -> Prediction:
-    outputs = trainer.predict(module, datamodule=data, return_predictions=True)
-    batches = outputs if outputs and isinstance(outputs[0], dict) else [b for part in outputs or [] for b in part]
-    if not batches or any("labels" not in b for b in batches):
+def _predict(trainer: L.Trainer, module: MergeModule, data: FoldData, world: World | None = None) -> Prediction:
+    """Every test image's prediction, in the test set's order (each rank predicts its share; gathered to all)."""
+
+    def own_share() -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = trainer.predict(module, datamodule=data, return_predictions=True)
+        batches = outputs if outputs and isinstance(outputs[0], dict) else [b for part in outputs or [] for b in part]
+        if any("labels" not in b for b in batches):
+            raise RuntimeError(f"Predicting on '{data.target}' returned batches without labels.")
+        if not batches:  # a rank whose share is empty (more ranks than test batches)
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        return torch.cat([b["preds"].cpu() for b in batches]), torch.cat([b["labels"].cpu() for b in batches])
+
+    shares = (world or World()).gather(own_share)
+    preds, labels = torch.cat([p for p, _ in shares]), torch.cat([y for _, y in shares])
+    if len(labels) == 0:
         raise RuntimeError(f"Predicting on '{data.target}' returned no labelled batches.")
-    return Prediction(torch.cat([b["preds"].cpu() for b in batches]), torch.cat([b["labels"].cpu() for b in batches]))
+    return Prediction(preds, labels, tuple(len(y) for _, y in shares))
 
 
 def search_alpha(module: MergeModule) -> tuple[float, dict[str, Any] | None]:
@@ -139,13 +158,14 @@ def _record(
         "peak_memory_mb": None if module.merge_peak_bytes is None else module.merge_peak_bytes / 2**20,
         "eval_seconds": seconds,
         "num_images": len(correct),
+        "images_per_rank": list(prediction.shares),
         "labels_digest": prediction.labels_digest(),
         "correct": pack_correct(correct),
     }
 
 
 def evaluate_row(
-    trainer: L.Trainer, module: MergeModule, data: FoldData, entries: list[Entry]
+    trainer: L.Trainer, module: MergeModule, data: FoldData, entries: list[Entry], world: World | None = None
 ) -> dict[str, dict[str, Any]]:
     """Test a row's module on the fold's target: its own α first, then (for a tuned entry) the searched α.
 
@@ -154,13 +174,14 @@ def evaluate_row(
         module: The row's MergeModule.
         data: The fold.
         entries: The row's table lines to produce: the plain one and/or its α-tuned companion.
+        world: The study's ranks (default: this process alone); every rank gets the same records.
 
     Returns:
         Entry key -> record (accuracy, balanced accuracy, α, merge cost, packed per-image correctness...).
     """
     records = {}
     started = time.perf_counter()
-    prediction = _predict(trainer, module, data)  # setup merges (and, for alpha: auto, searches α) once
+    prediction = _predict(trainer, module, data, world)  # setup merges (and, for alpha: auto, searches α) once
     own_search = module.alpha_search if entries[0].row.alpha == "auto" else None
     own_alpha = own_search["selected"] if own_search else entries[0].row.alpha
     for entry in entries:
@@ -171,6 +192,6 @@ def evaluate_row(
         started = time.perf_counter()
         alpha, search = search_alpha(module)  # the fold's source validation data only (FoldData.val_dataloader)
         if alpha != own_alpha:  # the same α loads the same weights: its predictions are those above
-            prediction = _predict(trainer, module, data)
+            prediction = _predict(trainer, module, data, world)
         records[entry.key] = _record(entry, prediction, module, alpha, search, time.perf_counter() - started)
     return records

@@ -6,6 +6,12 @@ expert by hand. The pooled model (DomainBed's ERM, the SCORE authors' multi-task
 the same settings on the union of the target's source domains, never on the target; it is then evaluated
 like an expert. Each fit is seeded (data order and augmentation): seed ``s`` of domain ``d`` is the same
 model whichever study or target asks for it.
+
+On several devices (``devices × num_nodes > 1``) each fit is one DDP fit across all of them (Lightning's
+``ddp`` strategy; the processes are the study's own, see :mod:`.distributed`). ``settings.batch_size`` stays
+the GLOBAL batch: each process loads ``batch_size / (devices × num_nodes)`` images per step, so the
+optimisation (global batch, learning rate, steps) is the protocol's whatever the device count, and a kept
+expert is reused by a study on another number of devices.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def fit_task_vector(
     config: dict[str, Any],
     accelerator: str,
     log_dir: Path,
+    devices: int = 1,
+    num_nodes: int = 1,
 ) -> FitResult:
     """Fine-tune one CLIPExpert on ``train_domains`` and write its task vector to ``path``.
 
@@ -64,7 +72,13 @@ def fit_task_vector(
         config: Recorded in the task vector's metadata (``expert_config``): what a rerun compares.
         accelerator: Lightning accelerator.
         log_dir: Where the training curve (CSV) goes.
+        devices: Devices per node (one DDP process each).
+        num_nodes: Nodes.
     """
+    world_size = devices * num_nodes
+    if settings.batch_size % world_size:
+        raise ValueError(f"expert.batch_size={settings.batch_size} (the global batch) must be divisible by devices × "
+                         f"num_nodes = {world_size}.")  # fmt: skip
     L.seed_everything(seed, verbose=False)
     module = CLIPExpert(
         model_name,
@@ -78,7 +92,9 @@ def fit_task_vector(
     callback = ScoreMergeCallback(dirpath=path.parent, filename=path.name, name=name, domain=domain)
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if world_size > 1 else "auto",
         precision=settings.precision,
         max_steps=settings.max_steps,
         max_epochs=settings.max_epochs if settings.max_steps < 0 else None,
@@ -92,7 +108,7 @@ def fit_task_vector(
         **QUIET_TRAINER,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=make_data(list(train_domains), settings.batch_size))
+    trainer.fit(module, datamodule=make_data(list(train_domains), settings.batch_size // world_size))
     return FitResult(
         seconds=time.perf_counter() - started, steps=trainer.global_step, train_domains=list(train_domains)
     )
