@@ -316,6 +316,42 @@ def _function_commands() -> dict[str, Any]:
 _FUNCTION_COMMANDS = ("analyze", "study")
 
 
+def _print_study_config(args: list[str]) -> bool:
+    """``lightning-score study ... --print_config``: the configuration as the study runs it, then exit.
+
+    jsonargparse's own ``--print_config`` prints the arguments as given, ``auto`` included; the study fills
+    those from the dataset's preset (:func:`lightning_score.study.dataset.resolved_arguments`: dataset,
+    templates, expert settings, SCORE's options in the rows, seeds), so this prints the parsed
+    configuration with those values filled, through the same parser (``capture_parser``) and its ``dump``.
+
+    Returns:
+        Whether ``--print_config`` was given (and the configuration printed).
+    """
+    flags = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
+    if not flags:
+        return False
+    from jsonargparse import CLI, capture_parser
+
+    from lightning_score.study import run_study
+    from lightning_score.study.dataset import resolved_arguments
+
+    parser = capture_parser(
+        lambda: CLI(run_study, args=[], as_positional=False, prog="lightning-score study", exit_on_error=False)
+    )
+    cfg = parser.parse_args([a for a in args if a not in flags])
+    resolved = resolved_arguments(parser.instantiate(cfg))
+    resolved["expert"] = Namespace(**resolved["expert"])
+    resolved["rows"] = [Namespace(**row) for row in resolved["rows"]]
+    for key, value in resolved.items():
+        cfg[key] = value
+    options = {flag: True for flag in flags[-1].partition("=")[2].split(",") if flag}
+    unknown = set(options) - {"skip_default", "skip_unset"}
+    if unknown:
+        raise ArgumentError(None, f"--print_config flags {sorted(unknown)}: use skip_default and/or skip_unset.")
+    sys.stdout.write(parser.dump(cfg, **{"skip_unset": False, **options}))
+    raise SystemExit(0)
+
+
 def _show_our_info_logs() -> None:
     """lightning-score's INFO messages on stderr (as Lightning does for its own); other libraries stay quiet."""
     ours = logging.getLogger("lightning_score")
@@ -349,6 +385,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv and argv[0] in _FUNCTION_COMMANDS:
             from jsonargparse import CLI
+
+            if argv[0] == "study" and _print_study_config(argv[1:]):
+                return
 
             CLI(
                 _function_commands()[argv[0]],

@@ -44,14 +44,15 @@ SECTIONS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ExpertSettings:
-    """How each expert is fine-tuned (defaults: the SCORE protocol for real data).
+    """How each expert is fine-tuned (defaults: the SCORE protocol for real data, epochs from the dataset's preset).
 
     Attributes:
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps before the cosine decay.
         max_steps: Optimiser steps (-1: use ``max_epochs``).
-        max_epochs: Epochs (ignored when ``max_steps`` is set).
+        max_epochs: Epochs (ignored when ``max_steps`` is set); ``None``: the dataset preset's epochs (10 for data
+            without a preset), filled in when the study resolves its dataset (:mod:`.dataset`).
         batch_size: Training batch size.
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         gradient_clip_val: Gradient-norm clipping.
@@ -61,7 +62,7 @@ class ExpertSettings:
     weight_decay: float = 0.1
     warmup_steps: int = 500
     max_steps: int = -1
-    max_epochs: int | None = 10
+    max_epochs: int | None = None
     batch_size: int = 128
     precision: str = "32-true"
     gradient_clip_val: float = 1.0
@@ -186,12 +187,6 @@ def table_entries(rows: Sequence[Row], tune_alpha: bool) -> list[Entry]:
     return sorted(entries, key=lambda e: order.index(e.section))  # stable: the configured order within a section
 
 
-COLLECTED_STATISTICS: tuple[str, ...] = ("activations",)
-"""What MergeModule gathers from the sources' proxy images for a data-using method (ESM's layer inputs)."""
-
-DATA_OPTIONS: dict[str, tuple[str, ...]] = {"esm": ("activations",), "regmean": ("grams",), "fisher": ("fishers",)}
-"""The data statistics each data-using method takes as options."""
-
 BUILTIN_SEEDS: tuple[int, ...] = (0, 1, 2)
 """Seeds of a study of the built-in benchmark, unless set (one seed, 0, for real data)."""
 
@@ -209,6 +204,7 @@ def resolve_seeds(root: str, seeds: Sequence[int] | None, seed: int | None) -> l
 
 def check_rows(rows: Sequence[Row], tune_alpha: bool = False) -> None:
     """Validate every row before any work: mode, method, options, α, distinct names. One error names the row."""
+    from lightning_score.merge_statistics import statistic_options
     from lightning_score.merging import get_method
 
     if not rows:
@@ -229,16 +225,15 @@ def check_rows(rows: Sequence[Row], tune_alpha: bool = False) -> None:
         if row.mode == "merge":
             try:
                 spec = get_method(row.method)
-                spec.resolve_options({k: v for k, v in row.options.items() if k != "activations"})
+                collected = statistic_options(row.method)  # data methods: what MergeModule collects for them
+                spec.resolve_options({k: v for k, v in row.options.items() if k not in collected})
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
-            missing = [k for k in DATA_OPTIONS.get(row.method, ()) if k not in COLLECTED_STATISTICS]
-            if spec.needs_data and (row.method not in DATA_OPTIONS or missing):
-                runnable = [m for m, keys in DATA_OPTIONS.items() if set(keys) <= set(COLLECTED_STATISTICS)]
+            given = sorted(k for k in collected if row.options.get(k) is not None)
+            if given:
                 raise ValueError(
-                    f"{where}: merge method '{row.method}' needs statistics of the data "
-                    f"({', '.join(missing) or 'unknown'}) that MergeModule does not collect yet; of the data-using "
-                    f"methods the study runs {runnable}."
+                    f"{where}: {given} are statistics the study collects from the sources' proxy images for "
+                    f"'{row.method}'; remove them from the row's options."
                 )
         elif row.options:
             raise ValueError(f"{where}: options apply to mode 'merge' only; mode {row.mode!r} takes none.")

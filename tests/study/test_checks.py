@@ -55,7 +55,10 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         ("--rows=[{name: S, alpha: best}]", "has alpha 'best': give a number or 'auto'"),
         ("--rows=[{name: E, mode: expert, alpha: auto}]", "alpha 'auto' applies to mode 'merge' only"),
         ("--rows=[{name: A}, {name: a}]", "Row names must be distinct"),
-        ("--rows=[{name: R, method: regmean}]", "'regmean' needs statistics of the data (grams) that MergeModule"),
+        (
+            "--rows=[{name: R, method: regmean, options: {grams: mine}}]",
+            "rows[0] ('R'): ['grams'] are statistics the study collects from the sources' proxy images",
+        ),
         ("--model_name=ViT-X-99", "model_name 'ViT-X-99' is not an open_clip architecture"),
         ("--pretrained=/no/such/weights.safetensors", "neither an existing weights file nor an open_clip tag"),
         ("--templates=klingon", "klingon"),

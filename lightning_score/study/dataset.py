@@ -1,0 +1,222 @@
+"""Which dataset a study runs, and what the SCORE paper's protocol fixes for it when the recipe does not say.
+
+A study's data is read by :class:`~lightning_score.data.DomainDataModule`, which detects the dataset's
+:mod:`preset <lightning_score.data.presets>` from its domain folders (or is told one with ``dataset``). From
+the preset, with no option given, a study takes:
+
+* the prompt templates (``templates: auto``): the authors' set of the dataset (``pacs``, ``imagenet``,
+  ``terra_incognita``, ``fed_isic2019``, ``retina``), ``digits`` for the built-in benchmark;
+* the split: the datamodule reads the dataset in its layout with the authors' split rule, told the preset;
+* the experts' epochs (``expert.max_epochs: null`` with ``max_steps: -1``): the preset's (10 for PACS,
+  OfficeHome, DomainNet, ImageNet-R, VLCS; 15 for TerraIncognita and NICO++; 20 for Fed-ISIC2019 and
+  RetinaDomains), 10 for data without a preset;
+* the fine-tuning settings when ``expert`` is not given at all: the paper's (:class:`ExpertSettings`'
+  defaults: AdamW lr 1e-5, weight decay 0.1, 500 warm-up steps, batch 128, fp32) with the preset's epochs
+  on real data, and the built-in benchmark's short schedule (:data:`DIGITS_EXPERT`) on ``builtin:digits``;
+* SCORE's threshold: the preset's SCORE options (``divide_by_tasks: false`` for Fed-ISIC2019 and
+  RetinaDomains, the authors' choice for the medical datasets) in every ``score`` row that does not set
+  that option itself.
+
+Validation data stays the sources' test splits (``val_fraction: 0``, the default). The resolved values
+are what the study runs with, what ``study.yaml`` records and what ``lightning-score study --print_config``
+shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_score.data import DomainDataModule
+from lightning_score.data.presets import DatasetPreset, get_preset
+from lightning_score.models.templates import guess_template_set
+from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row, resolve_seeds
+
+__all__ = ["DEFAULT_EPOCHS", "DIGITS_EXPERT", "DatasetChoice", "preset_rows", "resolve_dataset", "resolved_arguments"]
+
+log = logging.getLogger(__name__)
+
+DIGITS_EXPERT = ExpertSettings(lr=1e-3, warmup_steps=15, max_steps=150, max_epochs=None, batch_size=64)
+"""The built-in benchmark's fine-tuning: 150 steps at lr 1e-3 (150 steps at 1e-4 leave its experts at 48-87 %)."""
+
+DEFAULT_EPOCHS = 10
+"""Expert epochs on data without a preset (the SCORE paper's most common setting)."""
+
+FALLBACK_TEMPLATES = "imagenet"
+"""``templates: auto`` on data that neither a preset nor a shipped set recognises (CLIP's 80 ImageNet prompts)."""
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    """What a study runs with, after ``auto`` and unset values are filled from the dataset's preset.
+
+    Attributes:
+        dataset: The preset's name, or ``"none"`` (no preset: the built-in digits, or data no preset knows).
+        preset: The preset, or ``None``.
+        templates: The prompt-template set.
+        expert: The fine-tuning settings, with ``max_epochs`` set when ``max_steps`` is -1.
+        rows: The table's rows, SCORE rows carrying the preset's SCORE options.
+        layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread.
+    """
+
+    dataset: str
+    preset: DatasetPreset | None
+    templates: str
+    expert: ExpertSettings
+    rows: list[Row]
+    layout: str | None = None
+
+    def describe(self) -> str:
+        """One line for the log: the dataset, its split and what was taken from its preset."""
+        what = f"{self.preset.title} (preset '{self.dataset}')" if self.preset else "no dataset preset"
+        split = f", split: {self.preset.split}" if self.preset else ""
+        epochs = f"{self.expert.max_steps} steps" if self.expert.max_steps > 0 else f"{self.expert.max_epochs} epochs"
+        options = dict(self.preset.score_options) if self.preset else {}
+        return (
+            f"dataset: {what}, layout {self.layout or 'unread'}{split}; templates '{self.templates}', experts "
+            f"{epochs}, SCORE options {options or 'the defaults'}"
+        )
+
+
+def _named_preset(dataset: str) -> DatasetPreset | None:
+    if dataset in ("auto", "none"):
+        return None
+    return get_preset(dataset)  # an unknown name: one error listing the presets
+
+
+def _check_matches(preset: DatasetPreset, data: DomainDataModule, root: str) -> None:
+    """A forced preset must be the data's dataset: every domain folder one of its domains."""
+    if data.builtin is not None:
+        raise ValueError(
+            f"dataset='{preset.name}' but root '{root}' is a built-in benchmark, not {preset.title}. Use dataset: auto "
+            "(or none) with it, or point root at the dataset."
+        )
+    foreign = [d for d in data.domains if preset.canonical_domain(d) is None]
+    if foreign:
+        raise ValueError(
+            f"dataset='{preset.name}' but the domains {foreign} of '{root}' are not {preset.title}'s "
+            f"({list(preset.domains)}). Fix root, or set dataset: auto (detect from the domains) or none (no preset)."
+        )
+
+
+def _templates(templates: str, preset: DatasetPreset | None, data: DomainDataModule | None, dataset: str) -> str:
+    if templates != "auto":
+        return templates
+    if preset is not None:
+        return preset.templates
+    if data is None:
+        return templates
+    own = data.default_templates  # "digits" for the built-in benchmark
+    if own:
+        return own
+    guessed = guess_template_set(data.domains) if dataset == "auto" else None
+    return guessed or FALLBACK_TEMPLATES
+
+
+def _expert(expert: ExpertSettings | None, preset: DatasetPreset | None, builtin: bool) -> ExpertSettings:
+    if expert is None:
+        expert = DIGITS_EXPERT if builtin else ExpertSettings()
+    if expert.max_steps == -1 and expert.max_epochs is None:
+        expert = dataclasses.replace(expert, max_epochs=preset.epochs if preset else DEFAULT_EPOCHS)
+    return expert
+
+
+def preset_rows(rows: Sequence[Row] | None, preset: DatasetPreset | None) -> list[Row]:
+    """The rows (default: the paper's table), each ``score`` row given the preset's SCORE options it does not set."""
+    rows = list(DEFAULT_ROWS if rows is None else rows)
+    options = dict(preset.score_options) if preset is not None else {}
+    if not options:
+        return rows
+    return [
+        dataclasses.replace(row, options={**options, **row.options})
+        if row.mode == "merge" and row.method == "score"
+        else row
+        for row in rows
+    ]
+
+
+def resolve_dataset(
+    root: str,
+    dataset: str = "auto",
+    templates: str = "auto",
+    expert: ExpertSettings | None = None,
+    rows: Sequence[Row] | None = None,
+    *,
+    read_data: bool = True,
+) -> DatasetChoice:
+    """Fill a study's ``auto`` and unset settings from its dataset's preset (see the module docstring).
+
+    Args:
+        root: The data (any layout ``DomainDataModule`` reads) or ``builtin:digits``.
+        dataset: ``auto`` (detect the preset from the root's domain folders), ``none`` (no preset), or a
+            preset's name (``pacs``, ``office_home``...), which must match the data.
+        templates: A template set, or ``auto`` (the dataset's).
+        expert: Fine-tuning settings, or ``None`` (the paper's on real data, the built-in benchmark's on digits).
+        rows: The table's rows, or ``None`` (the paper's table).
+        read_data: Read ``root`` to detect or check the preset. With ``False`` (``--print_config`` of a recipe
+            whose data is elsewhere) only a named ``dataset`` is applied; ``auto`` values stay ``auto``.
+
+    Returns:
+        The resolved choice.
+
+    Raises:
+        ValueError: An unknown preset, or a preset that does not match the data (naming both).
+        FileNotFoundError: ``root`` does not exist (when ``read_data``).
+    """
+    named = _named_preset(dataset)
+    data = None
+    builtin = str(root).startswith("builtin:")
+    if read_data:
+        data = DomainDataModule(str(root), num_workers=0, preset=named.name if named else dataset)
+        if named is not None:
+            _check_matches(named, data, root)
+        preset = data.preset
+        builtin = data.builtin is not None
+    else:
+        preset = named
+    choice = DatasetChoice(
+        dataset=preset.name if preset is not None else ("none" if read_data else dataset),
+        preset=preset,
+        templates=_templates(templates, preset, data, dataset),
+        expert=_expert(expert, preset, builtin) if read_data or named or builtin else expert or ExpertSettings(),
+        rows=preset_rows(rows, preset),
+        layout=data.layout if data is not None else None,
+    )
+    return choice
+
+
+def resolved_arguments(arguments: Any) -> dict[str, Any]:
+    """The study arguments that :func:`resolve_dataset` (and the seeds' default) fill in, as plain values.
+
+    What ``lightning-score study --print_config`` shows instead of ``auto`` and null: ``dataset``,
+    ``templates``, ``expert``, ``rows`` and ``seeds``. When ``root`` does not exist (a recipe printed away
+    from its data), a named ``dataset`` still applies and the data-dependent values stay ``auto`` (a
+    warning says so); the study itself then stops at the missing root.
+
+    Args:
+        arguments: The parsed arguments of ``run_study`` (attributes ``root``, ``dataset``, ``templates``,
+            ``expert``, ``rows``, ``seeds``, ``seed``), with ``expert`` and ``rows`` as dataclasses.
+    """
+    root = str(arguments.root)
+    readable = root.startswith("builtin:") or Path(root).expanduser().exists()
+    if not readable and arguments.dataset == "auto":
+        log.warning(
+            "root '%s' does not exist here: the dataset, templates and epochs it decides are shown as given "
+            "('auto'/null); they are resolved from the data when the study runs.",
+            root,
+        )
+    choice = resolve_dataset(
+        root, arguments.dataset, arguments.templates, arguments.expert, arguments.rows, read_data=readable
+    )
+    return {
+        "dataset": choice.dataset,
+        "templates": choice.templates,
+        "expert": asdict(choice.expert),
+        "rows": [asdict(row) for row in choice.rows],
+        "seeds": resolve_seeds(root, arguments.seeds, arguments.seed),
+        "seed": None,
+    }
