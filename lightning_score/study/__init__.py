@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -33,14 +33,16 @@ def run_study(
     output_dir: str = "runs/digits-study",
     model_name: str = "tiny-ViT-W96-L3",
     pretrained: str | None = "builtin:digits",
-    templates: str = "digits",
+    templates: str = "auto",
     root: str = "builtin:digits",
+    dataset: str = "auto",
     domains: list[str] | None = None,
     targets: list[str] | None = None,
-    expert: ExpertSettings = ExpertSettings(lr=1e-3, warmup_steps=15, max_steps=150, max_epochs=None, batch_size=64),  # noqa: B008
+    expert: ExpertSettings | None = None,
     rows: list[Row] | None = None,
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     eval_batch_size: int = 256,
     num_workers: int = 0,
     split_seed: int = 17,
@@ -53,6 +55,8 @@ def run_study(
     alpha_images: int | None = 100,
     bootstrap: int = 1000,
     restart: bool = False,
+    stage: Literal["all", "experts", "evaluate"] = "all",
+    stage_domains: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the leave-one-domain-out study: per seed, fit one expert per domain, merge the others' for every target.
 
@@ -71,16 +75,28 @@ def run_study(
         model_name: open_clip architecture of the pre-trained model.
         pretrained: Its weights: ``builtin:digits`` (the offline base), an open_clip tag such as ``openai``,
             or a local weights file.
-        templates: Prompt-template set of the zero-shot head (``digits``, ``pacs``, ``imagenet``, ``auto``...).
+        templates: Prompt-template set of the zero-shot head; ``auto``: the dataset's own (the SCORE authors' set
+            of a preset's dataset, ``digits`` for the built-in benchmark; see :mod:`.dataset`).
         root: The data (any layout ``DomainDataModule`` reads) or ``builtin:digits``.
+        dataset: The dataset preset (``pacs``, ``office_home``, ``fed_isic2019``... see
+            ``lightning_score.data.presets``) whose protocol fills every ``auto`` or unset setting: the split,
+            the templates, the experts' epochs, SCORE's options. ``auto``: detected from the root's domain
+            folders; ``none``: no preset. A named preset must match the data's domains.
         domains: The domains of the study; default every domain of ``root``.
         targets: The held-out targets to evaluate; default every domain.
         expert: How experts (and pooled models) are fine-tuned; its ``precision`` is also the precision of
-            every evaluation, as in the merge recipes.
+            every evaluation, as in the merge recipes. ``None``: the paper's settings with the preset's epochs
+            on real data, 150 steps at lr 1e-3 on the built-in digits; ``max_epochs: null`` takes the preset's.
         rows: The table's rows; default SCORE, its ablations, TSV-M, Iso-C, Iso-CTS, TIES, MagMax, PCB, Task
             Arithmetic, averaging, ESM, zero-shot, the logit ensemble, the pooled fine-tune and the target's expert.
+            Every ``score`` row gets the preset's SCORE options it does not set (``divide_by_tasks: false`` on
+            Fed-ISIC2019 and RetinaDomains).
         accelerator: Lightning accelerator (``auto``: the GPU when there is one).
-        devices: Devices per fit and test; the study runs on one (see docs/cluster.md for several GPUs).
+        devices: Devices per node. More than one (or ``num_nodes`` > 1): every fit is a DDP fit across all of
+            them (``expert.batch_size`` stays the global batch), merges are sharded across them, and each
+            device predicts its own part of every test set, gathered so the numbers equal one device's (see
+            docs/cluster.md; Lightning starts the processes, or torchrun / SLURM's srun does).
+        num_nodes: Nodes (with torchrun or srun starting ``devices`` processes on each).
         eval_batch_size: Batch size of the evaluations.
         num_workers: Data-loading worker processes.
         split_seed: Seed of the seeded splits (17 in the SCORE paper); pre-split data is read as is.
@@ -94,6 +110,10 @@ def run_study(
         alpha_images: Validation images per source domain for the α search (a seeded subset; null: all).
         bootstrap: Bootstrap resamples for the intervals.
         restart: Redo kept fits and results whose settings differ from these (default: refuse them).
+        stage: ``all`` (fit, evaluate, report), ``experts`` (only fits: those of ``stage_domains``, or the
+            ``SLURM_ARRAY_TASK_ID``-th seed × domain pair, or all) or ``evaluate`` (fits nothing: reuses every
+            expert in ``output_dir``, evaluates and reports). See :mod:`lightning_score.study.stages`.
+        stage_domains: The domains whose experts (and pooled fold models) ``--stage experts`` fits, every seed.
 
     Returns:
         One record per table line, target and seed (method, seed, target, acc, balanced_acc, alpha, ...).
@@ -102,14 +122,18 @@ def run_study(
     settings = dict(locals())  # the arguments, as resolved
     settings.pop("seed")
     settings["rows"] = list(rows) if rows is not None else list(DEFAULT_ROWS)
-    study = Study(**settings)
+    study = Study(**settings)  # with several devices, Lightning's launcher starts the other ranks here
     folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    resolved = {**settings, "domains": study.domains, "targets": study.targets, "expert": asdict(expert),
+    resolved = {**settings, "domains": study.domains, "targets": study.targets, "expert": asdict(study.expert),
+                "templates": study.templates, "dataset": study.dataset,
                 "rows": [asdict(row) for row in study.rows]}  # fmt: skip
-    resolved.pop("restart")
-    atomic_write_text(folder / "study.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    for key in ("restart", "stage", "stage_domains"):  # how this job runs, not what the study is
+        resolved.pop(key)
+    text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    study.world.on_zero(lambda: atomic_write_text(folder / "study.yaml", text))
     records = study.run()
+    if stage == "experts" or not study.world.is_zero:  # rank zero alone writes the report
+        return records
     experts = {domain: study.task_vector_path(domain) for domain in study.domains}
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and _cuda() else "cpu"
     written, _ = write_report(

@@ -31,11 +31,15 @@ def _check_numbers(study: Any) -> None:
         raise ValueError(f"seeds must be a non-empty list of distinct integers, got {study.seeds}.")
     if any(not isinstance(seed, int) or isinstance(seed, bool) for seed in study.seeds):
         raise ValueError(f"seeds must be integers, got {study.seeds}.")
-    if study.devices != 1:
+    for name in ("devices", "num_nodes"):
+        value = getattr(study, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer (devices per node, nodes), got {value!r}.")
+    world_size = study.devices * study.num_nodes
+    if study.expert.batch_size % world_size:
         raise ValueError(
-            f"devices={study.devices}: the study runs every fit and test on one device. For several GPUs, fit experts "
-            "in parallel (recipes/multi_gpu/experts_in_parallel.sh) or with DDP (recipes/multi_gpu/ddp_fit.yaml) "
-            "and merge per target (recipes/<dataset>/vit_b32_merge.yaml)."
+            f"expert.batch_size={study.expert.batch_size} is the global batch of every DDP fit and must be divisible "
+            f"by devices × num_nodes = {world_size} (each process loads batch_size / {world_size} images per step)."
         )
     for name in ("eval_batch_size", "proxy_images", "bootstrap"):
         if getattr(study, name) < 1:
@@ -104,7 +108,9 @@ def check_study(study: Any) -> tuple[list[str], list[str], list[str], str | None
     study.expert.check()
     _check_numbers(study)
     _check_model(study.model_name, study.pretrained, study.templates)
-    data = DomainDataModule(study.root, num_workers=0, val_fraction=study.val_fraction, split_seed=study.split_seed)
+    data = DomainDataModule(
+        study.root, num_workers=0, val_fraction=study.val_fraction, split_seed=study.split_seed, preset=study.dataset
+    )
     available = data.domains
     domains = _pick(study.domains_arg, "domains", available)
     if len(domains) < 2:

@@ -13,7 +13,10 @@ Lightning reads their ranks from the environment. Every rank then runs the whole
   every rank in the test set's order: the numbers are exactly those of one device;
 * every decision that reads the study folder (reuse a kept fit or result?) is taken on rank zero and
   broadcast (:meth:`World.on_zero`), and every file is written there, so the ranks never disagree; an error
-  on rank zero is raised on every rank, never a hang;
+  there is raised on every rank. An error on one rank inside a fit or a prediction (where the others may
+  wait in Lightning's own collectives) ends that process, and the launcher ends the others: Lightning's
+  launcher watches the ranks it started (and the study kills them when rank zero fails,
+  :meth:`World.stop_others`), torchrun stops its workers, ``srun --kill-on-bad-exit=1`` its tasks. Never a hang;
 * where two jobs of a cluster study can race (the same fit or the same result), rank zero holds an
   inter-process file lock (:meth:`World.lock`) while the ranks wait in short polls.
 """
@@ -119,6 +122,18 @@ class World:
         if self.fabric is None:
             return [work()]
         return gather_outcomes(self.fabric.strategy, work)  # type: ignore[arg-type]
+
+    def stop_others(self) -> None:
+        """End the ranks Lightning's launcher started from this process (rank zero failing outside a collective).
+
+        A rank that fails inside one of Lightning's loops cannot tell the others, which may wait in a
+        collective: as the Trainer does for its own processes, the launching rank kills them. Ranks started
+        by torchrun or srun are ended by them (``srun --kill-on-bad-exit=1``).
+        """
+        launcher = self.fabric.strategy.launcher if self.fabric is not None else None
+        for process in getattr(launcher, "procs", []):
+            if process.poll() is None:
+                process.kill()
 
     @contextlib.contextmanager
     def lock(self, path: Path, what: str, say: Callable[[str], None] | None = None) -> Iterator[None]:

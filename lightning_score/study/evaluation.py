@@ -74,18 +74,21 @@ def unpack_correct(text: str, count: int) -> np.ndarray:
 
 
 def _predict(trainer: L.Trainer, module: MergeModule, data: FoldData, world: World | None = None) -> Prediction:
-    """Every test image's prediction, in the test set's order (each rank predicts its share; gathered to all)."""
+    """Every test image's prediction, in the test set's order (each rank predicts its share; gathered to all).
 
-    def own_share() -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = trainer.predict(module, datamodule=data, return_predictions=True)
-        batches = outputs if outputs and isinstance(outputs[0], dict) else [b for part in outputs or [] for b in part]
-        if any("labels" not in b for b in batches):
-            raise RuntimeError(f"Predicting on '{data.target}' returned batches without labels.")
-        if not batches:  # a rank whose share is empty (more ranks than test batches)
-            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-        return torch.cat([b["preds"].cpu() for b in batches]), torch.cat([b["labels"].cpu() for b in batches])
-
-    shares = (world or World()).gather(own_share)
+    A failure inside ``Trainer.predict`` is not exchanged between the ranks (the others may be inside one of
+    Lightning's own collectives): it ends this process, and the launcher (Lightning's, torchrun, srun with
+    ``--kill-on-bad-exit``) ends the others.
+    """
+    outputs = trainer.predict(module, datamodule=data, return_predictions=True)
+    batches = outputs if outputs and isinstance(outputs[0], dict) else [b for part in outputs or [] for b in part]
+    if any("labels" not in b for b in batches):
+        raise RuntimeError(f"Predicting on '{data.target}' returned batches without labels.")
+    if batches:
+        own = torch.cat([b["preds"].cpu() for b in batches]), torch.cat([b["labels"].cpu() for b in batches])
+    else:  # a rank whose share is empty (more ranks than test batches)
+        own = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    shares = (world or World()).gather(lambda: own)
     preds, labels = torch.cat([p for p, _ in shares]), torch.cat([y for _, y in shares])
     if len(labels) == 0:
         raise RuntimeError(f"Predicting on '{data.target}' returned no labelled batches.")

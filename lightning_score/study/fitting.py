@@ -16,8 +16,11 @@ expert is reused by a study on another number of devices.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,30 @@ from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
 from lightning_score.study.config import ExpertSettings
 
-__all__ = ["FitResult", "fit_task_vector"]
+__all__ = ["QUIET_TRAINER", "FitResult", "fit_task_vector", "quiet_lightning"]
 
 QUIET_TRAINER = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's per-run chatter (devices, seeds, tips) out of the study's own progress output."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning_score")
+    previous = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lightning_score.study.runner").setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+            warnings.filterwarnings("ignore", message=".*never reaches its peak.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # a redone fit's old curve
+            yield
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
 
 
 class FitResult(dict):
