@@ -7,6 +7,7 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,91 @@ def test_method_accuracy_error_bars_span_each_interval(tmp_path: Path) -> None:
         method_accuracy_figure(table, intervals={"score": (0.70, 0.80)})
     with pytest.raises(ValueError, match="not in the table"):
         method_accuracy_figure(table, intervals={"ties": (0.1, 0.2)})
+
+
+def _error_bars(ax: object) -> list[tuple[float, float, float]]:
+    """Every error bar of the axes as (low, high, row position), in drawn units, sorted."""
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    segments = [s for c in bars for s in c.lines[2][0].get_segments()]
+    assert all(float(s[0][1]) == float(s[1][1]) for s in segments)  # horizontal bars
+    return sorted((round(float(s[0][0]), 6), round(float(s[1][0]), 6), round(float(s[0][1]), 6)) for s in segments)
+
+
+def test_method_accuracy_error_bars_on_every_cell_with_their_meaning_in_the_legend() -> None:
+    table = {"score": {"a": 0.60, "b": 0.70}, "tsv": {"a": 0.50, "b": 0.62}}
+    intervals = {"score": (0.62, 0.68), "tsv": (0.50, 0.62)}
+    cells = {"score": {"a": (0.55, 0.64), "b": (0.66, 0.75)}, "tsv": {"b": (0.60, 0.63)}}  # tsv on a: none
+    figure = method_accuracy_figure(table, intervals=intervals, domain_intervals=cells, interval_label="± std")
+    ax = figure.axes[0]
+    spans = [(low, high) for low, high, _ in _error_bars(ax)]
+    assert sorted(spans) == [(50.0, 62.0), (55.0, 64.0), (60.0, 63.0), (62.0, 68.0), (66.0, 75.0)]
+    rows = {(low, high): row for low, high, row in _error_bars(ax)}
+    assert rows[(62.0, 68.0)] == 0.0 and rows[(50.0, 62.0)] == 1.0  # the means' bars on their rows
+    # each cell's bar passes through its dot (same row offset as the domain's marker)
+    dots = {(round(float(x), 6), round(float(y), 6)) for c in ax.collections for x, y in c.get_offsets()}
+    assert (
+        (60.0, rows[(55.0, 64.0)]) in dots and (70.0, rows[(66.0, 75.0)]) in dots and (62.0, rows[(60.0, 63.0)]) in dots
+    )
+    assert rows[(55.0, 64.0)] < 0.0 < rows[(66.0, 75.0)] < 0.5  # domain a above, b below the bar's centre
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "± std"]
+    assert_nothing_clipped(figure)
+    with pytest.raises(ValueError, match="interval of 'score' on 'a' .* does not contain its value 60"):
+        method_accuracy_figure(table, domain_intervals={"score": {"a": (0.61, 0.7)}})
+    with pytest.raises(ValueError, match=r"domain_intervals name domains that are not in the table: \['c'\]"):
+        method_accuracy_figure(table, domain_intervals={"score": {"c": (0.1, 0.2)}})
+    plain = method_accuracy_figure({"score": 0.6}, intervals={"score": (0.5, 0.7)}).axes[0]
+    assert [t.get_text() for t in plain.get_legend().get_texts()] == ["interval"]
+
+
+def _study_records(seeds: list[int], rates: dict[str, float], n: int = 200) -> list[dict]:
+    from lightning_score.study.evaluation import pack_correct
+
+    records = []
+    for seed in seeds:
+        for t, target in enumerate(("a", "b")):
+            for k, (name, rate) in enumerate(rates.items()):
+                correct = np.zeros(n, dtype=bool)
+                hits = int((rate + 0.05 * seed + 0.1 * t) * n)
+                correct[np.random.default_rng(100 * seed + 10 * t + k).permutation(n)[:hits]] = True
+                records.append({"method": name, "seed": seed, "target": target, "num_images": n,
+                                "labels_digest": "same", "correct": pack_correct(correct)})  # fmt: skip
+    return records
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]])
+def test_study_accuracy_png_error_bars_are_the_summarys_intervals(
+    seeds: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One seed: each cell's and mean's 95 % bootstrap interval; several: mean ± std over seeds (said in the legend)."""
+    from lightning_score.study.config import Row, table_entries
+    from lightning_score.study.report import write_report
+    from lightning_score.study.summary import MEAN
+
+    entries = table_entries([Row("SCORE"), Row("TIES", method="ties"), Row("Zero-shot", mode="zeroshot")], False)
+    records = _study_records(seeds, {"SCORE": 0.6, "TIES": 0.5, "Zero-shot": 0.3})
+    drawn = {}
+
+    def keep(table: object, path: Path, **kwargs: object) -> Path:
+        drawn["figure"] = method_accuracy_figure(table, **{k: v for k, v in kwargs.items() if k != "dpi"})
+        return plots_module.save_png(drawn["figure"], path)
+
+    monkeypatch.setattr(plots_module, "plot_method_accuracy", keep)
+    written, summary = write_report(records, entries, ["a", "b"], seeds, tmp_path, resamples=200)
+    assert written["accuracy.png"].is_file()
+    expected = []
+    for entry in entries:
+        for column in ("a", "b", MEAN):
+            cell = summary.cells[(entry.name, column)]
+            low, high = (cell.mean - cell.std, cell.mean + cell.std) if len(seeds) > 1 else (cell.low, cell.high)
+            assert low < cell.mean < high  # a real interval, not a point
+            expected.append((round(100 * low, 6), round(100 * high, 6)))
+    ax = drawn["figure"].axes[0]
+    assert sorted((low, high) for low, high, _ in _error_bars(ax)) == sorted(expected)
+    label = "± std over 3 seeds" if len(seeds) > 1 else "95 % bootstrap interval over test images"
+    assert (
+        ax.get_legend().get_texts()[-1].get_text() == label and ax.get_title() == "Mean accuracy over held-out domains"
+    )
+    assert_nothing_clipped(drawn["figure"])
 
 
 def test_method_accuracy_plain_means_missing_values_and_units() -> None:

@@ -1,4 +1,4 @@
-"""Mean accuracy per merge method: bars (with optional interval error bars), per-domain dots, the best highlighted."""
+"""Mean accuracy per merge method: bars and per-domain dots, each with optional error bars, the best highlighted."""
 
 from __future__ import annotations
 
@@ -49,20 +49,46 @@ def _accuracy_rows(
 
 
 def _interval_ends(
-    methods: list[str], means: list[float], intervals: Mapping[str, tuple[float, float]], scale: float
+    methods: list[str],
+    means: list[float],
+    intervals: Mapping[str, tuple[float, float]],
+    scale: float,
+    what: str = "intervals",
+    domain: str | None = None,
 ) -> dict[int, tuple[float, float]]:
-    """Row index -> (low, high) in drawn units, for the methods that have an interval."""
+    """Row index -> (low, high) in drawn units, for the methods that have an interval (of ``domain``'s cell)."""
     unknown = sorted(set(intervals) - set(methods))
     if unknown:
-        raise ValueError(f"intervals name methods that are not in the table: {unknown}.")
+        raise ValueError(f"{what} name methods that are not in the table: {unknown}.")
     ends = {}
     for i, method in enumerate(methods):
         if method not in intervals or not math.isfinite(means[i]):
             continue
         low, high = (float(v) * scale for v in intervals[method])
         if not low - 1e-9 <= means[i] <= high + 1e-9:
-            raise ValueError(f"The interval of '{method}' ({low:g}, {high:g}) does not contain its mean {means[i]:g}.")
+            cell = f"'{method}' on '{domain}'" if domain else f"'{method}'"
+            noun = "value" if domain else "mean"
+            raise ValueError(f"The interval of {cell} ({low:g}, {high:g}) does not contain its {noun} {means[i]:g}.")
         ends[i] = (low, high)
+    return ends
+
+
+def _domain_ends(
+    methods: list[str],
+    per_domain: Mapping[str, Mapping[str, float]],
+    domain_intervals: Mapping[str, Mapping[str, tuple[float, float]]],
+    domains: list[str],
+    scale: float,
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """Domain -> row index -> (low, high) in drawn units, for the per-domain dots that have an interval."""
+    unknown = sorted({d for cells in domain_intervals.values() for d in cells} - set(domains))
+    if unknown:
+        raise ValueError(f"domain_intervals name domains that are not in the table: {unknown}.")
+    ends = {}
+    for domain in domains:
+        values = [per_domain.get(m, {}).get(domain, math.nan) * scale for m in methods]
+        given = {m: cells[domain] for m, cells in domain_intervals.items() if domain in cells}
+        ends[domain] = _interval_ends(methods, values, given, scale, "domain_intervals", domain)
     return ends
 
 
@@ -74,6 +100,8 @@ def method_accuracy_figure(
     highlight_best: bool = True,
     exclude_from_best: Collection[str] = (),
     intervals: Mapping[str, tuple[float, float]] | None = None,
+    domain_intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+    interval_label: str | None = None,
 ) -> Figure:
     """Build a horizontal bar chart of mean accuracy per merge method.
 
@@ -89,13 +117,18 @@ def method_accuracy_figure(
             upper bound) and cannot be "best".
         intervals: ``method -> (low, high)`` of each mean (in the table's unit), drawn as error bars, e.g. a
             95 % confidence interval. The interval must contain the mean.
+        domain_intervals: ``method -> {domain: (low, high)}``: error bars on the per-domain dots (each cell's
+            interval, in the table's unit; it must contain the cell's value).
+        interval_label: What the error bars are (``"95 % bootstrap interval"``, ``"± std over 3 seeds"``),
+            shown in the legend; default ``"interval"`` when there are error bars.
 
     Returns:
         The figure (Agg canvas, not registered with pyplot).
 
     Raises:
         ValueError: An empty table, a value that is neither a number nor a mapping of numbers, an unknown
-            unit, or an interval that does not contain its mean.
+            unit, an interval that does not contain its value, or an interval of a method or domain that is
+            not in the table.
     """
     if unit not in ("auto", "fraction", "percent"):
         raise ValueError(f"unit must be 'auto', 'fraction' or 'percent', got {unit!r}.")
@@ -107,6 +140,7 @@ def method_accuracy_figure(
     scale = 100.0 if unit == "fraction" else 1.0
     means = [v * scale for v in means]
     domains = sorted({d for values in per_domain.values() for d in values})
+    dot_ends = _domain_ends(methods, per_domain, domain_intervals or {}, domains, scale)
 
     candidates = [i for i, m in enumerate(methods) if m not in exclude_from_best and math.isfinite(means[i])]
     best = max(candidates, key=lambda i: means[i]) if (highlight_best and candidates) else None
@@ -127,6 +161,7 @@ def method_accuracy_figure(
                     elinewidth=1.1, capsize=3.5, zorder=5)  # fmt: skip
 
     finite_values = [v for v in means if math.isfinite(v)] + [high for _, high in ends.values()]
+    finite_values += [high for cells in dot_ends.values() for _, high in cells.values()]
     finite_values += [a * scale for d in per_domain.values() for a in d.values() if math.isfinite(a)]
     upper = max(finite_values, default=1.0)
     limit = 100.0 if upper <= 100.0 else upper * 1.08
@@ -166,6 +201,24 @@ def method_accuracy_figure(
                 zorder=3,
                 label=domain,
             )
+            rows = sorted(dot_ends[domain])
+            if rows:
+                centres = [per_domain[methods[i]][domain] * scale for i in rows]
+                below = [c - dot_ends[domain][i][0] for c, i in zip(centres, rows, strict=True)]
+                above = [dot_ends[domain][i][1] - c for c, i in zip(centres, rows, strict=True)]
+                ax.errorbar(centres, [i + offsets[index] for i in rows], xerr=[below, above], fmt="none",
+                            ecolor="dimgray", elinewidth=0.8, capsize=1.5, zorder=3,
+                            label=f"_{domain} interval")  # fmt: skip
+    if ends or any(dot_ends.values()):
+        from matplotlib.lines import Line2D
+
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Line2D([], [], color="black", marker="|", markersize=8, linewidth=1.1))
+        labels.append(interval_label or "interval")
+        heading = "domain" if domains else None
+        ax.legend(handles, labels, title=heading, fontsize=8, title_fontsize=9, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    elif domains:
         ax.legend(title="domain", fontsize=8, title_fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_yticks(positions, labels=methods)
     if best is not None:
@@ -186,6 +239,8 @@ def plot_method_accuracy(
     highlight_best: bool = True,
     exclude_from_best: Collection[str] = (),
     intervals: Mapping[str, tuple[float, float]] | None = None,
+    domain_intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+    interval_label: str | None = None,
     dpi: int = 150,
 ) -> Path:
     """Write the bar chart of mean accuracy per merge method (see :func:`method_accuracy_figure`) to a PNG.
@@ -197,7 +252,9 @@ def plot_method_accuracy(
         unit: ``"fraction"``, ``"percent"`` or ``"auto"`` (see :func:`method_accuracy_figure`).
         highlight_best: Colour the best bar differently.
         exclude_from_best: Reference rows that cannot be "best".
-        intervals: ``method -> (low, high)`` error bars (see :func:`method_accuracy_figure`).
+        intervals: ``method -> (low, high)`` error bars on the means (see :func:`method_accuracy_figure`).
+        domain_intervals: ``method -> {domain: (low, high)}`` error bars on the per-domain dots.
+        interval_label: What the error bars are, for the legend.
         dpi: Resolution.
 
     Returns:
@@ -210,5 +267,7 @@ def plot_method_accuracy(
         highlight_best=highlight_best,
         exclude_from_best=exclude_from_best,
         intervals=intervals,
+        domain_intervals=domain_intervals,
+        interval_label=interval_label,
     )
     return save_png(figure, path, dpi=dpi)

@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning_score.atomic import atomic_write_text
 from lightning_score.study.config import Entry
+from lightning_score.study.figures import accuracy_figure_inputs
 from lightning_score.study.summary import MEAN, Summary, summarize
 from lightning_score.study.tables import markdown_report, significance
 
@@ -126,20 +127,16 @@ def write_report(
     except ImportError as error:  # the plot extra is optional
         log.warning("%s: results.md/csv/json are written; install lightning-score[plot] for the figures.", error)
         return written, summary
-    table, intervals = {}, {}
-    for entry in entries:
-        values = {t: summary.cells[(entry.name, t)].mean for t in targets if (entry.name, t) in summary.cells}
-        mean = summary.cells.get((entry.name, MEAN))
-        if mean is not None:
-            table[entry.name] = {**values, "mean": mean.mean}
-            intervals[entry.name] = (mean.low, mean.high)
-    if table:
+    figure = accuracy_figure_inputs(summary, entries, targets)  # error bars: bootstrap (1 seed) or ± std (seeds)
+    if figure.table:
         written["accuracy.png"] = plot_method_accuracy(
-            table,
+            figure.table,
             output_dir / "accuracy.png",
             exclude_from_best=[e.name for e in entries if e.section == "reference"],
-            intervals=intervals,
-            title="Mean accuracy over held-out domains (bars: 95 % bootstrap interval)",
+            intervals=figure.intervals,
+            domain_intervals=figure.domain_intervals,
+            interval_label=figure.label,
+            title="Mean accuracy over held-out domains",  # the legend says what the error bars are
         )
     if experts:
         from lightning_score.analysis import subspace_alignment
