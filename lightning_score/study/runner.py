@@ -100,6 +100,7 @@ class Study:
             choice = resolve_dataset(root, dataset, templates, expert, rows)  # the preset fills auto/unset values
             self.dataset, self.preset, self.layout = choice.dataset, choice.preset, choice.layout
             self.templates, self.expert, self.rows = choice.templates, choice.expert, choice.rows
+            log.info(choice.describe())
             self.domains, self.targets, self.classnames, self.default_templates = check_study(self)
             pooled = any(row.mode == "pooled" for row in self.rows)
             self.fits = planned_fits(stage, self.seeds, self.domains, self.targets, pooled, stage_domains)
