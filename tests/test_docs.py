@@ -7,7 +7,7 @@ How the docs are checked (a contributor editing a page needs only this):
   form*: the substitutions in :data:`REDUCE` (every page) and :data:`PAGE_REDUCE` (one page) shorten the
   trainings (``max_steps=150`` -> a few steps) or swap what cannot run offline; each substitution must still
   find its text (a stale one fails the test), and the built-in digits base is pre-trained for a few steps
-  only (:data:`QUICK_DIGITS_BASE`). The working directory also holds small synthetic task vectors named after
+  only (:data:`QUICK_DIGITS_BASE`; not for :data:`SLOW_PAGES`). The working directory also holds small synthetic task vectors named after
   PACS's domains (``art_painting.safetensors``, ``task_vectors/<domain>.safetensors``) for the pages that
   show real-data paths.
 * **Shown output**: a ```text block right after a ```python block (only blank lines between) is what the
@@ -19,15 +19,15 @@ How the docs are checked (a contributor editing a page needs only this):
   (``name(param: type = default, ...) -> type``, one or more); each must name the same parameters, in the
   same order and kinds, with the same defaults, as ``inspect.signature`` of the object it names.
 * **Commands**: every ``lightning-score ...`` command in a ```bash block, and every ``$ lightning-score``
-  line of a ```text block, is parsed, never run: ``--print_config`` is appended (``--help`` for
+  line of a ```text (or bare ```) block, is parsed, never run: ``--print_config`` is appended (``--help`` for
   ``analyze``), in a temporary folder where ``recipes/`` is the repository's and the YAML blocks of the page
   that start with ``# <name>.yaml`` are written. A ``$`` command followed by output lines must print them
   (numbers compared as above), e.g. an argument error.
 * Nothing in the docs may cite ``shared/`` files (the specification users do not have): they cite papers.
 
-Failures name the page and the line of the broken block. The whole check takes about a minute on 2 CPU
-cores; the longest page (workflow.md, several fits and merges) is marked ``slow``... no: it is reduced
-enough to stay in the default run.
+Failures name the page and the line of the broken block. Pages in :data:`SLOW_PAGES` (several fits and
+merges even reduced) run with ``-m slow``; the default run compiles them. ``LIGHTNING_SCORE_DOCS_FULL=1``
+runs the snippets as shown (no size reduction; minutes), to refresh the outputs a page shows.
 """
 
 from __future__ import annotations
@@ -201,14 +201,6 @@ def _synthetic_task_vectors(folder: Path) -> None:
         tv.save(folder / "task_vectors" / f"{domain}.safetensors")
 
 
-@pytest.fixture
-def quick_digits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_score.data import digits
-
-    for key, value in ({} if FULL else QUICK_DIGITS_BASE).items():
-        monkeypatch.setitem(digits.BASE_DEFAULTS, key, value)
-
-
 @contextlib.contextmanager
 def working_directory(path: Path) -> Iterator[None]:
     previous = Path.cwd()
@@ -241,12 +233,39 @@ def run_python_page(page: Path, tmp_path: Path) -> None:
     assert not stale, f"{page.name}: substitutions whose text is no longer on the page: {stale}"
 
 
-PYTHON_PAGES = [p for p in PAGES if any(b.lang == "python" for b in read_blocks(p))]
+SLOW_PAGES = {"workflow.md"}
+"""Pages whose reduced run still takes most of a minute (several fits, merges and tests): marked slow; the
+default run still compiles them and runs the README's fit -> merge -> test. They run on the real digits base
+(about a minute to build once): RegMean refuses the nearly singular Gram matrices of a base pre-trained for
+a few steps (its LayerNorm biases are still about 0, so the LayerNorm outputs lie close to one hyperplane)."""
+
+PYTHON_PAGES = [
+    pytest.param(p, id=p.name, marks=[pytest.mark.slow] if p.name in SLOW_PAGES else [])
+    for p in PAGES
+    if any(b.lang == "python" for b in read_blocks(p))
+]
 
 
-@pytest.mark.parametrize("page", PYTHON_PAGES, ids=[p.name for p in PYTHON_PAGES])
-def test_python_snippets_run_and_print_what_is_shown(page: Path, tmp_path: Path, quick_digits: None) -> None:
+@pytest.mark.parametrize("page", PYTHON_PAGES)
+def test_python_snippets_run_and_print_what_is_shown(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_score.data import digits
+
+    if not FULL and page.name not in SLOW_PAGES:  # slow pages get the real base (RegMean needs its LayerNorms)
+        for key, value in QUICK_DIGITS_BASE.items():
+            monkeypatch.setitem(digits.BASE_DEFAULTS, key, value)
     run_python_page(page, tmp_path)
+
+
+def test_python_snippets_compile() -> None:
+    """Every Python snippet is valid Python (signature blocks excepted), slow pages included."""
+    for block in all_blocks():
+        if block.lang == "python" and block.directive != "signature":
+            try:
+                compile(block.text, block.where, "exec")
+            except SyntaxError as error:
+                pytest.fail(f"{block.where}: not valid Python: {error}")
 
 
 def test_every_reduction_still_applies() -> None:
@@ -267,6 +286,8 @@ def test_skips_give_a_reason() -> None:
 def _resolve(name: str) -> object:
     for prefix in ("", "lightning_score.", "lightning_score.merging.", "lightning_score.analysis."):
         dotted = prefix + name
+        with contextlib.suppress(ImportError):
+            return importlib.import_module(dotted)
         module_name, _, attribute = dotted.rpartition(".")
         while module_name:
             try:
@@ -387,7 +408,7 @@ def page_commands(page: Path) -> list[Command]:
                 if loop:
                     variables[loop.group(1)] = loop.group(2)
                 found += [Command(block.where, argv) for argv in _commands_in(line, variables)]
-        elif block.lang == "text":
+        elif block.lang in ("text", "console", ""):
             lines = block.text.splitlines()
             for k, line in enumerate(lines):
                 if line.startswith("$ lightning-score "):
@@ -451,6 +472,33 @@ def test_docs_cite_no_file_outside_the_repository() -> None:
             if text and CITED.search(text):
                 offending.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offending, "cite the paper, not a file users do not have:\n" + "\n".join(offending)
+
+
+def test_dotted_names_in_the_docs_exist() -> None:
+    """Every ``lightning_score.a.b`` the pages name in code spans imports (a moved name fails here)."""
+    missing = []
+    for page in PAGES:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for name in re.findall(r"`(lightning_score(?:\.\w+)+)", line):
+                try:
+                    _resolve(name)
+                except LookupError:
+                    missing.append(f"{page.relative_to(ROOT)}:{number}: {name}")
+    assert not missing, "names that do not exist:\n" + "\n".join(missing)
+
+
+def test_the_tests_the_docs_name_exist() -> None:
+    """A page that names ``test_file.py::test_name`` as evidence (strategies.md) names a test that exists."""
+    sources = {path.name: path.read_text() for path in (ROOT / "tests").rglob("test_*.py")}
+    missing = []
+    for page in PAGES:
+        text = page.read_text()
+        for file, first in re.findall(r"`(test_\w+\.py)::(test_\w+)", text):
+            later = re.findall(r"`::(test_\w+)", text[text.index(f"{file}::{first}") :].split("\n", 1)[0])
+            for name in [first, *later]:
+                if f"def {name}(" not in sources.get(file, ""):
+                    missing.append(f"{page.relative_to(ROOT)}: {file}::{name}")
+    assert not missing, "tests the docs cite that do not exist:\n" + "\n".join(missing)
 
 
 def test_the_index_lists_every_page() -> None:
