@@ -259,3 +259,29 @@ def test_a_lock_held_by_another_job_makes_the_study_wait_then_go_on(tmp_path: Pa
     other.release()
     thread.join(timeout=10)
     assert inside.is_set() and len(said) == 1
+
+
+def test_the_slurm_script_submits_the_expert_array_then_the_evaluation_after_it(tmp_path: Path) -> None:
+    """recipes/multi_gpu/slurm_study.sbatch with stand-ins for sbatch and srun that record their arguments."""
+    script = HERE.parents[1] / "recipes/multi_gpu/slurm_study.sbatch"
+    calls = tmp_path / "calls.txt"
+    for tool, answer in (("sbatch", 'echo "$((1000 + $(wc -l < CALLS)));cluster"'), ("srun", "true")):
+        stand_in = tmp_path / tool
+        stand_in.write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> CALLS\n{answer}\n'.replace("CALLS", str(calls)))
+        stand_in.chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    environ["PATH"] = f"{tmp_path}:{environ['PATH']}"
+    run = dict(capture_output=True, text=True, timeout=30)
+    submit = subprocess.run(["bash", str(script), "study.yaml", "6", "--root", "/data/PACS"], env=environ, **run)
+    assert submit.returncode == 0, submit.stderr
+    assert "array job 1001 (6 tasks) and evaluation job 1002" in submit.stdout
+    job = subprocess.run(["bash", str(script), "experts", "study.yaml", "--root", "/data/PACS"], **run,
+                         env={**environ, "SLURM_JOB_ID": "1001", ARRAY_ENV: "4", "EXPERTS_ARGS": "--seeds [0]"})  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    assert calls.read_text().splitlines() == [
+        f"sbatch --parsable --array=0-5 {script} experts study.yaml --root /data/PACS",
+        f"sbatch --parsable --dependency=afterok:1001 {script} evaluate study.yaml --root /data/PACS",
+        "srun --kill-on-bad-exit=1 lightning-score study --config study.yaml --stage experts --root /data/PACS --seeds [0]",
+    ]
+    wrong = subprocess.run(["bash", str(script), "study.yaml", "six"], env=environ, **run)
+    assert wrong.returncode == 2 and "NUM_EXPERTS must be a positive integer" in wrong.stderr
