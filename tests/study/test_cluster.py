@@ -285,3 +285,6 @@ def test_the_slurm_script_submits_the_expert_array_then_the_evaluation_after_it(
     ]
     wrong = subprocess.run(["bash", str(script), "study.yaml", "six"], env=environ, **run)
     assert wrong.returncode == 2 and "NUM_EXPERTS must be a positive integer" in wrong.stderr
+    submitted = subprocess.run(["bash", str(script), "study.yaml", "4"], env={**environ, "SLURM_JOB_ID": "7"}, **run)
+    assert submitted.returncode == 2 and "run this script with bash on the login node" in submitted.stderr
+    assert len(calls.read_text().splitlines()) == 3  # neither wrong call reached sbatch or srun
