@@ -112,6 +112,9 @@ class CLIPClassifier(LightningModule):
         head_cache: Read/write zero-shot heads from/to the disk cache.
     """
 
+    #: Constructor arguments kept out of ``hparams`` (and so out of checkpoints): objects, not settings.
+    _NOT_HYPERPARAMETERS: tuple[str, ...] = ()
+
     def __init__(
         self,
         model_name: str = "ViT-B-32",
@@ -121,7 +124,7 @@ class CLIPClassifier(LightningModule):
         head_cache: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self._NOT_HYPERPARAMETERS))
         self.model_name = model_name
         self.pretrained = pretrained
         self.templates = templates

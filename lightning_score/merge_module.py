@@ -41,6 +41,7 @@ from lightning_score.merge_inputs import MODES, check_arguments, check_base, loa
 from lightning_score.merge_passes import validation_accuracy
 from lightning_score.merge_ranks import merge_on_ranks, shard_keys
 from lightning_score.merge_statistics import STATISTICS, collect_statistics, statistic_options
+from lightning_score.merging import FactorCache
 from lightning_score.models import save_clip_weights
 from lightning_score.profiling import Measure
 from lightning_score.strategies import check_strategy
@@ -78,7 +79,13 @@ class MergeModule(CLIPClassifier):
         templates: Prompt-template set of the zero-shot head (see :class:`CLIPClassifier`).
         classnames: Class names of the head; default the datamodule's.
         head_cache: Read/write zero-shot heads from/to the disk cache.
+        factors: A :class:`~lightning_score.merging.FactorCache` shared with other merges of the same experts
+            (e.g. every row and target of a leave-one-domain-out study): the SVD-based methods (SCORE, TSV-M,
+            Iso-CTS, ESM's TSV layers) then compute each expert's factorizations once. The merge is
+            bit-identical with and without it on one device. Not a hyperparameter: checkpoints do not keep it.
     """
+
+    _NOT_HYPERPARAMETERS = ("factors",)
 
     def __init__(
         self,
@@ -96,6 +103,7 @@ class MergeModule(CLIPClassifier):
         templates: str = "auto",
         classnames: list[str] | None = None,
         head_cache: bool = True,
+        factors: FactorCache | None = None,
     ) -> None:
         check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
         self.method = method
@@ -107,6 +115,7 @@ class MergeModule(CLIPClassifier):
         self.alpha_search_method = alpha_search
         self.proxy_images = proxy_images
         self.merge_device = merge_device
+        self.factors = factors
         self.task_vector_paths = [Path(p) for p in task_vectors or []]
         # load_from_checkpoint restores the prepared weights: the task-vector files are not read again
         self._task_vectors = [] if _RESTORING.get() else self._load_task_vectors()
@@ -209,7 +218,13 @@ class MergeModule(CLIPClassifier):
         # the engine's own line is quieted: the one below says it, with the options
         with Measure(device) as measure, quiet_logger("lightning_score.merging.engine"):
             merged = merge_on_ranks(
-                self._task_vectors, self.method, self.method_options, device, strategy, self.collect_statistics
+                self._task_vectors,
+                self.method,
+                self.method_options,
+                device,
+                strategy,
+                self.collect_statistics,
+                factors=self.factors,
             )
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})

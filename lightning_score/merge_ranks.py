@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
-from lightning_score.merging import get_method, merge_task_vectors
+from lightning_score.merging import FactorCache, get_method, merge_task_vectors
 from lightning_score.ranks import gather_outcomes, on_rank_zero
 from lightning_score.task_vector import TaskVector
 
@@ -67,6 +67,7 @@ def merge_on_ranks(
     device: torch.device,
     strategy: Strategy | None,
     statistics: Statistics | None = None,
+    factors: FactorCache | None = None,
 ) -> TaskVector:
     """τ* at α = 1, the same on every rank of ``strategy``.
 
@@ -78,6 +79,7 @@ def merge_on_ranks(
         strategy: The Trainer's strategy (``None``: this process alone).
         statistics: For data methods: computes their statistics options (``{"grams": [...]}``...) on the
             merging rank (see :func:`lightning_score.merge_statistics.collect_statistics`).
+        factors: Each expert's factorizations, shared with other merges (a rank computes those of its keys).
 
     Returns:
         τ* on CPU; under a sharded merge its metadata records ``sharded_over_ranks``.
@@ -92,7 +94,7 @@ def merge_on_ranks(
             kwargs.update(statistics(device))
         if keys is not None:
             kwargs["keys"] = keys
-        return merge_task_vectors(task_vectors, method, device=device, **kwargs)
+        return merge_task_vectors(task_vectors, method, device=device, factors=factors, **kwargs)
 
     if strategy is None or strategy.world_size == 1:
         return merge(None)

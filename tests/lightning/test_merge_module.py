@@ -156,3 +156,33 @@ def test_bad_inputs_fail_before_any_work(quick_base: Path, expert_task_vectors: 
         MergeModule(MODEL, str(quick_base), task_vectors=tvs, mode="average")
     with pytest.raises(ValueError, match="alpha must be a number or 'auto'"):
         MergeModule(MODEL, str(quick_base), task_vectors=tvs, alpha="best")
+
+
+def test_a_shared_factor_cache_gives_the_same_merges_and_factorizes_each_expert_once(
+    quick_base: Path, expert_task_vectors: dict, tmp_path: Path
+) -> None:
+    """Two targets x two SVD rows through MergeModule with one FactorCache: bit-identical to no cache, and each
+    expert's SVDs are computed once (3 experts), not once per merge (2 targets x 2 rows x 2 experts)."""
+    from lightning_score.merging import FactorCache
+
+    cache = FactorCache(min_tasks=1)
+    head = {"templates": "digits", "classnames": digits().classnames}
+    domains = ("rot0", "rot30", "rot60")
+    per_expert = None
+    for target in ("rot30", "rot60"):
+        tvs = _sources(expert_task_vectors, *[d for d in domains if d != target])
+        for method, options in (("score", {}), ("tsv", {})):
+            shared = MergeModule(
+                MODEL, str(quick_base), task_vectors=tvs, method=method, method_options=options, factors=cache, **head
+            )
+            alone = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method=method, method_options=options, **head)
+            shared.setup("test")
+            alone.setup("test")
+            assert shared.merged is not None and alone.merged is not None
+            for key in alone.merged:
+                assert torch.equal(shared.merged[key], alone.merged[key]), (target, method, key)
+            assert "factors" not in shared.hparams
+            if per_expert is None:  # after the first merge: its two experts' keys
+                per_expert = cache.stats["svd_computed"] / 2
+    assert per_expert is not None and per_expert >= 8  # every block's matrices at least
+    assert cache.stats["svd_computed"] == len(domains) * per_expert
