@@ -132,16 +132,20 @@ def run_study(
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     study.world.on_zero(lambda: atomic_write_text(folder / "study.yaml", text))
     records = study.run()
-    if stage == "experts" or not study.world.is_zero:  # rank zero alone writes the report
+    if stage == "experts":
         return records
     experts = {domain: study.task_vector_path(domain) for domain in study.domains}
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and _cuda() else "cpu"
-    written, _ = write_report(
-        records, study.entries, study.targets, study.seeds, folder, resamples=bootstrap, settings=resolved,
-        experts=experts, device=device,
-    )  # fmt: skip
-    study.console.print((folder / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
-    study.console.print("Wrote " + ", ".join(str(p) for p in written.values()), highlight=False, soft_wrap=True)
+
+    def report() -> None:
+        written, _ = write_report(
+            records, study.entries, study.targets, study.seeds, folder, resamples=bootstrap, settings=resolved,
+            experts=experts, device=device,
+        )  # fmt: skip
+        study.console.print((folder / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+        study.console.print("Wrote " + ", ".join(str(p) for p in written.values()), highlight=False, soft_wrap=True)
+
+    study.world.on_zero(report)  # rank zero writes it; the other ranks wait, and raise its error if it fails
     return records
 
 
