@@ -242,7 +242,7 @@ a few steps (its LayerNorm biases are still about 0, so the LayerNorm outputs li
 PYTHON_PAGES = [
     pytest.param(p, id=p.name, marks=[pytest.mark.slow] if p.name in SLOW_PAGES else [])
     for p in PAGES
-    if any(b.lang == "python" for b in read_blocks(p))
+    if any(b.lang == "python" and not b.directive.startswith(("skip", "signature")) for b in read_blocks(p))
 ]
 
 
