@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lightning_score.merge_module import MergeModule
-from lightning_score.merging import get_method
+from lightning_score.merging import FactorCache, get_method
 from lightning_score.study.config import Entry, Row
 from lightning_score.study.data import FoldData
 from lightning_score.study.distributed import World
@@ -118,10 +118,14 @@ def merge_module(
     proxy_images: int,
     alpha_search: str,
     seed: int,
+    factors: FactorCache | None = None,
 ) -> MergeModule:
     """The MergeModule of a row (at α = 1, or ``auto`` for a row that asks for it).
 
-    A seeded merge method (DARE, RandMix...) takes the study's seed unless the row sets its own.
+    A seeded merge method (DARE, RandMix...) takes the study's seed unless the row sets its own. ``factors``
+    is the seed's :class:`~lightning_score.merging.FactorCache`, shared by every merge row of every target:
+    the SVD-based methods (SCORE and its variants, TSV-M, Iso-CTS, ESM's TSV layers) then factorize each
+    expert once per seed (bit-identical merges); the other methods ignore it.
     """
     mode = "expert" if row.mode == "pooled" else row.mode
     method_options = dict(row.options)
@@ -138,6 +142,7 @@ def merge_module(
         proxy_images=proxy_images,
         templates=templates,
         alpha_search=alpha_search,  # type: ignore[arg-type]
+        factors=factors if mode == "merge" else None,
     )
 
 

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lightning_score.atomic import atomic_write_text
 from lightning_score.data import DomainDataModule
-from lightning_score.merging import get_method
+from lightning_score.merging import FactorCache, get_method
 from lightning_score.models import build_clip
 from lightning_score.study.checks import check_study
 from lightning_score.study.config import Entry, ExpertSettings, Row, config_digest, table_entries
@@ -100,7 +100,7 @@ class Study:
             choice = resolve_dataset(root, dataset, templates, expert, rows)  # the preset fills auto/unset values
             self.dataset, self.preset, self.layout = choice.dataset, choice.preset, choice.layout
             self.templates, self.expert, self.rows = choice.templates, choice.expert, choice.rows
-            log.info(choice.describe())
+            self.dataset_choice = choice  # its describe(): one line saying what the preset decided
             self.domains, self.targets, self.classnames, self.default_templates = check_study(self)
             pooled = any(row.mode == "pooled" for row in self.rows)
             self.fits = planned_fits(stage, self.seeds, self.domains, self.targets, pooled, stage_domains)
@@ -131,6 +131,7 @@ class Study:
         self.base_fingerprint: str | None = None
         self.fit_configs: dict[str, dict[str, Any]] = {}
         self.records: list[dict[str, Any]] = []
+        self.factors: FactorCache | None = None  #: The current seed's experts' SVDs, shared by its merges.
 
     # --- paths and data ----------------------------------------------------------------------------
 
@@ -219,11 +220,18 @@ class Study:
         )
         for seed in self.seeds:
             experts = {domain: self._make(Fit("expert", seed, domain)) for domain in self.domains}
+            # each expert's SVDs, once per seed for every SVD-based row of every target (merges of N - 1 experts)
+            self.factors = FactorCache(min_tasks=max(1, len(self.domains) - 1))
             for target in self.targets:
                 fold = self._fold(self.images, target)
                 pooled_path = self._make(Fit("pooled", seed, target)) if pooled else None
                 for row in self.rows:
                     self.records += self._evaluate(seed, target, row, experts, pooled_path, fold)
+            stats, self.factors = self.factors.stats, None  # the next seed has other experts: free these
+            if stats["svd_computed"]:
+                self._say(f"seed {seed}: the experts' SVDs (expert × matrix key) were computed {stats['svd_computed']} "
+                          f"times and reused {stats['svd_from_memory']} times across rows and targets"
+                          f"{' on this rank' if self.world.size > 1 else ''}")  # fmt: skip
 
     def _fold(self, images: EvaluationImages, target: str) -> FoldData:
         sources = [d for d in self.domains if d != target]
@@ -387,6 +395,7 @@ class Study:
                     proxy_images=self.proxy_images,
                     alpha_search=self.alpha_search,
                     seed=seed,
+                    factors=self.factors,
                 )
                 fresh = evaluate_row(self.eval_trainer, module, fold, missing, self.world)  # the same on every rank
                 for entry in missing:

@@ -199,6 +199,18 @@ def test_array_tasks_then_the_evaluate_stage_give_the_one_command_table(
     assert json.loads((tmp_path / "results.json").read_text())["targets"] == TARGETS
 
 
+def test_each_expert_is_factorized_once_per_seed_for_every_row_and_target(one_command: Path) -> None:
+    """SCORE and TSV-M on two targets merge 2 of the 3 experts 4 times; each expert's SVDs are computed once."""
+    import re
+
+    tv = TaskVector.load(one_command / "task_vectors/seed-0/rot0.safetensors")
+    matrices = sum(1 for key in tv if tv[key].ndim == 2)
+    line = next(x for x in (one_command / "study.log").read_text().splitlines() if "SVDs" in x)
+    computed, reused = map(int, re.search(r"computed (\d+) times and reused (\d+) times", line).groups())
+    assert computed == len(DOMAINS) * matrices  # without the shared cache: 2 targets x 2 rows x 2 experts each
+    assert reused >= matrices  # at least once per key (measured: 4 per key; the rest is reused derived bases)
+
+
 # --- the pieces, in this process ---------------------------------------------------------------------------------
 
 
