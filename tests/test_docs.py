@@ -186,19 +186,32 @@ def reduced(block: Block, used: set[tuple[str, str]]) -> str:
     return code
 
 
-def _synthetic_task_vectors(folder: Path) -> None:
-    """Small task vectors named after PACS's domains (the pages' real-data examples), one base."""
+PAGES_WITH_DIGITS_EXPERTS = {"analysis.md"}
+"""Pages that read ``runs/py/task_vectors/rot{0,30,60}.safetensors``, the experts workflow.md fine-tunes:
+the docs test writes synthetic ones there (same names, keys and shapes), so their numbers differ."""
+
+
+def _synthetic_task_vectors(folder: Path, page: Path) -> None:
+    """Small task vectors named after PACS's domains (the pages' real-data examples), one base; and, for
+    :data:`PAGES_WITH_DIGITS_EXPERTS`, stand-ins for the workflow page's digits experts."""
     from lightning_score import TaskVector
     from lightning_score.models import build_clip
 
-    base = build_clip("tiny-ViT-W64-L2").model.visual.state_dict()
     generator = torch.Generator().manual_seed(0)
+    base = build_clip("tiny-ViT-W64-L2").model.visual.state_dict()
     (folder / "task_vectors").mkdir()
     for domain in PACS:
         tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
         tv = TaskVector.from_state_dicts(base, tuned, name=domain, domain=domain, base_model="tiny-ViT-W64-L2/random")
         tv.save(folder / f"{domain}.safetensors")
         tv.save(folder / "task_vectors" / f"{domain}.safetensors")
+    if page.name in PAGES_WITH_DIGITS_EXPERTS:
+        digits_base = build_clip("tiny-ViT-W96-L3").model.visual.state_dict()
+        (folder / "runs" / "py" / "task_vectors").mkdir(parents=True)
+        for domain in ("rot0", "rot30", "rot60"):
+            tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in digits_base.items()}
+            tv = TaskVector.from_state_dicts(digits_base, tuned, name=domain, domain=domain)
+            tv.save(folder / "runs" / "py" / "task_vectors" / f"{domain}.safetensors")
 
 
 @contextlib.contextmanager
@@ -215,7 +228,7 @@ def run_python_page(page: Path, tmp_path: Path) -> None:
     blocks = [b for b in read_blocks(page) if b.lang == "python" and not b.directive.startswith(("skip", "signature"))]
     if not blocks:
         pytest.skip(f"{page.name} has no Python block to run")
-    _synthetic_task_vectors(tmp_path)
+    _synthetic_task_vectors(tmp_path, page)
     namespace: dict[str, object] = {"__name__": "__docs__"}
     used: set[tuple[str, str]] = set()
     with working_directory(tmp_path):
