@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_score.data import DomainDataModule
+from lightning_score.data.domain_datamodule import BUILTIN_ROOTS
 from lightning_score.data.presets import DatasetPreset, get_preset
 from lightning_score.models.templates import guess_template_set
-from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row, resolve_seeds
+from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row, check_rows, resolve_seeds
 
 __all__ = ["DEFAULT_EPOCHS", "DIGITS_EXPERT", "DatasetChoice", "preset_rows", "resolve_dataset", "resolved_arguments"]
 
@@ -60,7 +62,8 @@ class DatasetChoice:
         templates: The prompt-template set.
         expert: The fine-tuning settings, with ``max_epochs`` set when ``max_steps`` is -1.
         rows: The table's rows, SCORE rows carrying the preset's SCORE options.
-        layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread.
+        layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread (a
+            built-in benchmark is not read here: it has no preset).
     """
 
     dataset: str
@@ -77,7 +80,7 @@ class DatasetChoice:
         epochs = f"{self.expert.max_steps} steps" if self.expert.max_steps > 0 else f"{self.expert.max_epochs} epochs"
         options = dict(self.preset.score_options) if self.preset else {}
         return (
-            f"dataset: {what}, layout {self.layout or 'unread'}{split}; templates '{self.templates}', experts "
+            f"dataset: {what}, layout {self.layout or 'not read'}{split}; templates '{self.templates}', experts "
             f"{epochs}, SCORE options {options or 'the defaults'}"
         )
 
@@ -88,13 +91,21 @@ def _named_preset(dataset: str) -> DatasetPreset | None:
     return get_preset(dataset)  # an unknown name: one error listing the presets
 
 
-def _check_matches(preset: DatasetPreset, data: DomainDataModule, root: str) -> None:
-    """A forced preset must be the data's dataset: every domain folder one of its domains."""
-    if data.builtin is not None:
+def _builtin(root: str, named: DatasetPreset | None) -> str:
+    """The template set of a built-in benchmark (which has no preset), without building its files."""
+    name = root[len("builtin:") :]
+    if name not in BUILTIN_ROOTS:
+        raise ValueError(f"Unknown built-in dataset {root!r}; available: {['builtin:' + n for n in BUILTIN_ROOTS]}.")
+    if named is not None:
         raise ValueError(
-            f"dataset='{preset.name}' but root '{root}' is a built-in benchmark, not {preset.title}. Use dataset: auto "
+            f"dataset='{named.name}' but root '{root}' is a built-in benchmark, not {named.title}. Use dataset: auto "
             "(or none) with it, or point root at the dataset."
         )
+    return BUILTIN_ROOTS[name][2]
+
+
+def _check_matches(preset: DatasetPreset, data: DomainDataModule, root: str) -> None:
+    """A forced preset must be the data's dataset: every domain folder one of its domains."""
     foreign = [d for d in data.domains if preset.canonical_domain(d) is None]
     if foreign:
         raise ValueError(
@@ -164,22 +175,32 @@ def resolve_dataset(
         The resolved choice.
 
     Raises:
-        ValueError: An unknown preset, or a preset that does not match the data (naming both).
+        ValueError: A bad row (checked first, so that it never waits for the data), an unknown preset, or a
+            preset that does not match the data (naming both).
         FileNotFoundError: ``root`` does not exist (when ``read_data``).
     """
+    check_rows(list(DEFAULT_ROWS if rows is None else rows))
     named = _named_preset(dataset)
     data = None
     builtin = str(root).startswith("builtin:")
-    if read_data:
+    if builtin:  # no preset: nothing to read (its files are built, once, when the study first needs them)
+        preset = None
+        own = _builtin(str(root), named)
+        templates = own if templates == "auto" else templates
+    elif read_data:
         data = DomainDataModule(str(root), num_workers=0, preset=named.name if named else dataset)
+        with warnings.catch_warnings(record=True) as caught:  # held back: data of another dataset is refused first
+            warnings.simplefilter("always")
+            _ = data.index
         if named is not None:
             _check_matches(named, data, root)
+        for warning in caught:  # e.g. "looks like PACS, read as layout 'unsplit'": the data's own warnings
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         preset = data.preset
-        builtin = data.builtin is not None
     else:
         preset = named
     choice = DatasetChoice(
-        dataset=preset.name if preset is not None else ("none" if read_data else dataset),
+        dataset=preset.name if preset is not None else ("none" if read_data or builtin else dataset),
         preset=preset,
         templates=_templates(templates, preset, data, dataset),
         expert=_expert(expert, preset, builtin) if read_data or named or builtin else expert or ExpertSettings(),
