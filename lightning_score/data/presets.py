@@ -3,7 +3,7 @@
 One :class:`DatasetPreset` per dataset, written from the released code of SCORE (Chaves et al., CVPR 2026,
 arXiv:2603.05768) and the datasets' own releases. A :class:`~lightning_score.data.DomainDataModule` detects its
 preset from its domain folders (or is told one), which gives ``templates="auto"`` the authors' prompt set;
-the study recipes under ``recipes/<dataset>/`` spell out the rest (epochs, SCORE's options).
+``lightning-score study`` takes the rest from it too (epochs, SCORE's options), unless told otherwise.
 
 This module is plain data: no torch, no Lightning, no file access.
 """
