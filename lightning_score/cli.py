@@ -352,12 +352,28 @@ def _print_study_config(args: list[str]) -> bool:
     raise SystemExit(0)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stderr`` is when a message comes.
+
+    Not the stream of the moment it was made: redirecting or closing an earlier stderr (as pytest's capture
+    does) then loses nothing and raises nothing.
+    """
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
+        pass
+
+
 def _show_our_info_logs() -> None:
     """lightning-score's INFO messages on stderr (as Lightning does for its own); other libraries stay quiet."""
     ours = logging.getLogger("lightning_score")
     ours.setLevel(logging.INFO)
     if not ours.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
         ours.propagate = False

@@ -105,3 +105,22 @@ def test_dir_lists_the_public_names() -> None:
                    "merge_task_vectors", "list_methods", "__version__"):  # fmt: skip
         assert public in names
     assert not {"Any", "annotations", "importlib"} & set(names)
+
+
+def test_our_log_lines_follow_stderr_when_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's handler writes to the stderr of the moment: a closed earlier stream (pytest's capture, a
+    redirected notebook cell) would otherwise print 'Logging error ... I/O operation on closed file'."""
+    import io
+    import logging
+    import sys
+
+    from lightning_score.cli import _show_our_info_logs
+
+    _show_our_info_logs()
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logging.getLogger("lightning_score.probe").info("one")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("lightning_score.probe").info("two")
+    assert second.getvalue() == "two\n"
