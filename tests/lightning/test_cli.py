@@ -35,6 +35,8 @@ def _subcommand(recipe: Path) -> list[str]:
     ):
         if name.endswith(suffix):
             return [command, "--config", str(recipe)]
+    if name.startswith("study_"):  # study_more_baselines.yaml and friends
+        return ["study", "--config", str(recipe)]
     raise AssertionError(f"no rule for {recipe}")
 
 

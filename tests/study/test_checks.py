@@ -144,7 +144,9 @@ def test_evaluations_use_the_fits_precision(mini_digits: Path, quick_base: Path,
 
 
 def test_the_recipes_parse(capsys: pytest.CaptureFixture) -> None:
-    for recipe in sorted(RECIPES.rglob("*study.yaml")):
+    recipes = sorted({*RECIPES.rglob("*study.yaml"), *RECIPES.rglob("study_*.yaml")})
+    assert RECIPES / "digits" / "study_more_baselines.yaml" in recipes
+    for recipe in recipes:
         with pytest.raises(SystemExit) as exit_info:
             main(["study", "--config", str(recipe), "--print_config"])
         assert exit_info.value.code in (0, None)
