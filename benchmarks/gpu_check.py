@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from merge import synthetic_task_vectors
+from merge import first_blocks, synthetic_task_vectors
 
 from lightning_score.merging import merge_task_vectors
 from lightning_score.profiling import Measure
@@ -62,11 +62,7 @@ def tower_shapes(model_name: str, blocks: int | None) -> dict[str, tuple[int, ..
         warnings.simplefilter("ignore")
         model = open_clip.create_model(model_name, pretrained=None)
     shapes = {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if v.is_floating_point()}
-    if blocks is None:
-        return shapes
-    return {
-        k: s for k, s in shapes.items() if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < blocks
-    }
+    return first_blocks(shapes, blocks)
 
 
 def timed_merge(paths: list[Path], method: str, device: str, keys: list[str] | None = None, **options) -> tuple:
@@ -101,9 +97,7 @@ def merges(args: argparse.Namespace) -> None:
         shapes = tower_shapes(model, 1 if args.dry_run else None)
         total_blocks = 1 if args.dry_run else BLOCKS[model]
         cpu_blocks = min(args.cpu_blocks, total_blocks)
-        cpu_keys = [
-            k for k in shapes if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < cpu_blocks
-        ]
+        cpu_keys = list(first_blocks(shapes, cpu_blocks))
         scale = total_blocks / cpu_blocks  # blocks cost alike; the keys outside them are small
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
             experts = synthetic_task_vectors(shapes, max(TASKS))

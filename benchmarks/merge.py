@@ -54,12 +54,26 @@ from lightning_score.task_vector import TaskVector
 # --- inputs -------------------------------------------------------------------------------------------
 
 
-def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
-    """Floating-point entries of open_clip's ViT-B-32 image tower, from its config (no weights downloaded)."""
+def first_blocks(shapes: dict[str, tuple[int, ...]], blocks: int | None) -> dict[str, tuple[int, ...]]:
+    """The entries outside the transformer blocks and those of its first ``blocks`` blocks (all when None)."""
+    if blocks is None:
+        return dict(shapes)
+    return {
+        k: s for k, s in shapes.items() if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < blocks
+    }
+
+
+def vit_b32_shapes(blocks: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Floating-point entries of open_clip's ViT-B-32 image tower, from its config (no weights downloaded).
+
+    Args:
+        blocks: Only the first ``blocks`` transformer blocks (see :func:`first_blocks`); default all.
+    """
     import open_clip
 
     model = open_clip.create_model("ViT-B-32", pretrained=None)
-    return {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if v.is_floating_point()}
+    shapes = {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if v.is_floating_point()}
+    return first_blocks(shapes, blocks)
 
 
 def _low_rank(m: int, n: int, generator: torch.Generator) -> Tensor:
@@ -257,13 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
-    shapes = vit_b32_shapes()
-    if args.blocks is not None:
-        shapes = {
-            k: s
-            for k, s in shapes.items()
-            if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < args.blocks
-        }
+    shapes = vit_b32_shapes(args.blocks)
     tvs = synthetic_task_vectors(shapes, args.tasks)
     matrices = sum(is_matrix_key(k, s) for k, s in shapes.items())
     params = sum(torch.Size(s).numel() for s in shapes.values())

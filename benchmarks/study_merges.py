@@ -137,13 +137,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
-    shapes = vit_b32_shapes()
-    if args.blocks is not None:
-        shapes = {
-            k: s
-            for k, s in shapes.items()
-            if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < args.blocks
-        }
+    shapes = vit_b32_shapes(args.blocks)
     params = sum(torch.Size(s).numel() for s in shapes.values())
     blocks = len({k.split(".")[2] for k in shapes if k.startswith("transformer.resblocks.")})
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
