@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 def run_study(
     output_dir: str = "runs/digits-study",
-    model_name: str = "tiny-ViT-W96-L3",
-    pretrained: str | None = "builtin:digits",
+    model_name: str = "auto",
+    pretrained: str | None = "auto",
     templates: str = "auto",
     root: str = "builtin:digits",
     dataset: str = "auto",
@@ -72,9 +72,11 @@ def run_study(
 
     Args:
         output_dir: The study folder.
-        model_name: open_clip architecture of the pre-trained model.
-        pretrained: Its weights: ``builtin:digits`` (the offline base), an open_clip tag such as ``openai``,
-            or a local weights file.
+        model_name: open_clip architecture of the pre-trained model; ``auto``: the paper's ``ViT-B-32`` on real
+            data, the tiny CPU model ``tiny-ViT-W96-L3`` on the built-in benchmark.
+        pretrained: Its weights: an open_clip tag such as ``openai``, a local weights file, ``builtin:digits``
+            (the offline base) or null (random weights); ``auto``: ``openai`` (the paper's) on real data,
+            ``builtin:digits`` on the built-in benchmark.
         templates: Prompt-template set of the zero-shot head; ``auto``: the dataset's own (the SCORE authors' set
             of a preset's dataset, ``digits`` for the built-in benchmark; see :mod:`.dataset`).
         root: The data (any layout ``DomainDataModule`` reads) or ``builtin:digits``.
@@ -124,7 +126,8 @@ def run_study(
     settings["rows"] = list(rows) if rows is not None else list(DEFAULT_ROWS)
     study = Study(**settings)  # with several devices, Lightning's launcher starts the other ranks here
     folder = Path(output_dir)
-    resolved = {**settings, "domains": study.domains, "targets": study.targets, "expert": asdict(study.expert),
+    resolved = {**settings, "model_name": study.model_name, "pretrained": study.pretrained,
+                "domains": study.domains, "targets": study.targets, "expert": asdict(study.expert),
                 "templates": study.templates, "dataset": study.dataset,
                 "rows": [asdict(row) for row in study.rows]}  # fmt: skip
     for key in ("restart", "stage", "stage_domains"):  # how this job runs, not what the study is

@@ -13,6 +13,11 @@ the preset, with no option given, a study takes:
 * the fine-tuning settings when ``expert`` is not given at all: the paper's (:class:`ExpertSettings`'
   defaults: AdamW lr 1e-5, weight decay 0.1, 500 warm-up steps, batch 128, fp32) with the preset's epochs
   on real data, and the built-in benchmark's short schedule (:data:`DIGITS_EXPERT`) on ``builtin:digits``;
+* the model (``model_name: auto``, ``pretrained: auto``): the paper's main backbone, open_clip's ViT-B/32
+  with the ``openai`` weights, on real data; the tiny CPU model and its offline base
+  (``tiny-ViT-W96-L3``, ``builtin:digits``) on the built-in benchmark. ``pretrained: auto`` with another
+  architecture takes its ``openai`` weights where open_clip has them, and is an error naming the choices
+  where it has not;
 * SCORE's threshold: the preset's SCORE options (``divide_by_tasks: false`` for Fed-ISIC2019 and
   RetinaDomains, the authors' choice for the medical datasets) in every ``score`` row that does not set
   that option itself.
@@ -26,11 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import open_clip
 
 from lightning_score.data import DomainDataModule
 from lightning_score.data.domain_datamodule import BUILTIN_ROOTS
@@ -38,7 +46,17 @@ from lightning_score.data.presets import DatasetPreset, get_preset
 from lightning_score.models.templates import guess_template_set
 from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row, check_rows, resolve_seeds
 
-__all__ = ["DEFAULT_EPOCHS", "DIGITS_EXPERT", "DatasetChoice", "preset_rows", "resolve_dataset", "resolved_arguments"]
+__all__ = [
+    "BUILTIN_MODEL",
+    "DEFAULT_EPOCHS",
+    "DIGITS_EXPERT",
+    "PAPER_MODEL",
+    "DatasetChoice",
+    "preset_rows",
+    "resolve_dataset",
+    "resolve_model",
+    "resolved_arguments",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +65,12 @@ DIGITS_EXPERT = ExpertSettings(lr=1e-3, warmup_steps=15, max_steps=150, max_epoc
 
 DEFAULT_EPOCHS = 10
 """Expert epochs on data without a preset (the SCORE paper's most common setting)."""
+
+PAPER_MODEL = ("ViT-B-32", "openai")
+"""``model_name: auto`` and ``pretrained: auto`` on real data: the SCORE paper's main backbone and weights."""
+
+BUILTIN_MODEL = ("tiny-ViT-W96-L3", "builtin:digits")
+"""``model_name: auto`` and ``pretrained: auto`` on the built-in benchmark: the tiny CPU model, its offline base."""
 
 FALLBACK_TEMPLATES = "imagenet"
 """``templates: auto`` on data that neither a preset nor a shipped set recognises (CLIP's 80 ImageNet prompts)."""
@@ -64,6 +88,8 @@ class DatasetChoice:
         rows: The table's rows, SCORE rows carrying the preset's SCORE options.
         layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread (a
             built-in benchmark is not read here: it has no preset).
+        model_name: The open_clip architecture (see :func:`resolve_model`).
+        pretrained: Its weights (an open_clip tag, a weights file, ``builtin:digits``, or ``None``: random).
     """
 
     dataset: str
@@ -72,6 +98,8 @@ class DatasetChoice:
     expert: ExpertSettings
     rows: list[Row]
     layout: str | None = None
+    model_name: str = PAPER_MODEL[0]
+    pretrained: str | None = PAPER_MODEL[1]
 
     def describe(self) -> str:
         """One line for the log: the dataset, its split and what was taken from its preset."""
@@ -136,6 +164,39 @@ def _expert(expert: ExpertSettings | None, preset: DatasetPreset | None, builtin
     return expert
 
 
+def resolve_model(model_name: str, pretrained: str | None, builtin: bool) -> tuple[str, str | None]:
+    """The model a study fine-tunes, ``auto`` values filled in (see the module docstring).
+
+    Args:
+        model_name: An open_clip architecture, or ``auto``.
+        pretrained: An open_clip tag, a weights file, ``builtin:digits``, ``None`` (random weights), or ``auto``.
+        builtin: Whether the data is a built-in benchmark.
+
+    Returns:
+        ``(model_name, pretrained)``.
+
+    Raises:
+        ValueError: ``pretrained: auto`` for an architecture that has no ``openai`` weights, on real data.
+    """
+    default_name, default_weights = BUILTIN_MODEL if builtin else PAPER_MODEL
+    if model_name == "auto":
+        model_name = default_name
+    if pretrained is None or os.fspath(pretrained) != "auto":
+        return model_name, pretrained
+    if builtin or model_name == default_name:
+        return model_name, default_weights
+    if open_clip.get_model_config(model_name) is None:
+        return model_name, pretrained  # not an architecture: the study's checks say so, listing the choices
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if PAPER_MODEL[1] in tags:
+        return model_name, PAPER_MODEL[1]
+    raise ValueError(
+        f"pretrained: auto takes the '{PAPER_MODEL[1]}' weights (the SCORE paper's), which open_clip does not have "
+        f"for model_name {model_name!r}. Set pretrained to one of its tags {tags or '(it has none)'}, a local "
+        "weights file, or null (random weights)."
+    )
+
+
 def preset_rows(rows: Sequence[Row] | None, preset: DatasetPreset | None) -> list[Row]:
     """The rows (default: the paper's table), each ``score`` row given the preset's SCORE options it does not set."""
     rows = list(DEFAULT_ROWS if rows is None else rows)
@@ -158,6 +219,8 @@ def resolve_dataset(
     rows: Sequence[Row] | None = None,
     *,
     read_data: bool = True,
+    model_name: str = "auto",
+    pretrained: str | None = "auto",
 ) -> DatasetChoice:
     """Fill a study's ``auto`` and unset settings from its dataset's preset (see the module docstring).
 
@@ -170,19 +233,23 @@ def resolve_dataset(
         rows: The table's rows, or ``None`` (the paper's table).
         read_data: Read ``root`` to detect or check the preset. With ``False`` (``--print_config`` of a recipe
             whose data is elsewhere) only a named ``dataset`` is applied; ``auto`` values stay ``auto``.
+        model_name: An open_clip architecture, or ``auto`` (see :func:`resolve_model`).
+        pretrained: Its weights, or ``auto``.
 
     Returns:
         The resolved choice.
 
     Raises:
-        ValueError: A bad row (checked first, so that it never waits for the data), an unknown preset, or a
-            preset that does not match the data (naming both).
+        ValueError: A bad row (checked first, so that it never waits for the data), ``pretrained: auto`` for an
+            architecture without the paper's weights, an unknown preset, or a preset that does not match the
+            data (naming both).
         FileNotFoundError: ``root`` does not exist (when ``read_data``).
     """
     check_rows(list(DEFAULT_ROWS if rows is None else rows))
+    builtin = str(root).startswith("builtin:")
+    model_name, pretrained = resolve_model(model_name, pretrained, builtin)
     named = _named_preset(dataset)
     data = None
-    builtin = str(root).startswith("builtin:")
     if builtin:  # no preset: nothing to read (its files are built, once, when the study first needs them)
         preset = None
         own = _builtin(str(root), named)
@@ -206,6 +273,8 @@ def resolve_dataset(
         expert=_expert(expert, preset, builtin) if read_data or named or builtin else expert or ExpertSettings(),
         rows=preset_rows(rows, preset),
         layout=data.layout if data is not None else None,
+        model_name=model_name,
+        pretrained=pretrained,
     )
     return choice
 
@@ -213,14 +282,15 @@ def resolve_dataset(
 def resolved_arguments(arguments: Any) -> dict[str, Any]:
     """The study arguments that :func:`resolve_dataset` (and the seeds' default) fill in, as plain values.
 
-    What ``lightning-score study --print_config`` shows instead of ``auto`` and null: ``dataset``,
-    ``templates``, ``expert``, ``rows`` and ``seeds``. When ``root`` does not exist (a recipe printed away
-    from its data), a named ``dataset`` still applies and the data-dependent values stay ``auto`` (a
-    warning says so); the study itself then stops at the missing root.
+    What ``lightning-score study --print_config`` shows instead of ``auto`` and null: ``model_name``,
+    ``pretrained``, ``dataset``, ``templates``, ``expert``, ``rows`` and ``seeds``. When ``root`` does not
+    exist (a recipe printed away from its data), a named ``dataset`` still applies and the data-dependent
+    values stay ``auto`` (a warning says so); the study itself then stops at the missing root.
 
     Args:
-        arguments: The parsed arguments of ``run_study`` (attributes ``root``, ``dataset``, ``templates``,
-            ``expert``, ``rows``, ``seeds``, ``seed``), with ``expert`` and ``rows`` as dataclasses.
+        arguments: The parsed arguments of ``run_study`` (attributes ``root``, ``model_name``, ``pretrained``,
+            ``dataset``, ``templates``, ``expert``, ``rows``, ``seeds``, ``seed``), with ``expert`` and ``rows`` as
+            dataclasses.
     """
     root = str(arguments.root)
     readable = root.startswith("builtin:") or Path(root).expanduser().exists()
@@ -231,9 +301,12 @@ def resolved_arguments(arguments: Any) -> dict[str, Any]:
             root,
         )
     choice = resolve_dataset(
-        root, arguments.dataset, arguments.templates, arguments.expert, arguments.rows, read_data=readable
-    )
+        root, arguments.dataset, arguments.templates, arguments.expert, arguments.rows, read_data=readable,
+        model_name=arguments.model_name, pretrained=arguments.pretrained,
+    )  # fmt: skip
     return {
+        "model_name": choice.model_name,
+        "pretrained": choice.pretrained,
         "dataset": choice.dataset,
         "templates": choice.templates,
         "expert": asdict(choice.expert),

@@ -97,7 +97,10 @@ class Study:
         self.domains_arg, self.targets_arg = domains, targets
         self.console = Console(stderr=False)
         with quiet_lightning():
-            choice = resolve_dataset(root, dataset, templates, expert, rows)  # the preset fills auto/unset values
+            choice = resolve_dataset(  # the preset (and the paper's backbone) fill auto/unset values
+                root, dataset, templates, expert, rows, model_name=model_name, pretrained=pretrained
+            )
+            self.model_name, self.pretrained = choice.model_name, choice.pretrained
             self.dataset, self.preset, self.layout = choice.dataset, choice.preset, choice.layout
             self.templates, self.expert, self.rows = choice.templates, choice.expert, choice.rows
             self.dataset_choice = choice  # its describe(): one line saying what the preset decided

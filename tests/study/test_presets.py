@@ -105,7 +105,7 @@ def test_a_study_picks_the_datasets_protocol_with_no_option_given(tmp_path: Path
 def test_print_config_shows_the_resolved_protocol(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = _generated(tmp_path, "retina")
     with pytest.raises(SystemExit) as exit_info:
-        main(["study", f"--root={root}", f"--model_name={MODEL}", "--print_config"])
+        main(["study", f"--root={root}", f"--model_name={MODEL}", "--pretrained=null", "--print_config"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 0, captured.err
     printed = yaml.safe_load(captured.out)
@@ -120,6 +120,35 @@ def test_print_config_shows_the_resolved_protocol(tmp_path: Path, capsys: pytest
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["dataset"] == "retina"
     assert [row["options"] for row in printed["rows"]] == [{"divide_by_tasks": True}, {}]
+    assert (printed["model_name"], printed["pretrained"]) == ("ViT-B-32", "openai")  # no model given: the paper's
+
+
+def test_real_data_with_no_model_given_fine_tunes_the_papers_backbone(tmp_path: Path) -> None:
+    """``--root`` alone must not fine-tune the tiny digits model on real images: ViT-B/32 with openai's weights."""
+    root = _generated(tmp_path, "pacs")
+    study = _study(root, tmp_path / "out", model_name="auto", pretrained="auto")
+    assert (study.model_name, study.pretrained) == ("ViT-B-32", "openai")
+    # another architecture takes its openai weights; a value given wins, null (random weights) included
+    assert _study(root, tmp_path / "out", model_name="ViT-L-14", pretrained="auto").pretrained == "openai"
+    assert _study(root, tmp_path / "out", model_name="auto", pretrained=None).pretrained is None
+    weights = tmp_path / "mine.safetensors"
+    weights.write_bytes(b"")
+    given = _study(root, tmp_path / "out", model_name="ViT-B-16", pretrained=str(weights))
+    assert (given.model_name, given.pretrained) == ("ViT-B-16", str(weights))
+    # the built-in benchmark keeps its tiny CPU model and offline base
+    builtin = _study(
+        "builtin:digits", tmp_path / "out", domains=["rot0", "rot15"], model_name="auto", pretrained="auto"
+    )
+    assert (builtin.model_name, builtin.pretrained) == ("tiny-ViT-W96-L3", "builtin:digits")
+    assert _study("builtin:digits", tmp_path / "out", model_name="ViT-B-32", pretrained="auto").pretrained == (
+        "builtin:digits"
+    )
+    # an architecture without openai weights: one error naming the model and the fix, before any work
+    with pytest.raises(ValueError, match=rf"open_clip does not have for model_name '{MODEL}'.*local weights file"):
+        _study(root, tmp_path / "out", model_name=MODEL, pretrained="auto")
+    with pytest.raises(ValueError, match=r"'ViT-X-99' is not an open_clip architecture"):
+        _study(root, tmp_path / "out", model_name="ViT-X-99", pretrained="auto")
+    assert not (tmp_path / "out").exists()  # configuration only: nothing written
 
 
 def test_given_settings_win_over_the_preset(tmp_path: Path) -> None:
