@@ -186,3 +186,34 @@ def test_a_shared_factor_cache_gives_the_same_merges_and_factorizes_each_expert_
                 per_expert = cache.stats["svd_computed"] / 2
     assert per_expert is not None and per_expert >= 8  # every block's matrices at least
     assert cache.stats["svd_computed"] == len(domains) * per_expert
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-mixed"])
+def test_a_shared_factor_cache_under_the_trainers_precision_gives_the_same_model_and_accuracy(
+    quick_base: Path, expert_task_vectors: dict, precision: str
+) -> None:
+    """Under a reduced precision (bf16-true converts the module, 16-mixed becomes bf16-mixed on CPU) the merges of
+    two targets that share one FactorCache equal the merges without it, weights and test accuracy alike, and the
+    second target reuses the expert they share."""
+    from lightning_score.merging import FactorCache
+
+    cache = FactorCache(min_tasks=1)
+    head = {"templates": "digits", "classnames": digits().classnames}
+    for sources, target in ((("rot0", "rot30"), "rot60"), (("rot0", "rot60"), "rot30")):
+        outcomes = []
+        for factors in (cache, None):
+            module = MergeModule(
+                MODEL, str(quick_base), task_vectors=_sources(expert_task_vectors, *sources), factors=factors, **head
+            )
+            trainer = L.Trainer(precision=precision, **QUIET)
+            data = digits(train_domains=list(sources), test_domains=[target])
+            results = trainer.test(module, datamodule=data, verbose=False)[0]
+            outcomes.append((module.merged, results[f"test/{target}/acc"], module.image_encoder.state_dict()))
+        (merged, acc, weights), (merged_alone, acc_alone, weights_alone) = outcomes
+        assert merged is not None and merged_alone is not None
+        assert all(torch.equal(merged[k], merged_alone[k]) for k in merged_alone)
+        assert all(torch.equal(weights[k], weights_alone[k]) for k in weights_alone)
+        assert acc == acc_alone
+        expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {expected_dtype}
+    assert cache.stats["svd_from_memory"] > 0  # rot0's factors, computed for the first target, reused
