@@ -86,10 +86,10 @@ class DatasetChoice:
         templates: The prompt-template set.
         expert: The fine-tuning settings, with ``max_epochs`` set when ``max_steps`` is -1.
         rows: The table's rows, SCORE rows carrying the preset's SCORE options.
-        layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread (a
-            built-in benchmark is not read here: it has no preset).
         model_name: The open_clip architecture (see :func:`resolve_model`).
         pretrained: Its weights (an open_clip tag, a weights file, ``builtin:digits``, or ``None``: random).
+        layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread (a
+            built-in benchmark is not read here: it has no preset).
     """
 
     dataset: str
@@ -97,9 +97,9 @@ class DatasetChoice:
     templates: str
     expert: ExpertSettings
     rows: list[Row]
+    model_name: str
+    pretrained: str | None
     layout: str | None = None
-    model_name: str = PAPER_MODEL[0]
-    pretrained: str | None = PAPER_MODEL[1]
 
     def describe(self) -> str:
         """One line for the log: the dataset, its split and what was taken from its preset."""
@@ -178,13 +178,12 @@ def resolve_model(model_name: str, pretrained: str | None, builtin: bool) -> tup
     Raises:
         ValueError: ``pretrained: auto`` for an architecture that has no ``openai`` weights, on real data.
     """
-    default_name, default_weights = BUILTIN_MODEL if builtin else PAPER_MODEL
     if model_name == "auto":
-        model_name = default_name
+        model_name = (BUILTIN_MODEL if builtin else PAPER_MODEL)[0]
     if pretrained is None or os.fspath(pretrained) != "auto":
         return model_name, pretrained
-    if builtin or model_name == default_name:
-        return model_name, default_weights
+    if builtin:
+        return model_name, BUILTIN_MODEL[1]
     if open_clip.get_model_config(model_name) is None:
         return model_name, pretrained  # not an architecture: the study's checks say so, listing the choices
     tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -272,9 +271,9 @@ def resolve_dataset(
         templates=_templates(templates, preset, data, dataset),
         expert=_expert(expert, preset, builtin) if read_data or named or builtin else expert or ExpertSettings(),
         rows=preset_rows(rows, preset),
-        layout=data.layout if data is not None else None,
         model_name=model_name,
         pretrained=pretrained,
+        layout=data.layout if data is not None else None,
     )
     return choice
 

@@ -85,7 +85,7 @@ class Study:
         stage_domains: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.model_name, self.pretrained, self.templates, self.root = model_name, pretrained, templates, root
+        self.templates, self.root = templates, root
         self.expert, self.rows = expert, rows  # resolved from the dataset's preset below
         self.accelerator, self.devices, self.num_nodes = accelerator, devices, num_nodes
         self.stage, self.stage_domains = stage, stage_domains
