@@ -83,6 +83,35 @@ def test_two_rank_sharded_merge_equals_the_single_process_merge(
 
 
 @pytest.mark.ddp
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_merges_sharing_a_factor_cache_on_two_ranks_equal_the_single_process_merge_without_it(
+    strategy: str, quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two folds through one FactorCache, each merge sharded over 2 gloo ranks: every rank's τ* equals the plain
+    one-process merge of the same experts, bit for bit, under ddp and under ddp_spawn (where the cache travels
+    pickled into the spawned processes)."""
+    from lightning_score.merging import merge_task_vectors
+    from tests.lightning.conftest import MODEL
+
+    paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot30", "rot60")]
+    _run("ddp_factors.py", str(tmp_path), strategy, MODEL, str(quick_base), *paths)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank does: LAPACK's rounding depends on the thread count
+    try:
+        for target, sources in (("rot60", ("rot0", "rot30")), ("rot30", ("rot0", "rot60"))):
+            tvs = [TaskVector.load(expert_task_vectors[d]) for d in sources]
+            single = merge_task_vectors(tvs, "score", device="cpu")
+            for rank in (0, 1):
+                sharded = TaskVector.load(tmp_path / f"{target}-rank{rank}.safetensors")
+                assert sharded.metadata["merge"]["sharded_over_ranks"] == 2
+                assert sorted(sharded) == sorted(single)
+                for key in single:
+                    assert torch.equal(sharded[key], single[key]), (strategy, target, rank, key)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.ddp
 def test_a_data_method_collects_and_merges_on_rank_zero_and_every_rank_gets_it(
     quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
 ) -> None:
