@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_score import TaskVector
+from tests.processes import in_fresh_process, plain_merge
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,17 +51,11 @@ def test_two_rank_sharded_merge_equals_the_single_process_merge(
     import lightning.pytorch as pl
 
     from lightning_score import MergeModule
-    from lightning_score.merging import merge_task_vectors
     from tests.lightning.conftest import MODEL, digits
 
     paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
     _run("ddp_merge.py", str(tmp_path), MODEL, str(quick_base), method, *paths)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank does: LAPACK's rounding depends on the thread count
-    try:
-        single = merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    single = in_fresh_process(plain_merge, paths, method)  # with the ranks' thread count: LAPACK rounds by it
     for rank in (0, 1):
         sharded = TaskVector.load(tmp_path / f"merged-rank{rank}.safetensors")
         assert sharded.metadata["merge"]["sharded_over_ranks"] == 2
@@ -90,25 +85,19 @@ def test_merges_sharing_a_factor_cache_on_two_ranks_equal_the_single_process_mer
     """Two folds through one FactorCache, each merge sharded over 2 gloo ranks: every rank's τ* equals the plain
     one-process merge of the same experts, bit for bit, under ddp and under ddp_spawn (where the cache travels
     pickled into the spawned processes)."""
-    from lightning_score.merging import merge_task_vectors
     from tests.lightning.conftest import MODEL
 
     paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot30", "rot60")]
     _run("ddp_factors.py", str(tmp_path), strategy, MODEL, str(quick_base), *paths)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank does: LAPACK's rounding depends on the thread count
-    try:
-        for target, sources in (("rot60", ("rot0", "rot30")), ("rot30", ("rot0", "rot60"))):
-            tvs = [TaskVector.load(expert_task_vectors[d]) for d in sources]
-            single = merge_task_vectors(tvs, "score", device="cpu")
-            for rank in (0, 1):
-                sharded = TaskVector.load(tmp_path / f"{target}-rank{rank}.safetensors")
-                assert sharded.metadata["merge"]["sharded_over_ranks"] == 2
-                assert sorted(sharded) == sorted(single)
-                for key in single:
-                    assert torch.equal(sharded[key], single[key]), (strategy, target, rank, key)
-    finally:
-        torch.set_num_threads(threads)
+    for target, sources in (("rot60", ("rot0", "rot30")), ("rot30", ("rot0", "rot60"))):
+        # with the ranks' thread count, in a process of its own: LAPACK's rounding depends on the thread count
+        single = in_fresh_process(plain_merge, [str(expert_task_vectors[d]) for d in sources], "score")
+        for rank in (0, 1):
+            sharded = TaskVector.load(tmp_path / f"{target}-rank{rank}.safetensors")
+            assert sharded.metadata["merge"]["sharded_over_ranks"] == 2
+            assert sorted(sharded) == sorted(single)
+            for key in single:
+                assert torch.equal(sharded[key], single[key]), (strategy, target, rank, key)
 
 
 @pytest.mark.ddp
@@ -127,15 +116,9 @@ def test_a_data_method_collects_and_merges_on_rank_zero_and_every_rank_gets_it(
     assert "sharded_over_ranks" not in ranks[0].metadata["merge"]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     module = MergeModule(MODEL, str(quick_base), task_vectors=paths, method="fisher", templates="digits")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank does
-    try:
-        pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False).test(
-            module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]), verbose=False
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]), verbose=False
+    )  # a tolerance, not bit-identity: this process's thread count may differ from the ranks'
     for key in module.merged:
         torch.testing.assert_close(ranks[0][key], module.merged[key], rtol=1e-5, atol=1e-7)
 
@@ -187,18 +170,12 @@ def test_an_error_found_on_rank_zero_stops_every_rank_at_once(strategy: str, tmp
 def test_a_single_device_test_after_a_ddp_fit_merges_alone(
     quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
 ) -> None:
-    from lightning_score.merging import merge_task_vectors
     from tests.lightning.conftest import MODEL
 
     paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
     _scenario(tmp_path, "test_after_fit", MODEL, str(quick_base), *paths, timeout=90)
     merged = TaskVector.load(tmp_path / "merged.safetensors")
     assert "sharded_over_ranks" not in merged.metadata["merge"]  # one process merged everything
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = merge_task_vectors([TaskVector.load(p) for p in paths], "score", device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    single = in_fresh_process(plain_merge, paths, "score")  # with the scenario's thread count
     assert all(torch.equal(merged[k], single[k]) for k in single)
     assert "test/domain0/acc" in torch.load(tmp_path / "results.pt")

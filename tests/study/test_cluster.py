@@ -1,7 +1,8 @@
 """The study at cluster scale: two gloo processes through Lightning's launcher, SLURM array stages, locks, errors.
 
-The reference is the one-command study in this process (one thread, as each subprocess runs), whose per-image
-correctness every other way of running the same study must reproduce exactly.
+The reference is the one-command study in a process of its own with one thread (as each subprocess runs: the
+merges' last bits depend on the thread count), whose per-image correctness every other way of running the same
+study must reproduce exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lightning_score import TaskVector
 from lightning_score.study.distributed import World, batch_shard
 from lightning_score.study.stages import ARRAY_ENV, Fit, planned_fits
 from tests.conftest import QUICK_BASE
+from tests.processes import in_fresh_process
 from tests.study.conftest import DOMAINS, QUICK_EXPERT
 
 HERE = Path(__file__).resolve().parent
@@ -74,19 +76,18 @@ def study_config(mini_digits: Path, quick_base: Path, tmp_path_factory: pytest.T
 
 @pytest.fixture(scope="module")
 def one_command(mini_digits: Path, quick_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The one-command study, in this process, on one thread (as every subprocess below runs)."""
+    """The one-command study, on one thread in a process of its own (as every subprocess below runs)."""
+    folder = tmp_path_factory.mktemp("one-command")
+    in_fresh_process(_one_command, str(folder), _settings(mini_digits, quick_base))  # inherits the session's cache
+    return folder
+
+
+def _one_command(folder: str, settings: dict) -> None:
+    """The study in a process of its own, with the workers' thread count (their merges' last bits depend on it)."""
     from lightning_score.study import ExpertSettings, Row, run_study
 
-    folder = tmp_path_factory.mktemp("one-command")
-    settings = _settings(mini_digits, quick_base)
     settings.update(rows=[Row(**row) for row in ROWS], expert=ExpertSettings(**settings["expert"]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_study(output_dir=str(folder), **settings)
-    finally:
-        torch.set_num_threads(threads)
-    return folder
+    run_study(output_dir=folder, **settings)
 
 
 # --- two processes through Lightning's launcher ---------------------------------------------------------------
