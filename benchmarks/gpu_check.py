@@ -38,8 +38,8 @@ import torch
 from merge import first_blocks, synthetic_task_vectors
 
 from lightning_score.merging import merge_task_vectors
-from lightning_score.profiling import Measure
 from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.profiling import Measure
 
 STARTED = time.perf_counter()
 BLOCKS = {"ViT-B-32": 12, "ViT-L-14": 24}

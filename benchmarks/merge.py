@@ -46,10 +46,10 @@ import torch
 from torch import Tensor
 
 from lightning_score.merging import get_method, is_matrix_key, list_methods, merge_task_vectors, resolve_device
-from lightning_score.merging.esm import ESM_TARGETS
-from lightning_score.merging.linear_layers import is_block_linear
-from lightning_score.profiling import Measure
+from lightning_score.merging.keys import is_block_linear
+from lightning_score.merging.methods.esm import ESM_TARGETS
 from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.profiling import Measure
 
 # --- inputs -------------------------------------------------------------------------------------------
 

@@ -43,8 +43,8 @@ import torch
 from merge import synthetic_task_vectors, vit_b32_shapes
 
 from lightning_score.merging import FactorCache, merge_task_vectors, resolve_device
-from lightning_score.profiling import Measure
 from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.profiling import Measure
 
 ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("SCORE", "score", {}),

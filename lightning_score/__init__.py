@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from lightning_score._version import __version__
 
 _LAZY_EXPORTS = {
     "TaskVector": "lightning_score.task_vector",

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_score.atomic import atomic_write
+from lightning_score.utilities.files import atomic_write
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TaskVector", "state_dict_fingerprint"]
 

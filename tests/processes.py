@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -19,7 +21,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["WORKER_THREADS", "in_fresh_process", "plain_merge"]
+__all__ = ["REPOSITORY", "WORKER_THREADS", "in_fresh_process", "plain_merge", "run_script", "worker_environment"]
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+"""The repository root: what worker processes put on ``PYTHONPATH`` to import ``lightning_score`` and ``tests``."""
 
 WORKER_THREADS = 1
 """The thread count every worker process of the suite runs with (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``)."""
@@ -81,3 +86,18 @@ def plain_merge(paths: list[str], method: str) -> dict[str, torch.Tensor]:
     from lightning_score.task_vector import TaskVector
 
     return dict(merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu"))
+
+
+def worker_environment(**extra: str) -> dict[str, str]:
+    """The environment of the suite's worker processes: offline, :data:`WORKER_THREADS` threads, this checkout."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(WORKER_THREADS),
+            "PYTHONPATH": str(REPOSITORY), **extra}  # fmt: skip
+
+
+def run_script(script: Path, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` in a worker process (:func:`worker_environment`); with ``check``, it must succeed."""
+    result = subprocess.run([sys.executable, str(script), *args], env=worker_environment(), capture_output=True,
+                            text=True, timeout=timeout)  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -271,11 +271,11 @@ PYTHON_PAGES = [
 def test_python_snippets_run_and_print_what_is_shown(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_score.data import digits
+    from lightning_score.models import digits_base
 
     if not FULL:
         for key, value in QUICK_DIGITS_BASE.items():
-            monkeypatch.setitem(digits.BASE_DEFAULTS, key, value)
+            monkeypatch.setitem(digits_base.BASE_DEFAULTS, key, value)
     run_python_page(page, tmp_path)
 
 

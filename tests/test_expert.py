@@ -12,7 +12,7 @@ from lightning_score.classifier import BalancedAccuracy, CLIPClassifier
 from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
 from lightning_score.task_vector import state_dict_fingerprint
-from tests.conftest import QUICK_BASE
+from tests.experts import QUICK_BASE
 
 MODEL = QUICK_BASE["model_name"]
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}

@@ -139,7 +139,7 @@ def test_saved_files_have_ordinary_permissions(tmp_path: Path) -> None:
     """Atomic writes go through a temporary file, which is owner-only; the result must not be."""
     import os
 
-    from lightning_score.atomic import ordinary_mode
+    from lightning_score.utilities.files import ordinary_mode
 
     old = os.umask(0o022)
     try:

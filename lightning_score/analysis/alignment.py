@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_score.analysis.keys import MatrixPredicate, _names, _prepare, _stream
 from lightning_score.analysis.svd import _alignment_from_svd, _scaled_svd, effective_rank
-from lightning_score.merging.engine import is_matrix_key
+from lightning_score.merging.keys import is_matrix_key
 
 __all__ = ["ORIENTATION", "SubspaceAlignment", "subspace_alignment"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_score.merging.engine import _as_task_vectors, _check_compatible
+from lightning_score.merging.validation import as_task_vectors, check_compatible
 from lightning_score.task_vector import TaskVector
 
 __all__ = ["MatrixPredicate", "depth_key"]
@@ -53,8 +53,8 @@ def _prepare(
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{target}' was requested but CUDA is not available here; pass device='cpu'.")
-    tvs = _as_task_vectors(task_vectors)
-    _check_compatible(tvs)
+    tvs = as_task_vectors(task_vectors)
+    check_compatible(tvs)
     return tvs, _select_keys(tvs[0], is_matrix, keys, prefix), target
 
 

@@ -9,7 +9,8 @@ materialises the offline benchmark and pre-trains its tiny base CLIP.
 from __future__ import annotations
 
 from lightning_score.data.domain_datamodule import DomainDataModule, DomainSplit, ImageListDataset
-from lightning_score.data.layouts import DatasetIndex, DomainSamples, detect_layout, read_dataset
+from lightning_score.data.index import DatasetIndex, DomainSamples
+from lightning_score.data.layouts import detect_layout, read_dataset
 from lightning_score.data.presets import DatasetPreset, detect_preset, get_preset, list_presets
 
 __all__ = [

@@ -18,7 +18,6 @@ A dataset whose domains match a :mod:`preset <lightning_score.data.presets>` get
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,18 +30,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from lightning_score.data.builtin import builtin_name, get_builtin
 from lightning_score.data.images import IMAGE_EXTENSIONS, ImageListDataset, Sample, check_images
-from lightning_score.data.layouts import LAYOUTS, DatasetIndex, read_dataset
+from lightning_score.data.index import LAYOUTS, DatasetIndex
+from lightning_score.data.layouts import read_dataset
 from lightning_score.data.presets import DatasetPreset, detect_preset, get_preset
 from lightning_score.data.splits import carve_indices
 
-__all__ = ["BUILTIN_ROOTS", "IMAGE_EXTENSIONS", "DomainDataModule", "DomainSplit", "ImageListDataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DomainDataModule", "DomainSplit", "ImageListDataset"]
 
 log = logging.getLogger(__name__)
 
-# root="builtin:<name>" -> (module, function() -> Path of the dataset folder, template set)
-BUILTIN_ROOTS = {"digits": ("lightning_score.data.digits", "materialise_rotated_digits", "digits")}
-_BUILTIN_PREFIX = "builtin:"
 _SPLITS = ("train", "fit", "val", "test")
 _VERIFIED: set[tuple[Path, str]] = set()  # (root, domain) whose images were opened once in this process
 
@@ -153,21 +151,16 @@ class DomainDataModule(LightningDataModule):
     @property
     def builtin(self) -> str | None:
         """The built-in dataset's name if ``root`` is ``"builtin:<name>"``."""
-        return self.root[len(_BUILTIN_PREFIX) :] if self.root.startswith(_BUILTIN_PREFIX) else None
+        return builtin_name(self.root)
 
     @property
     def root_path(self) -> Path:
         """The dataset folder (a built-in one is materialised into the cache on first access)."""
         if self._root_path is None:
-            name = self.builtin
-            if name is None:
+            if self.builtin is None:
                 self._root_path = Path(self.root).expanduser()
-            elif name not in BUILTIN_ROOTS:
-                known = [_BUILTIN_PREFIX + n for n in BUILTIN_ROOTS]
-                raise ValueError(f"Unknown built-in dataset {self.root!r}; available: {known}.")
             else:
-                module, function, _ = BUILTIN_ROOTS[name]
-                self._root_path = Path(getattr(importlib.import_module(module), function)())
+                self._root_path = Path(get_builtin(self.root).materialise())
         return self._root_path
 
     @property
@@ -247,9 +240,8 @@ class DomainDataModule(LightningDataModule):
     @property
     def default_templates(self) -> str | None:
         """The prompt-template set of this dataset: the preset's (the authors' set), ``digits`` for the built-in."""
-        name = self.builtin
-        if name is not None:
-            return BUILTIN_ROOTS[name][2] if name in BUILTIN_ROOTS else None
+        if self.builtin is not None:
+            return get_builtin(self.root).templates
         preset = self.preset
         return preset.templates if preset is not None else None
 

@@ -15,7 +15,7 @@ layout                         what ``root`` holds                              
 ``unsplit``                    ``<domain>/<class>/…`` (DomainBed's layout)             random_split per domain
 =============================  ======================================================  ===========================
 
-The list/csv/annotation readers live in :mod:`lightning_score.data.lists`. Every reader returns a
+The list/csv/annotation readers live in :mod:`lightning_score.data.split_files`. Every reader returns a
 :class:`DatasetIndex`: the class names (label ``i`` is ``classes[i]``) and, per domain, its train and test
 images, each in the order the authors' own loaders list them.
 """
@@ -24,53 +24,22 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_score.data.images import IMAGE_EXTENSIONS, Sample, image_folder_samples, subfolders
+from lightning_score.data.index import DatasetIndex, index_of, warn_missing_classes
 from lightning_score.data.presets import DatasetPreset
+from lightning_score.data.split_files import (
+    read_domainnet_lists,
+    read_fed_isic2019_csv,
+    read_pacs_lists,
+    read_terra_annotations,
+)
 from lightning_score.data.splits import random_split_indices
 
-__all__ = ["LAYOUTS", "DatasetIndex", "DomainSamples", "detect_layout", "read_dataset"]
+__all__ = ["detect_layout", "read_dataset"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DomainSamples:
-    """One domain's images, split as the protocol splits them."""
-
-    train: tuple[Sample, ...]
-    """The train split (what this domain's expert trains on, unless a validation part is carved out)."""
-    test: tuple[Sample, ...]
-    """The test split."""
-
-
-@dataclass(frozen=True)
-class DatasetIndex:
-    """A dataset read from disk: its classes, and each domain's train and test images."""
-
-    root: Path
-    layout: str
-    """Which layout was read (a key of :data:`LAYOUTS`)."""
-    classes: tuple[str, ...]
-    """Class names in label order (folder names, or the preset's names when the data has none)."""
-    domains: Mapping[str, DomainSamples]
-    """Each domain's images, domains sorted by name."""
-
-
-LAYOUTS: Mapping[str, str] = {
-    "presplit": "read as is from train/<domain>/ and test/<domain>/",
-    "presplit_filename_domains": "read as is from train/<class>/ and test/<class>/ (domain = file-name prefix)",
-    "pacs_lists": "the lists <domain>_train_kfold.txt / <domain>_test_kfold.txt",
-    "domainnet_lists": "the lists <domain>_train.txt / <domain>_test.txt",
-    "fed_isic2019_csv": "train_test_split.csv",
-    "terra_annotations": "per location, annotation rows shuffled by random.Random(seed), train = first 80 %",
-    "unsplit_filename_domains": "one random_split of every image (seeded), domain = file-name prefix",
-    "unsplit": "random_split of each domain in ImageFolder order, sizes [int(0.8·n), n − int(0.8·n)], seeded",
-}
-"""Each layout and the split rule it implies (for logs and docs)."""
 
 
 def _has_flat_class_folders(folder: Path) -> bool:
@@ -127,8 +96,6 @@ def read_dataset(
         FileNotFoundError: ``root`` does not exist.
         ValueError: A malformed layout, with the file and the fix.
     """
-    from lightning_score.data import lists  # the list/csv/annotation readers (they import this module)
-
     _check_root(root)
     layout = detect_layout(root)
     if layout == "presplit":
@@ -136,39 +103,16 @@ def read_dataset(
     if layout == "presplit_filename_domains":
         return _read_presplit_filename_domains(root)
     if layout == "pacs_lists":
-        return lists.read_pacs_lists(root, preset)
+        return read_pacs_lists(root, preset)
     if layout == "domainnet_lists":
-        return lists.read_domainnet_lists(root)
+        return read_domainnet_lists(root)
     if layout == "fed_isic2019_csv":
-        return lists.read_fed_isic2019_csv(root, preset)
+        return read_fed_isic2019_csv(root, preset)
     if layout == "terra_annotations":
-        return lists.read_terra_annotations(root, test_fraction, split_seed)
+        return read_terra_annotations(root, test_fraction, split_seed)
     if layout == "unsplit_filename_domains":
         return _read_unsplit_filename_domains(root, test_fraction, split_seed)
     return _read_unsplit(root, test_fraction, split_seed)
-
-
-def index_of(root: Path, layout: str, classes: Sequence[str], splits: Mapping[str, tuple[list, list]]) -> DatasetIndex:
-    """Build a :class:`DatasetIndex`, refusing a domain with an empty train or test split."""
-    domains = {}
-    for domain in sorted(splits):
-        train, test = splits[domain]
-        for name, part in (("train", train), ("test", test)):
-            if not part:
-                raise ValueError(
-                    f"Domain '{domain}' of '{root}' ({LAYOUTS[layout]}) has no {name} images. Every domain needs "
-                    "both a train and a test split: add its images, or remove the domain."
-                )
-        domains[domain] = DomainSamples(train=tuple(train), test=tuple(test))
-    return DatasetIndex(root=root, layout=layout, classes=tuple(classes), domains=domains)
-
-
-def warn_missing_classes(where: str, classes: Sequence[str], found: Mapping[str, set[str]]) -> None:
-    """Log, per folder, the classes that have no folder there (labels stay the union's, sorted)."""
-    for folder, names in found.items():
-        missing = [c for c in classes if c not in names]
-        if missing:
-            log.warning("%s: '%s' has no folder for classes %s; they have no images there.", where, folder, missing)
 
 
 # --- pre-split layouts ----------------------------------------------------------------------------

@@ -18,120 +18,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_score import __version__
-from lightning_score.merging.factors import ExpertSet, FactorCache
+from lightning_score._version import __version__
+from lightning_score.merging.factor_cache import ExpertSet, FactorCache
+from lightning_score.merging.keys import is_matrix_key, resolve_device
 from lightning_score.merging.prefetch import prefetched
 from lightning_score.merging.registry import KeyStream, get_method
+from lightning_score.merging.validation import as_task_vectors, check_compatible, raise_non_finite, shape_and_dtype
 from lightning_score.task_vector import TaskVector
 
-__all__ = ["is_matrix_key", "merge_task_vectors", "resolve_device"]
+__all__ = ["merge_task_vectors"]
 
 log = logging.getLogger(__name__)
 
 MatrixPredicate = Callable[[str, tuple[int, ...]], bool]
-
-
-def is_matrix_key(key: str, shape: tuple[int, ...]) -> bool:
-    """Return whether a key is a "matrix" for the SVD-based methods.
-
-    ``ndim == 2 and "text_projection" not in key``: per transformer block ``attn.in_proj_weight``,
-    ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``, plus ``positional_embedding``
-    and ``proj``. Pass another predicate as ``merge_task_vectors(..., is_matrix=...)`` to change the rule.
-
-    Example:
-        >>> is_matrix_key("transformer.resblocks.0.attn.in_proj_weight", (2304, 768))
-        True
-        >>> is_matrix_key("conv1.weight", (768, 3, 32, 32)), is_matrix_key("text_projection", (512, 512))
-        (False, False)
-    """
-    return len(shape) == 2 and "text_projection" not in key
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The compute device: the given one, else CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _as_task_vectors(task_vectors: Sequence[Mapping[str, Tensor]]) -> list[TaskVector]:
-    if isinstance(task_vectors, Mapping) or not isinstance(task_vectors, Sequence):
-        raise ValueError(
-            "merge_task_vectors takes a sequence of task vectors (one mapping key -> tensor per expert); "
-            f"got {type(task_vectors).__name__}. Wrap a single task vector in a list."
-        )
-    if len(task_vectors) == 0:
-        raise ValueError(
-            "merge_task_vectors got an empty list of task vectors: pass at least one, e.g. "
-            "[TaskVector.load(p) for p in paths]."
-        )
-    out = []
-    for index, tv in enumerate(task_vectors):
-        if isinstance(tv, TaskVector):
-            out.append(tv)
-        elif isinstance(tv, Mapping):
-            out.append(TaskVector(tv, {"name": f"task {index}"}))
-        else:
-            raise ValueError(f"Task vector {index} is a {type(tv).__name__}, not a mapping from keys to tensors.")
-    return out
-
-
-def _label(tv: TaskVector, index: int) -> str:
-    return f"task {index} ({tv.describe()})"
-
-
-def _check_compatible(tvs: list[TaskVector]) -> None:
-    """Same base weights, same keys, same shape and dtype per key; raise naming what differs."""
-    fingerprints = {tv.base_fingerprint for tv in tvs if tv.base_fingerprint}
-    if len(fingerprints) > 1:
-        groups: dict[str, list[str]] = {}
-        for index, tv in enumerate(tvs):
-            groups.setdefault(tv.base_fingerprint or "unknown", []).append(_label(tv, index))
-        listing = "; ".join(f"{fp[:20]}…: {', '.join(names)}" for fp, names in groups.items())
-        raise ValueError(
-            "The task vectors were made from different pre-trained weights (base fingerprints differ): "
-            f"{listing}. Merge only experts fine-tuned from the same base model."
-        )
-    reference_keys = list(tvs[0])
-    reference_set = set(reference_keys)
-    for index, tv in enumerate(tvs[1:], start=1):
-        keys = set(tv)
-        if keys != reference_set:
-            missing = sorted(reference_set - keys)
-            extra = sorted(keys - reference_set)
-            raise ValueError(
-                f"Task vectors have different keys: {_label(tv, index)} lacks {len(missing)} key(s) of "
-                f"{_label(tvs[0], 0)} (e.g. {missing[:3]}) and has {len(extra)} it lacks (e.g. {extra[:3]}). "
-                "Make every task vector from the same module."
-            )
-    for key in reference_keys:
-        shape, dtype = _shape_dtype(tvs[0], key)
-        if not dtype.is_floating_point:
-            raise ValueError(f"Key '{key}' of {_label(tvs[0], 0)} has dtype {dtype}; task vectors are floating point.")
-        for index, tv in enumerate(tvs[1:], start=1):
-            other_shape, other_dtype = _shape_dtype(tv, key)
-            if other_shape != shape:
-                raise ValueError(
-                    f"Key '{key}' has shape {shape} in {_label(tvs[0], 0)} but {other_shape} in "
-                    f"{_label(tv, index)}: the experts must share one architecture."
-                )
-            if other_dtype != dtype:
-                raise ValueError(
-                    f"Key '{key}' has dtype {dtype} in {_label(tvs[0], 0)} but {other_dtype} in "
-                    f"{_label(tv, index)}: convert them to one dtype before merging."
-                )
-
-
-def _non_finite(tvs: list[TaskVector], key: str, index: int) -> None:
-    raise ValueError(
-        f"Key '{key}' of {_label(tvs[index], index)} has non-finite values (NaN or inf): that expert "
-        "diverged. Re-train it (lower the learning rate) or leave it out of the merge."
-    )
-
-
-def _shape_dtype(tv: TaskVector, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-    spec = tv.tensor_spec(key)
-    return tuple(spec[0]), spec[1]
 
 
 def _json_safe(value: Any) -> Any:
@@ -202,8 +101,8 @@ def merge_task_vectors(
     spec = get_method(method)
     resolved_options = spec.resolve_options(options)
     merger = spec.build(resolved_options)
-    tvs = _as_task_vectors(task_vectors)
-    _check_compatible(tvs)
+    tvs = as_task_vectors(task_vectors)
+    check_compatible(tvs)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}.")
     target = resolve_device(device)
@@ -217,7 +116,7 @@ def merge_task_vectors(
     selected = [k for k in all_keys if keys is None or k in keys]
 
     def dtype_of(key: str) -> torch.dtype:
-        return compute_dtype or torch.promote_types(_shape_dtype(tvs[0], key)[1], torch.float32)
+        return compute_dtype or torch.promote_types(shape_and_dtype(tvs[0], key)[1], torch.float32)
 
     def load(key: str) -> Tensor:
         """One key's T slices on the compute device, checked for NaN/inf."""
@@ -225,21 +124,21 @@ def merge_task_vectors(
         deltas = torch.stack([tv[key].to(device=target, dtype=dtype, non_blocking=True) for tv in tvs])
         finite = torch.isfinite(deltas.reshape(len(tvs), -1)).all(dim=1)
         if not bool(finite.all()):
-            _non_finite(tvs, key, int((~finite).nonzero()[0]))
+            raise_non_finite(tvs, key, int((~finite).nonzero()[0]))
         return deltas
 
     def load_one(index: int, key: str, dtype: torch.dtype) -> Tensor:
         """One task's slice of a key on the compute device, checked for NaN/inf."""
         matrix = tvs[index][key].to(device=target, dtype=dtype, non_blocking=True)
         if not bool(torch.isfinite(matrix).all()):
-            _non_finite(tvs, key, index)
+            raise_non_finite(tvs, key, index)
         return matrix
 
     def in_scope(key: str) -> bool:
-        return spec.scope == "all" or is_matrix(key, _shape_dtype(tvs[0], key)[0])
+        return spec.scope == "all" or is_matrix(key, shape_and_dtype(tvs[0], key)[0])
 
     started = time.perf_counter()
-    shapes = {key: _shape_dtype(tvs[0], key)[0] for key in all_keys}
+    shapes = {key: shape_and_dtype(tvs[0], key)[0] for key in all_keys}
     merger.prepare(KeyStream([k for k in all_keys if in_scope(k)], load, shapes, len(tvs)))
     on_cuda = target.type == "cuda"
     batched = on_cuda if batch_svd is None else batch_svd
@@ -278,10 +177,10 @@ def merge_task_vectors(
     merger.finalize(merged)
     for key in selected:
         scale = alpha if merger.scales_with_alpha(key) else 1.0
-        input_dtype = _shape_dtype(tvs[0], key)[1]
+        input_dtype = shape_and_dtype(tvs[0], key)[1]
         merged[key] = (merged[key] * scale).to(device="cpu", dtype=input_dtype).contiguous()
     seconds = time.perf_counter() - started
-    log.info(
+    log.debug(
         "Merged %d task vectors (%d keys) with '%s' on %s in %.2f s.", len(tvs), len(selected), method, target, seconds
     )
 

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_score.atomic import atomic_write
+from lightning_score.utilities.files import atomic_write
 
 __all__ = ["FORMAT", "FactorFile", "device_tag", "factor_lock", "factor_path", "write_factor_file"]
 

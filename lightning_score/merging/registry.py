@@ -16,14 +16,15 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from torch import Tensor
 
 __all__ = [
     "FACTORS_PARAMETER",
+    "Factorizations",
     "KeyMerger",
     "KeyStream",
     "MethodSpec",
@@ -36,6 +37,26 @@ KeyScope = Literal["matrix", "all"]
 
 #: The keyword a per-key merge function declares to receive reusable factorizations (not an option).
 FACTORS_PARAMETER = "factors"
+
+Derived = TypeVar("Derived")
+
+
+class Factorizations(Protocol):
+    """What a method that starts from each task's thin SVD receives as ``factors=``: reusable factorizations.
+
+    The engine passes one per key when the merge has a :class:`~lightning_score.merging.FactorCache`
+    (:class:`~lightning_score.merging.KeyFactors` implements it). Both calls take the ``deltas`` the method is
+    merging and compute from them when those are not the exact tensor the engine loaded, so a method can never
+    read factors of other inputs; every reuse returns what the computation would (bit for bit).
+    """
+
+    def leading(self, deltas: Tensor, k: int, sign_convention: str = "svd") -> tuple[Tensor, Tensor, Tensor]:
+        """Each task's k leading singular triplets: ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]``."""
+        ...
+
+    def reuse(self, deltas: Tensor, name: Hashable, compute: Callable[[], Derived]) -> Derived:
+        """``compute()``'s result for this key and these experts, computed once per set of experts."""
+        ...
 
 
 class KeyStream:

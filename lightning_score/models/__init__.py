@@ -1,4 +1,4 @@
-"""CLIP models for lightning-score: the model factory, zero-shot heads, prompt templates, the cache.
+"""CLIP models for lightning-score: the model factory, zero-shot heads, prompt templates, the built-in base.
 
 Importing this package registers lightning-score's tiny CLIP configs with open_clip (``model_configs/``):
 
@@ -15,16 +15,12 @@ from pathlib import Path
 
 import open_clip
 
-from lightning_score.models.cache import cache_root
-from lightning_score.models.factory import (
-    BUILTIN_PREFIX,
-    CLIPComponents,
-    build_clip,
-    read_weights_metadata,
-    save_clip_weights,
-)
+from lightning_score.data.builtin import BUILTIN_PREFIX
+from lightning_score.models import digits_base  # noqa: F401  (registers the base model of builtin:digits)
+from lightning_score.models.factory import CLIPComponents, build_clip, read_weights_metadata, save_clip_weights
 from lightning_score.models.templates import guess_template_set, list_template_sets, load_templates
 from lightning_score.models.zero_shot import ZeroShotHead, build_zero_shot_head, encode_class_prompts
+from lightning_score.utilities.files import cache_root
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))

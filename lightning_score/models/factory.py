@@ -7,7 +7,7 @@
   When the download fails (offline machine, ``HF_HUB_OFFLINE=1``) the error says how to pass a local file.
 - a local weights file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``): read without unpickling arbitrary
   objects (safetensors, or ``torch.load(weights_only=True)``) and loaded strictly.
-- ``"builtin:digits"``: the offline base model pre-trained by :mod:`lightning_score.data.digits`; built
+- ``"builtin:digits"``: the offline base model pre-trained by :mod:`lightning_score.models.digits_base`; built
   into the cache the first time, then loaded as a local file, through exactly the code path above.
 
 :func:`save_clip_weights` writes the safetensors files that this function reads back.
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import pickle
@@ -29,15 +28,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_score.atomic import atomic_write
+from lightning_score.data.builtin import builtin_name, get_builtin, list_builtins
 from lightning_score.task_vector import state_dict_fingerprint
+from lightning_score.utilities.files import atomic_write
 
 __all__ = [
-    "BUILTIN_PREFIX",
     "LOCAL_WEIGHT_SUFFIXES",
     "WEIGHTS_FORMAT",
     "CLIPComponents",
     "build_clip",
+    "check_model_name",
     "read_weights_metadata",
     "resolve_builtin_weights",
     "save_clip_weights",
@@ -46,11 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = "lightning-score/open-clip-weights"
-BUILTIN_PREFIX = "builtin:"
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-# builtin name -> (module, function(model_name=...) -> Path of a weights file)
-_BUILTIN_WEIGHTS = {"digits": ("lightning_score.data.digits", "build_digits_base")}
 
 
 class CLIPComponents(NamedTuple):
@@ -70,12 +66,13 @@ class CLIPComponents(NamedTuple):
     """The tag or the resolved local file the weights came from (``None`` for random initialisation)."""
 
 
-def _check_model_name(model_name: str) -> None:
+def check_model_name(model_name: str) -> None:
+    """Refuse a name that is no open_clip architecture, listing lightning-score's tiny CPU models."""
     if open_clip.get_model_config(model_name) is None:
         tiny = [m for m in open_clip.list_models() if m.startswith("tiny-")]
         raise ValueError(
-            f"Unknown open_clip model {model_name!r}. Use an open_clip architecture (e.g. 'ViT-B-32', 'ViT-B-16', "
-            f"'ViT-L-14'; see open_clip.list_models()) or one of lightning-score's tiny CPU models {tiny}."
+            f"model_name {model_name!r} is not an open_clip architecture: use e.g. 'ViT-B-32', 'ViT-B-16', 'ViT-L-14' "
+            f"(see open_clip.list_models()) or one of lightning-score's tiny CPU models {tiny}."
         )
 
 
@@ -89,14 +86,10 @@ def resolve_builtin_weights(token: str, model_name: str) -> Path:
     Returns:
         The path of a safetensors file that :func:`build_clip` loads like any user file.
     """
-    name = token[len(BUILTIN_PREFIX) :]
-    if name not in _BUILTIN_WEIGHTS:
-        raise ValueError(
-            f"Unknown built-in weights {token!r}; available: {[BUILTIN_PREFIX + n for n in _BUILTIN_WEIGHTS]}."
-        )
-    module_name, function_name = _BUILTIN_WEIGHTS[name]
-    builder = getattr(importlib.import_module(module_name), function_name)
-    return Path(builder(model_name=model_name))
+    builtin = get_builtin(token)
+    if builtin.base is None:
+        raise ValueError(f"The built-in {token!r} has no base model: pass pretrained=<an open_clip tag or a file>.")
+    return Path(builtin.base(model_name=model_name))
 
 
 def read_weights_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -247,12 +240,12 @@ def build_clip(
         >>> clip.model.visual.image_size, clip.base_model
         ((32, 32), 'tiny-ViT-W64-L2/random')
     """
-    _check_model_name(model_name)
+    check_model_name(model_name)
     source = None if pretrained is None else os.fspath(pretrained)
     if source is None:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(model_name, pretrained=None)
         label, weights = "random", None
-    elif source.startswith(BUILTIN_PREFIX):
+    elif builtin_name(source) is not None:
         path = resolve_builtin_weights(source, model_name)
         model, train_tf, val_tf = _load_local(model_name, path)
         label, weights = source, str(path)
@@ -267,7 +260,7 @@ def build_clip(
         raise ValueError(
             f"pretrained={source!r} is neither an open_clip tag of '{model_name}' "
             f"({open_clip.list_pretrained_tags_by_model(model_name) or 'it has none'}), nor an existing weights file, "
-            f"nor a built-in ({[BUILTIN_PREFIX + n for n in _BUILTIN_WEIGHTS]}). Pass one of those, or None for "
+            f"nor a built-in ({list_builtins()}). Pass one of those, or None for "
             "random weights."
         )
     model = model.to(device).eval()

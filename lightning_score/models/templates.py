@@ -18,6 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from lightning_score.data.presets import PRESETS, detect_preset
+
 __all__ = ["TEMPLATE_DIR", "guess_template_set", "list_template_sets", "load_templates", "templates_naming_domains"]
 
 TEMPLATE_DIR = Path(__file__).parent / "template_sets"
@@ -64,8 +66,6 @@ def load_templates(name: str) -> list[str]:
     path = Path(name).expanduser()
     if path.suffix == ".json" and path.is_file():
         return list(_read_set(path.resolve())["templates"])
-    from lightning_score.data.presets import PRESETS
-
     if name in PRESETS:
         return load_templates(PRESETS[name].templates)
     raise ValueError(
@@ -94,8 +94,6 @@ def guess_template_set(domains: list[str]) -> str | None:
         >>> guess_template_set(["my_domain", "other"]) is None
         True
     """
-    from lightning_score.data.presets import detect_preset
-
     preset = detect_preset(domains)
     if preset is not None:
         return preset.templates

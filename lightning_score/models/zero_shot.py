@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_score.atomic import atomic_write
-from lightning_score.models.cache import cache_key, cache_root
 from lightning_score.task_vector import state_dict_fingerprint
+from lightning_score.utilities.files import atomic_write, cache_key, cache_root
 
 __all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "text_fingerprint"]
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_score.atomic import atomic_write
+from lightning_score.utilities.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

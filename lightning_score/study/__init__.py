@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
-from lightning_score.atomic import atomic_write_text
 from lightning_score.study.config import DEFAULT_ROWS, Entry, ExpertSettings, Row, resolve_seeds
 from lightning_score.study.report import write_report
 from lightning_score.study.runner import Study
+from lightning_score.utilities.files import atomic_write_text
 
 __all__ = ["DEFAULT_ROWS", "Entry", "ExpertSettings", "Row", "Study", "run_study", "write_report"]
 

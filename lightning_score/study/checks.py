@@ -15,12 +15,12 @@ from typing import Any
 import open_clip
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
-from lightning_score.alpha import ALPHA_SEARCHES
 from lightning_score.data import DomainDataModule
-from lightning_score.data.domain_datamodule import BUILTIN_ROOTS
+from lightning_score.data.builtin import builtin_name, get_builtin
+from lightning_score.merge_module.alpha import ALPHA_SEARCHES
 from lightning_score.merging import get_method
 from lightning_score.models import load_templates
-from lightning_score.models.factory import BUILTIN_PREFIX
+from lightning_score.models.factory import check_model_name
 from lightning_score.study.config import check_rows
 
 __all__ = ["check_study"]
@@ -57,18 +57,12 @@ def _check_numbers(study: Any) -> None:
 
 
 def _check_model(model_name: str, pretrained: str | None, templates: str) -> None:
-    if open_clip.get_model_config(model_name) is None:
-        tiny = [m for m in open_clip.list_models() if m.startswith("tiny-")]
-        raise ValueError(
-            f"model_name {model_name!r} is not an open_clip architecture: use e.g. 'ViT-B-32', 'ViT-B-16', 'ViT-L-14' "
-            f"(see open_clip.list_models()) or one of lightning-score's tiny CPU models {tiny}."
-        )
+    check_model_name(model_name)
     if pretrained is not None:
         source = os.fspath(pretrained)
-        if source.startswith(BUILTIN_PREFIX):
-            if source[len(BUILTIN_PREFIX) :] not in BUILTIN_ROOTS:
-                known = [BUILTIN_PREFIX + name for name in BUILTIN_ROOTS]
-                raise ValueError(f"pretrained={source!r} is not a built-in base; available: {known}.")
+        if builtin_name(source) is not None:
+            if get_builtin(source).base is None:  # an unknown name: one error listing the built-ins
+                raise ValueError(f"pretrained={source!r}: that built-in has no base model; pass a tag or a file.")
         elif not open_clip.get_pretrained_cfg(model_name, source) and not Path(source).expanduser().is_file():
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             raise ValueError(

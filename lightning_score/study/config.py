@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_score.data.builtin import builtin_name
+
 __all__ = [
     "DEFAULT_ROWS",
     "MODES",
@@ -199,12 +201,12 @@ def resolve_seeds(root: str, seeds: Sequence[int] | None, seed: int | None) -> l
         return list(seeds)
     if seed is not None:
         return [seed]
-    return list(BUILTIN_SEEDS) if str(root).startswith("builtin:") else [0]
+    return list(BUILTIN_SEEDS) if builtin_name(str(root)) is not None else [0]
 
 
 def check_rows(rows: Sequence[Row], tune_alpha: bool = False) -> None:
     """Validate every row before any work: mode, method, options, α, distinct names. One error names the row."""
-    from lightning_score.merge_statistics import statistic_options
+    from lightning_score.merge_module.statistics import statistic_options
     from lightning_score.merging import get_method
 
     if not rows:

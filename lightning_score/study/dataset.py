@@ -41,7 +41,7 @@ from typing import Any
 import open_clip
 
 from lightning_score.data import DomainDataModule
-from lightning_score.data.domain_datamodule import BUILTIN_ROOTS
+from lightning_score.data.builtin import BUILTIN_PREFIX, builtin_name, get_builtin
 from lightning_score.data.presets import DatasetPreset, get_preset
 from lightning_score.models.templates import guess_template_set
 from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row, check_rows, resolve_seeds
@@ -69,7 +69,7 @@ DEFAULT_EPOCHS = 10
 PAPER_MODEL = ("ViT-B-32", "openai")
 """``model_name: auto`` and ``pretrained: auto`` on real data: the SCORE paper's main backbone and weights."""
 
-BUILTIN_MODEL = ("tiny-ViT-W96-L3", "builtin:digits")
+BUILTIN_MODEL = ("tiny-ViT-W96-L3", f"{BUILTIN_PREFIX}digits")
 """``model_name: auto`` and ``pretrained: auto`` on the built-in benchmark: the tiny CPU model, its offline base."""
 
 FALLBACK_TEMPLATES = "imagenet"
@@ -121,15 +121,13 @@ def _named_preset(dataset: str) -> DatasetPreset | None:
 
 def _builtin(root: str, named: DatasetPreset | None) -> str:
     """The template set of a built-in benchmark (which has no preset), without building its files."""
-    name = root[len("builtin:") :]
-    if name not in BUILTIN_ROOTS:
-        raise ValueError(f"Unknown built-in dataset {root!r}; available: {['builtin:' + n for n in BUILTIN_ROOTS]}.")
+    builtin = get_builtin(root)  # an unknown name: one error listing the built-ins
     if named is not None:
         raise ValueError(
             f"dataset='{named.name}' but root '{root}' is a built-in benchmark, not {named.title}. Use dataset: auto "
             "(or none) with it, or point root at the dataset."
         )
-    return BUILTIN_ROOTS[name][2]
+    return builtin.templates
 
 
 def _check_matches(preset: DatasetPreset, data: DomainDataModule, root: str) -> None:
@@ -245,7 +243,7 @@ def resolve_dataset(
         FileNotFoundError: ``root`` does not exist (when ``read_data``).
     """
     check_rows(list(DEFAULT_ROWS if rows is None else rows))
-    builtin = str(root).startswith("builtin:")
+    builtin = builtin_name(str(root)) is not None
     model_name, pretrained = resolve_model(model_name, pretrained, builtin)
     named = _named_preset(dataset)
     data = None
@@ -292,7 +290,7 @@ def resolved_arguments(arguments: Any) -> dict[str, Any]:
             dataclasses.
     """
     root = str(arguments.root)
-    readable = root.startswith("builtin:") or Path(root).expanduser().exists()
+    readable = builtin_name(root) is not None or Path(root).expanduser().exists()
     if not readable and arguments.dataset == "auto":
         log.warning(
             "root '%s' does not exist here: the dataset, templates and epochs it decides are shown as given "

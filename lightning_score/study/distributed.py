@@ -32,7 +32,7 @@ from typing import TypeVar
 import filelock
 import lightning as L
 
-from lightning_score.ranks import gather_outcomes, on_rank_zero
+from lightning_score.utilities.ranks import gather_outcomes, on_rank_zero
 
 __all__ = ["World", "batch_shard"]
 

@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_score.atomic import atomic_write_text
 from lightning_score.study.config import Entry
 from lightning_score.study.figures import accuracy_figure_inputs
 from lightning_score.study.summary import MEAN, Summary, summarize
 from lightning_score.study.tables import markdown_report, significance
+from lightning_score.utilities.files import atomic_write_text
 
 __all__ = ["FIELDS", "write_report"]
 

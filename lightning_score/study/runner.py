@@ -28,7 +28,6 @@ import lightning as L
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lightning_score.atomic import atomic_write_text
 from lightning_score.data import DomainDataModule
 from lightning_score.merging import FactorCache, get_method
 from lightning_score.models import build_clip
@@ -41,6 +40,7 @@ from lightning_score.study.evaluation import evaluate_row, merge_module
 from lightning_score.study.fitting import QUIET_TRAINER, fit_task_vector, quiet_lightning
 from lightning_score.study.stages import Fit, planned_fits, require_fits
 from lightning_score.task_vector import TaskVector, state_dict_fingerprint
+from lightning_score.utilities.files import atomic_write_text
 
 __all__ = ["Study"]
 

@@ -11,7 +11,7 @@ import torch
 
 from lightning_score import TaskVector
 from lightning_score.merging import get_method, is_matrix_key, list_methods, merge_task_vectors
-from lightning_score.merging.score import score_merge
+from lightning_score.merging.methods.score import score_merge
 
 
 def _model(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

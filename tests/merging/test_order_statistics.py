@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_score.merging.methods.pcb import PCBMerge
 from lightning_score.merging.order_statistics import kth_smallest
-from lightning_score.merging.pcb import PCBMerge
 from lightning_score.merging.registry import KeyStream
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_score.study import ExpertSettings, Row, run_study
-from tests.conftest import QUICK_BASE
+from tests.experts import QUICK_BASE
 
 DOMAINS = ["rot0", "rot30", "rot60"]
 TRAIN_PER_CLASS = 6

@@ -11,7 +11,7 @@ from lightning_score.cli import main
 from lightning_score.study import ExpertSettings, Row
 from lightning_score.study.config import check_rows, resolve_seeds, table_entries
 from lightning_score.study.runner import Study
-from tests.conftest import QUICK_BASE
+from tests.experts import QUICK_BASE
 from tests.study.conftest import QUICK_EXPERT, ROWS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

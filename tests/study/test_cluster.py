@@ -24,7 +24,7 @@ import yaml
 from lightning_score import TaskVector
 from lightning_score.study.distributed import World, batch_shard
 from lightning_score.study.stages import ARRAY_ENV, Fit, planned_fits
-from tests.conftest import QUICK_BASE
+from tests.experts import QUICK_BASE
 from tests.processes import in_fresh_process
 from tests.study.conftest import DOMAINS, QUICK_EXPERT
 

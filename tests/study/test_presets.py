@@ -19,10 +19,10 @@ from lightning_score.data.presets import PRESETS, get_preset
 from lightning_score.study import ExpertSettings, Row, run_study
 from lightning_score.study import runner as study_runner
 from lightning_score.study.runner import Study
-from tests.conftest import QUICK_BASE
 from tests.data.generate import image, png_bytes
-from tests.data.test_lists import _isic, _pacs, _terra
 from tests.data.test_presets import _paper_layout
+from tests.data.test_split_files import _isic, _pacs, _terra
+from tests.experts import QUICK_BASE
 
 MODEL = "tiny-ViT-W64-L2"
 ISIC_ROWS = [(f"ISIC_{i:07d}", i % 8, f"{'train' if (i // 6) % 4 else 'test'}_{i % 6}") for i in range(48)]

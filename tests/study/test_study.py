@@ -16,7 +16,7 @@ from lightning_score import MergeModule
 from lightning_score.data import DomainDataModule
 from lightning_score.models import build_clip
 from lightning_score.study import evaluation
-from tests.conftest import QUICK_BASE
+from tests.experts import QUICK_BASE
 from tests.study.conftest import DOMAINS, ROWS, TEST_PER_CLASS, quick_study
 
 SEEDS = [0, 1]

@@ -1,0 +1,408 @@
+"""ScoreMergeCallback: snapshot the pre-trained weights before fitting, write the task vector when training ends.
+
+A sibling of Lightning's ``WeightAveraging`` callbacks: settings in ``__init__``, one override point
+(:meth:`ScoreMergeCallback.select_module`), rank-zero work whose outcome every rank learns, and a
+``state_dict()`` holding only what a resumed fit needs.
+
+When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
+
+1. ``setup``: the module is still as the user built it, before the strategy converts it to the training
+   precision (``*-true``) and moves it to its device. θ₀ is written here, in the weights' own precision,
+   once, to ``<folder>/pretrained/<fingerprint>.safetensors`` (:mod:`lightning_score.callback.snapshot`). No
+   process keeps θ₀ in memory; a checkpoint records only the file's path and fingerprint.
+2. ``on_fit_start``: a resumed fit takes θ₀ from the checkpoint's record instead (and refuses to resume
+   without one); a fresh fit checks that the module still holds the snapshot (up to the precision
+   conversion). Lazy modules (``nn.Lazy*``) are snapshotted at the first backward, once materialised.
+3. ``on_train_end``: τ = θ_T − θ₀ is written while the module is still on its device (Lightning moves it
+   back to CPU before ``on_fit_end``), and the optional ``merge_with`` merge runs there too.
+4. ``on_test_start`` / ``on_test_end``: with ``merge_with``, the merged weights are swapped in for
+   ``trainer.test`` and the expert's weights restored afterwards, in any process: under ``ddp_spawn`` the
+   fit ran in worker processes, so the files are found again from a small receipt rank zero writes.
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+
+from lightning_score.callback.records import (
+    Receipt,
+    Snapshot,
+    clean_key,
+    compare_with_snapshot,
+    expected_fingerprint,
+    state_prefix,
+    task_vector_metadata,
+)
+from lightning_score.callback.snapshot import read_snapshot, write_snapshot
+from lightning_score.merging import get_method, merge_task_vectors
+from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.ranks import on_rank_zero
+from lightning_score.utilities.strategies import check_strategy
+
+__all__ = ["ScoreMergeCallback"]
+
+
+class ScoreMergeCallback(Callback):
+    """Write the expert's task vector τ = θ_fine-tuned − θ_pre-trained when training ends.
+
+    Attach it to any ``Trainer`` (single device or DDP, any precision; see ``docs/strategies.md``). By
+    default it snapshots the module's ``image_encoder`` (what :class:`~lightning_score.CLIPExpert`
+    fine-tunes) or, for any other LightningModule, every parameter that requires a gradient. Task-vector
+    keys are relative to that submodule (``torch.compile``'s ``_orig_mod.`` removed).
+
+    Args:
+        dirpath: Folder of the task vector; default ``<trainer.default_root_dir>/task_vectors``. θ₀ is kept
+            once in its ``pretrained/`` subfolder.
+        filename: File name; default ``<name>.safetensors``.
+        module: Attribute path of the submodule to snapshot (e.g. ``"model.visual"``); default
+            ``"image_encoder"`` when the module has one, else the whole module's trainable parameters.
+        name: The expert's name in the task vector's metadata; default its domain (the datamodule's single
+            training domain) or the module's class name.
+        domain: The expert's domain; default the datamodule's single training domain, if it has one.
+        merge_with: Task-vector files of earlier experts (same pre-trained weights). When given, the new
+            expert is merged with them when training ends and the merged weights are used while
+            ``trainer.test`` runs, then the expert's own weights are restored.
+        method: Merge method for ``merge_with`` (see :func:`lightning_score.merging.list_methods`).
+        alpha: Scaling coefficient α of the merged update.
+        merge_options: Options of the merge method (e.g. ``{"variant": "diagonal"}``).
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[ScoreMergeCallback(dirpath="task_vectors")])
+        trainer.fit(expert, datamodule)  # writes task_vectors/<domain>.safetensors
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        filename: str | None = None,
+        module: str | None = None,
+        name: str | None = None,
+        domain: str | None = None,
+        merge_with: Sequence[str | Path] | None = None,
+        method: str = "score",
+        alpha: float = 1.0,
+        merge_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.filename = filename
+        self.module = module
+        self.name = name
+        self.domain = domain
+        self.merge_with = [Path(p) for p in merge_with or []]
+        self.method = method
+        self.alpha = alpha
+        self.merge_options = dict(merge_options or {})
+        if self.merge_with:
+            get_method(method).resolve_options(self.merge_options)  # an unknown method/option fails now
+        self._receipt = Receipt(uuid.uuid4().hex)  # travels with the callback to spawned workers
+        self._snapshot: Snapshot | None = None  # θ₀ of the fit in progress (or the last one)
+        self._restored: Snapshot | None = None  # set by load_state_dict while this fit restores a checkpoint
+        self._deferred = False  # lazy parameters: snapshot at the first backward
+        self._outputs: dict[str, Any] | None = None  # what the last fit wrote (this process)
+        self._expert_state: dict[str, Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per snapshotted submodule, stable across a resume even when the output folder changes."""
+        return f"{type(self).__qualname__}{{'module': {self.module!r}}}"
+
+    @property
+    def task_vector_path(self) -> Path | None:
+        """The task vector the last fit wrote (also in the main process of ``ddp_spawn``), else None."""
+        outputs = self._outputs or self._receipt.read()
+        return Path(outputs["task_vector"]) if outputs else None
+
+    @property
+    def merged_path(self) -> Path | None:
+        """The merged task vector of the last fit with ``merge_with``, else None."""
+        outputs = self._outputs or self._receipt.read()
+        return Path(outputs["merged"]) if outputs and outputs.get("merged") else None
+
+    # --- the override point -----------------------------------------------------------------------
+
+    def select_module(self, pl_module: pl.LightningModule) -> tuple[nn.Module, list[str] | None]:
+        """Choose what to snapshot: ``(submodule, keys or None for all its floating-point entries)``.
+
+        Override to snapshot something else; the submodule's state-dict prefix is found by identity. The
+        default follows ``module``; without it, the module's ``image_encoder`` if it has one, else the whole
+        module restricted to parameters that require grad.
+        """
+        if self.module is not None:
+            try:
+                submodule = operator.attrgetter(self.module)(pl_module)
+            except AttributeError:
+                raise ValueError(
+                    f"ScoreMergeCallback(module={self.module!r}): {type(pl_module).__name__} has no attribute "
+                    f"'{self.module}'. Pass the attribute path of the submodule to snapshot, e.g. 'image_encoder'."
+                ) from None
+            if not isinstance(submodule, nn.Module):
+                raise ValueError(
+                    f"ScoreMergeCallback(module={self.module!r}) is a {type(submodule).__name__}, not a module."
+                )
+            return submodule, None
+        if isinstance(getattr(pl_module, "image_encoder", None), nn.Module):
+            return pl_module.image_encoder, None
+        trainable = [name for name, param in pl_module.named_parameters() if param.requires_grad]
+        if not trainable:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no trainable parameters when fitting starts, so there is no task "
+                "vector to snapshot. Pass ScoreMergeCallback(module='...') naming the submodule you fine-tune."
+            )
+        return pl_module, trainable
+
+    def _selected(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str, dict[str, Tensor], dict[str, str]]:
+        """The submodule, its state-dict prefix, its selected live tensors by clean key, and clean → raw keys."""
+        submodule, keys = self.select_module(pl_module)
+        prefix = state_prefix(pl_module, submodule)
+        full = submodule.state_dict(keep_vars=True)
+        chosen = keys if keys is not None else [k for k, v in full.items() if is_lazy(v) or v.is_floating_point()]
+        raw = {clean_key(k): k for k in sorted(chosen)}
+        if not raw:
+            raise ValueError(
+                f"The module selected for the task vector ({type(submodule).__name__}) has no floating-point weights."
+            )
+        return submodule, prefix, {k: full[r] for k, r in raw.items()}, raw
+
+    # --- fit ---------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse unsupported strategies, check ``merge_with``, and snapshot θ₀ before the strategy converts it."""
+        if stage != "fit":
+            if self.merge_with and stage == "test":
+                check_strategy(trainer.strategy, "ScoreMergeCallback")
+            return
+        check_strategy(trainer.strategy, "ScoreMergeCallback")
+        self._snapshot, self._restored, self._deferred, self._outputs = None, None, False, None
+        on_rank_zero(trainer.strategy, self._receipt.forget)
+        if self.merge_with:  # FileNotFoundError / ValueError naming the file and the fix, before any training
+            on_rank_zero(trainer.strategy, lambda: [TaskVector.load(path) for path in self.merge_with] and None)
+        _, _, state, _ = self._selected(pl_module)
+        if any(is_lazy(value) for value in state.values()):
+            self._deferred = True
+            rank_zero_info("ScoreMergeCallback: lazy parameters; θ₀ is snapshotted once they are materialised.")
+            return
+        self._snapshot = self._take_snapshot(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed fit takes θ₀ from the checkpoint; a fresh one checks the module still holds the snapshot."""
+        if trainer.ckpt_path:
+            self._snapshot = self._resume_snapshot(trainer, pl_module)
+            rank_zero_info(f"ScoreMergeCallback: resuming; θ₀ is {self._snapshot.path} (from the checkpoint).")
+            return
+        if self._deferred or self._snapshot is None:
+            return
+        snapshot = self._snapshot
+        _, _, state, _ = self._selected(pl_module)
+        verdict = on_rank_zero(trainer.strategy, lambda: compare_with_snapshot(snapshot, state))
+        if verdict == "changed":  # configure_model changed the weights, in their own precision: θ₀ is now
+            self._snapshot = self._take_snapshot(trainer, pl_module)
+        elif verdict == "changed and converted":
+            raise ValueError(
+                "ScoreMergeCallback: the weights to snapshot changed between `setup` and the start of fitting "
+                "(in configure_model?) and the precision plugin converted them to lower precision, so θ₀ cannot be "
+                "taken in the weights' own precision. Set the pre-trained weights in __init__ or setup, not "
+                "configure_model, or fit in 32-true / *-mixed precision."
+            )
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Lazy modules: snapshot θ₀ once materialised (the first forward), before the first optimiser step."""
+        if self._deferred:
+            self._deferred = False
+            self._snapshot = self._take_snapshot(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write τ = θ − θ₀ (rank zero, atomically) and merge with ``merge_with``, on the module's device."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError(
+                "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
+                "has lazy parameters), so there is no task vector to write."
+            )
+        _, _, state, _ = self._selected(pl_module)
+        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module)
+        device = pl_module.device  # still the training device: the strategy has not torn down yet
+        folder = self._folder(trainer)
+        outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))
+        self._outputs = outputs
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Forget the state restored from a checkpoint: it belongs to the fit that just ended."""
+        self._restored = None
+
+    # --- test: the merged weights in place ---------------------------------------------------------
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``merge_with``: swap the merged weights in (raise if no fit produced a merge)."""
+        if not self.merge_with:
+            return
+        outputs = on_rank_zero(trainer.strategy, self._find_merge)
+        submodule, _, state, _ = self._selected(pl_module)
+        pretrained = read_snapshot(outputs["pretrained"], outputs["fingerprint"])
+        merged = TaskVector.load(outputs["merged"])
+        self._expert_state = {k: v.detach().to("cpu", copy=True) for k, v in submodule.state_dict().items()}
+        with torch.no_grad():
+            for key, live in state.items():
+                base = pretrained[key]
+                value = base.double() + merged[key].double() if key in merged else base
+                live.copy_(value.to(base.dtype))
+        rank_zero_info("ScoreMergeCallback: testing the merged model; the expert's weights come back after the test.")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the expert's own weights after testing the merged ones."""
+        if self._expert_state is None:
+            return
+        submodule, _, _, _ = self._selected(pl_module)
+        submodule.load_state_dict(self._expert_state)
+        self._expert_state = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Never leave the merged weights in the module, nor a checkpoint's θ₀ for the next fit."""
+        self._restored = None
+        self.on_test_end(trainer, pl_module)
+
+    # --- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where θ₀ is (the snapshot file and its fingerprint), so a resumed fit still subtracts θ₀."""
+        if self._snapshot is None:
+            return {}
+        return {
+            "module": self._snapshot.module,
+            "pretrained_path": str(self._snapshot.path),
+            "pretrained_fingerprint": self._snapshot.fingerprint,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore where θ₀ is, for the fit resuming from this checkpoint (checked in ``on_fit_start``)."""
+        if "pretrained" in state_dict:
+            raise ValueError(
+                "This checkpoint keeps θ₀ inside it, as an earlier lightning-score did; this version keeps θ₀ in a "
+                "file beside the task vectors. Finish that fit with the earlier version, or start afresh."
+            )
+        if state_dict.get("pretrained_path"):
+            self._restored = Snapshot(
+                state_dict["module"], Path(state_dict["pretrained_path"]), state_dict["pretrained_fingerprint"]
+            )
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _folder(self, trainer: pl.Trainer) -> Path:
+        return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "task_vectors"
+
+    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
+        submodule, prefix, state, _ = self._selected(pl_module)
+        folder = self._folder(trainer)
+
+        def write() -> tuple[str, str]:
+            path, fingerprint = write_snapshot(state, folder)
+            self._check_merge_with(fingerprint, getattr(pl_module, "base_model", None))
+            return str(path), fingerprint
+
+        path, fingerprint = on_rank_zero(trainer.strategy, write)
+        expected = expected_fingerprint(pl_module, submodule)
+        if expected is not None and expected != fingerprint:
+            rank_zero_warn(
+                f"ScoreMergeCallback: {type(pl_module).__name__}.image_encoder no longer holds the pre-trained "
+                "weights it was built with when fitting starts, so the task vector is measured from these weights "
+                "and will not merge with experts of the original base."
+            )
+        return Snapshot(prefix, Path(path), fingerprint)
+
+    def _resume_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
+        restored = self._restored
+        if restored is None:
+            raise ValueError(
+                f"ScoreMergeCallback: resuming from '{trainer.ckpt_path}', which has no state under "
+                f"'{self.state_key}', so θ₀ (where this expert started) is unknown and the task vector would be "
+                "measured from the resume point. Resume with the callback settings (module=...) used when the "
+                "checkpoint was written; or, to measure from these weights, load them into the module and fit "
+                "without ckpt_path."
+            )
+        submodule, prefix, _, _ = self._selected(pl_module)
+        if restored.module != prefix:
+            raise ValueError(
+                f"ScoreMergeCallback: the checkpoint's θ₀ is of '{restored.module}', but this fit snapshots "
+                f"'{prefix}'. Resume with the same module selection."
+            )
+        expected = expected_fingerprint(pl_module, submodule)
+
+        def check() -> None:
+            read_snapshot(restored.path, restored.fingerprint, verify=True)
+            if expected is not None and expected != restored.fingerprint:
+                raise ValueError(
+                    f"ScoreMergeCallback: the checkpoint's θ₀ ({restored.path}) is not the pre-trained weights of "
+                    f"{type(pl_module).__name__} ({expected[:20]}… vs {restored.fingerprint[:20]}…): the checkpoint "
+                    "comes from a fit of another base model."
+                )
+            self._check_merge_with(restored.fingerprint, getattr(pl_module, "base_model", None))
+
+        on_rank_zero(trainer.strategy, check)
+        return restored
+
+    def _check_merge_with(self, fingerprint: str, base_model: str | None = None) -> None:
+        for other in self.merge_with:
+            tv = TaskVector.load(other)
+            other_fp = tv.base_fingerprint
+            if other_fp and other_fp != fingerprint:
+                raise ValueError(
+                    f"'{other}' was made from different pre-trained weights than the model being fitted: it was "
+                    f"fine-tuned from {tv.base_model or 'an unrecorded base model'}, this fit starts from "
+                    f"{base_model or 'other weights'} (base fingerprints {other_fp[:20]}… vs {fingerprint[:20]}…). "
+                    "merge_with takes experts fine-tuned from the same base model."
+                )
+
+    def _write_outputs(
+        self,
+        snapshot: Snapshot,
+        state: dict[str, Tensor],
+        metadata: dict[str, Any],
+        folder: Path,
+        device: torch.device,
+    ) -> dict[str, Any]:
+        pretrained = read_snapshot(snapshot.path, snapshot.fingerprint)
+        if set(pretrained) != set(state):
+            only = sorted(set(pretrained) ^ set(state))[:3]
+            raise RuntimeError(f"ScoreMergeCallback: the module's keys changed during fitting (e.g. {only}).")
+        tensors = {}
+        for key in sorted(state):  # τ = θ_T − θ₀ in float64, one key at a time, stored in θ₀'s dtype
+            base, live = pretrained[key], state[key].detach()
+            if base.shape != live.shape:
+                raise RuntimeError(
+                    f"ScoreMergeCallback: '{key}' changed shape during fitting ({base.shape} → {live.shape})."
+                )
+            tensors[key] = (live.to("cpu", torch.float64) - base.to(torch.float64)).to(base.dtype).contiguous()
+        tv = TaskVector(tensors, {**metadata, "base_fingerprint": snapshot.fingerprint})
+        path = tv.save(folder / (self.filename or f"{tv.name}.safetensors"))
+        rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {path}")
+        outputs: dict[str, Any] = {"task_vector": str(path), "merged": None, "pretrained": str(snapshot.path),
+                                   "fingerprint": snapshot.fingerprint, "module": snapshot.module}  # fmt: skip
+        if self.merge_with:
+            inputs = [TaskVector.load(path), *(TaskVector.load(p) for p in self.merge_with)]
+            merged = merge_task_vectors(inputs, self.method, alpha=self.alpha, device=device, **self.merge_options)
+            outputs["merged"] = str(merged.save(path.with_name(f"merged-{self.method}.safetensors")))
+            rank_zero_info(f"ScoreMergeCallback: merged {len(inputs)} experts with '{self.method}' on {device}")
+        self._receipt.write(outputs)
+        return outputs
+
+    def _find_merge(self) -> dict[str, Any]:
+        outputs = self._outputs or self._receipt.read()
+        if not outputs or not outputs.get("merged"):
+            raise ValueError(
+                f"ScoreMergeCallback(merge_with=[...]) has no merge to test: no fit with this callback has finished "
+                f"(merge_with: {[str(p) for p in self.merge_with]}). Fit first; to test the expert alone, test "
+                "without a merge_with callback."
+            )
+        return outputs

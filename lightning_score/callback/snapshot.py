@@ -1,0 +1,128 @@
+"""The pre-trained weights θ₀ a task vector is measured from, kept once on disk.
+
+:class:`~lightning_score.ScoreMergeCallback` writes θ₀ when fitting starts to
+``<task-vector folder>/pretrained/<fingerprint>.safetensors`` (atomically, by rank zero only), so no
+process keeps a copy in memory during training and a checkpoint carries only the file's path and
+fingerprint. Experts fine-tuned from the same base share one file: its name is the content's fingerprint
+(:func:`~lightning_score.task_vector.state_dict_fingerprint`), and a file already there is not written again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lightning_score.task_vector import state_dict_fingerprint
+from lightning_score.utilities.files import atomic_write
+
+__all__ = ["SNAPSHOT_FORMAT", "read_snapshot", "snapshot_fingerprint", "write_snapshot"]
+
+SNAPSHOT_FORMAT = "lightning-score/pretrained-snapshot"
+
+
+def _header(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The pre-trained snapshot '{path}' does not exist. ScoreMergeCallback writes it beside the task vectors "
+            "when fitting starts and a resumed fit reads it back: restore the file (or the whole task-vector folder), "
+            "or start the fit afresh without ckpt_path."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"'{path}' is not a readable safetensors file ({error}); it cannot serve as θ₀.") from error
+    if header.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"'{path}' is not a pre-trained snapshot written by ScoreMergeCallback.")
+    return header
+
+
+def snapshot_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The fingerprint recorded in a snapshot file's header (cheap: the tensors are not read)."""
+    return _header(Path(path))["fingerprint"]
+
+
+def write_snapshot(state: Mapping[str, Tensor], folder: str | os.PathLike[str]) -> tuple[Path, str]:
+    """Write θ₀ as ``<folder>/pretrained/<fingerprint>.safetensors``, unless that file already holds it.
+
+    Args:
+        state: The weights (any device and dtype; written as they are).
+        folder: The task vectors' folder.
+
+    Returns:
+        The file and the fingerprint of ``state``.
+    """
+    fingerprint = state_dict_fingerprint(state, list(state))
+    path = Path(folder) / "pretrained" / f"{fingerprint.replace(':', '-')}.safetensors"
+    try:
+        if snapshot_fingerprint(path) == fingerprint:
+            return path, fingerprint  # written by an earlier fit from the same base
+    except (FileNotFoundError, ValueError):
+        pass
+    tensors: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for key, value in state.items():
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            tensor = tensor.clone()  # safetensors refuses tensors that share memory (tied weights)
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    header = {"format": SNAPSHOT_FORMAT, "fingerprint": fingerprint}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return path, fingerprint
+
+
+class _LazyState(Mapping[str, Tensor]):
+    """A snapshot file as a mapping that reads a tensor only when it is indexed."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = list(handle.keys())
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self._path), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_snapshot(
+    path: str | os.PathLike[str], fingerprint: str | None = None, verify: bool = False
+) -> Mapping[str, Tensor]:
+    """Read θ₀ back lazily: a tensor is read from the file when it is indexed, so θ₀ is never all in memory.
+
+    Args:
+        path: The snapshot file.
+        fingerprint: The fingerprint it must record (e.g. the one a checkpoint kept).
+        verify: Also hash the content and compare (every byte is read).
+
+    Raises:
+        FileNotFoundError: The file is gone.
+        ValueError: It is not a snapshot, or not the one expected.
+    """
+    path = Path(path)
+    recorded = _header(path)["fingerprint"]
+    if fingerprint is not None and recorded != fingerprint:
+        raise ValueError(
+            f"The pre-trained snapshot '{path}' holds other weights ({recorded[:20]}…) than expected "
+            f"({fingerprint[:20]}…): it was replaced since the checkpoint was written."
+        )
+    state = _LazyState(path)
+    if verify and state_dict_fingerprint(state, list(state)) != recorded:
+        raise ValueError(
+            f"The pre-trained snapshot '{path}' is damaged: its content no longer matches its fingerprint."
+        )
+    return state

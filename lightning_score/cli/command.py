@@ -1,0 +1,325 @@
+"""The ``lightning-score`` command: a LightningCLI with ``merge`` next to fit/validate/test/predict, plus ``analyze``.
+
+* ``lightning-score fit --config recipes/digits/expert.yaml --data.train_domains '[rot15]'`` fine-tunes one
+  expert (the model defaults to :class:`~lightning_score.CLIPExpert`); the recipe's ScoreMergeCallback writes
+  its task vector.
+* ``lightning-score merge --config recipes/digits/merge.yaml`` merges task vectors with a
+  :class:`~lightning_score.MergeModule`, writes the merged weights (loadable as ``pretrained``) and the
+  resolved config next to them, and tests the result on the held-out domains unless ``--test false``.
+* ``lightning-score test --config recipes/digits/test.yaml`` runs Lightning's test loop on any module (the
+  model defaults to :class:`~lightning_score.MergeModule`).
+* ``lightning-score analyze --task_vectors '[a.safetensors, b.safetensors]'`` prints the Subspace Alignment
+  Ratio and singular spectra of task vectors and saves them as PNG and JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from packaging.version import Version
+
+import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
+from lightning_score.cli.console import EpochProgressBar, quiet_library_noise
+from lightning_score.cli.errors import one_line, own_error, raised_while_running
+from lightning_score.cli.help import (
+    DEFAULT_MODEL,
+    FUNCTION_HELP,
+    OVERVIEW,
+    SUBCOMMAND_HELP,
+    HelpFormatter,
+    command_description,
+)
+from lightning_score.cli.trainer import ScoreTrainer
+from lightning_score.utilities.files import atomic_write_text
+
+__all__ = ["LightningScoreCLI", "SaveRunConfig", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def _dump(parser: LightningArgumentParser, config: Namespace) -> str:
+    """The whole resolved config as YAML, None values included (what reproduces the run)."""
+    if Version(jsonargparse.__version__) >= Version("4.49"):
+        return parser.dump(config, skip_unset=False)
+    return parser.dump(config, skip_none=False)  # pragma: no cover - older jsonargparse
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Save the resolved config to ``<log_dir>/config.yaml``, never overwriting another run's config.
+
+    Lightning's own callback either refuses to start when ``config.yaml`` exists or overwrites it. Here the
+    same config is not written twice, and a different one goes to ``config-1.yaml``, ``config-2.yaml``...,
+    with a line saying where.
+    """
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False  # written by save_config below
+        super().__init__(parser, config, **kwargs)
+        self.saved_path: Path | None = None
+        self.resolved_log_dir: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the log folder on every rank (a collective), then save on rank zero."""
+        if not self.already_saved:
+            self.resolved_log_dir = trainer.log_dir
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Write the config (rank zero), to the first of config.yaml, config-1.yaml... that is free or the same."""
+        folder = Path(self.resolved_log_dir or trainer.default_root_dir)
+        text = _dump(self.parser, self.config)
+        stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
+        for index in range(10_000):
+            path = folder / (self.config_filename if index == 0 else f"{stem}-{index}{suffix}")
+            if not path.exists():
+                atomic_write_text(path, text)
+                if index:
+                    rank_zero_info(f"lightning-score: {folder / self.config_filename} belongs to an earlier run; "
+                                   f"this run's config is {path}")  # fmt: skip
+                break
+            if path.read_text(encoding="utf-8") == text:
+                break  # this very config was saved by an earlier run
+        self.saved_path = path
+
+
+class LightningScoreCLI(LightningCLI):
+    """``LightningCLI`` for lightning-score: any LightningModule as the model, any LightningDataModule as data.
+
+    Both are in subclass mode: ``model: {class_path: ...}`` and ``data: {class_path: ...}`` plug in your own
+    classes. Without a ``class_path`` the data is a :class:`~lightning_score.DomainDataModule` and the model a
+    :class:`~lightning_score.CLIPExpert` for ``fit``, a :class:`~lightning_score.MergeModule` otherwise.
+    ``--optimizer`` and ``--lr_scheduler`` replace the model's own ``configure_optimizers``, as in any LightningCLI.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("description", OVERVIEW)
+        parser_kwargs.setdefault("formatter_class", HelpFormatter)
+        parser_kwargs.setdefault("exit_on_error", False)  # main() prints one line, not the usage and a tree
+        for command, model in DEFAULT_MODEL.items():
+            command_kwargs = parser_kwargs.setdefault(command, {})
+            command_kwargs.setdefault("default_model", model)
+            command_kwargs.setdefault("description", command_description(command))
+            command_kwargs.setdefault("formatter_class", HelpFormatter)
+            command_kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("save_config_callback", SaveRunConfig)
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            trainer_class=ScoreTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """Lightning's parsers; the subcommand list (and usage line) also names ``analyze`` and ``study``.
+
+        Those two run outside LightningCLI (``main`` dispatches them first); they are listed through
+        jsonargparse's ``add_subcommand`` on the parser's subcommands action (``_subcommands_action``). Each
+        subcommand's line in the list is ours (Lightning's cuts its docstrings mid-sentence): set on the
+        action's ``_choices_actions`` (argparse's). Both private names are pinned by
+        ``tests/lightning/test_cli_help.py``.
+        """
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        action = getattr(self.parser, "_subcommands_action", None) if add_subcommands else None
+        if action is not None:
+            for name, help_text in FUNCTION_HELP.items():
+                action.add_subcommand(name, self.init_parser(description=help_text), help=help_text)
+            for choice in getattr(action, "_choices_actions", []):
+                choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``merge``."""
+        return {**LightningCLI.subcommands(), "merge": {"model", "datamodule"}}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser; remembers the subcommand's default model (our own ``default_model`` parser kwarg)."""
+        default_model = kwargs.pop("default_model", None)
+        parser = super().init_parser(**kwargs)
+        parser.lightning_score_default_model = default_model
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Default classes: the DomainDataModule as data, the subcommand's model (CLIPExpert / MergeModule).
+
+        The model's and data's help sections say which class is the default and how to list its arguments
+        (their titles would otherwise be Lightning's base-class docstrings; set through jsonargparse's
+        ``parser.groups``).
+        """
+        defaults: dict[str, Any] = {"data": {"class_path": "lightning_score.DomainDataModule"}}
+        model = getattr(parser, "lightning_score_default_model", None)
+        if model is not None:
+            defaults["model"] = {"class_path": model}
+        parser.set_defaults(defaults)
+        groups = getattr(parser, "groups", {})
+        short = model.rsplit(".", 1)[-1] if model else "CLIPExpert"
+        titles = {
+            "model": f"Model (default {model}; its arguments: --model.help {short})",
+            "data": "Data (default lightning_score.DomainDataModule; its arguments: --data.help DomainDataModule)",
+        }
+        for key, title in titles.items():
+            if key in groups:
+                groups[key].title = title
+                groups[key].description = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's, with a progress bar that reads "Epoch 6", not "Epoch 6/-2", when no other is configured."""
+        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") if hasattr(config, "get") else None
+        if trainer_config is not None and trainer_config.get("enable_progress_bar", True) is not False:
+            callbacks = trainer_config.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks) and EpochProgressBar.available():
+                trainer_config["callbacks"] = [*callbacks, EpochProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_merge(self) -> None:
+        """Write the resolved config next to the merged weights (rank zero)."""
+        path = getattr(self.trainer, "merged_path", None)
+        saver = next((c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
+        if path is None or saver is None or not self.trainer.is_global_zero:
+            return
+        config_path = Path(path).with_suffix(".yaml")
+        replaced = config_path.exists()
+        atomic_write_text(config_path, _dump(saver.parser, saver.config))
+        what = "replaced the config of the earlier merge at" if replaced else "wrote the resolved config to"
+        rank_zero_info(f"lightning-score merge: {what} {config_path} (it describes the weights beside it)")
+
+
+def _function_commands() -> dict[str, Any]:
+    """The commands that run outside LightningCLI, imported when one is called (start-up stays Lightning's own)."""
+    from lightning_score.cli.analyze import analyze
+    from lightning_score.study import run_study
+
+    return {"analyze": analyze, "study": run_study}
+
+
+_FUNCTION_COMMANDS = ("analyze", "study")
+
+
+def _print_study_config(args: list[str]) -> bool:
+    """``lightning-score study ... --print_config``: the configuration as the study runs it, then exit.
+
+    jsonargparse's own ``--print_config`` prints the arguments as given, ``auto`` included; the study fills
+    those from the dataset's preset (:func:`lightning_score.study.dataset.resolved_arguments`: dataset,
+    templates, expert settings, SCORE's options in the rows, seeds), so this prints the parsed
+    configuration with those values filled, through the same parser (``capture_parser``) and its ``dump``.
+
+    Returns:
+        Whether ``--print_config`` was given (and the configuration printed).
+    """
+    flags = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
+    if not flags:
+        return False
+    from jsonargparse import CLI, capture_parser
+
+    from lightning_score.study import run_study
+    from lightning_score.study.dataset import resolved_arguments
+
+    parser = capture_parser(
+        lambda: CLI(run_study, args=[], as_positional=False, prog="lightning-score study", exit_on_error=False)
+    )
+    cfg = parser.parse_args([a for a in args if a not in flags])
+    resolved = resolved_arguments(parser.instantiate(cfg))
+    resolved["expert"] = Namespace(**resolved["expert"])
+    resolved["rows"] = [Namespace(**row) for row in resolved["rows"]]
+    for key, value in resolved.items():
+        cfg[key] = value
+    options = {flag: True for flag in flags[-1].partition("=")[2].split(",") if flag}
+    unknown = set(options) - {"skip_default", "skip_unset"}
+    if unknown:
+        raise ArgumentError(None, f"--print_config flags {sorted(unknown)}: use skip_default and/or skip_unset.")
+    sys.stdout.write(parser.dump(cfg, **{"skip_unset": False, **options}))
+    raise SystemExit(0)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stderr`` is when a message comes.
+
+    Not the stream of the moment it was made: redirecting or closing an earlier stderr (as pytest's capture
+    does) then loses nothing and raises nothing.
+    """
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
+        pass
+
+
+def _show_our_info_logs() -> None:
+    """lightning-score's INFO messages on stderr (as Lightning does for its own); other libraries stay quiet."""
+    ours = logging.getLogger("lightning_score")
+    ours.setLevel(logging.INFO)
+    if not ours.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False
+
+
+_COMMANDS = ("fit", "validate", "test", "predict", "merge", *_FUNCTION_COMMANDS)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-score`` console script.
+
+    A configuration or input error (a missing file, a mismatched task vector, an unknown domain, a refused
+    strategy...) ends with one line, ``lightning-score: error: <what is wrong and the fix>``, and exit
+    status 2; set ``LIGHTNING_SCORE_DEBUG=1`` for its traceback. An error while training or evaluating
+    runs keeps its traceback.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    _show_our_info_logs()
+    quiet_library_noise()
+    if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        sys.stderr.write(
+            f"lightning-score: error: unknown command '{argv[0]}'; the commands are {', '.join(_COMMANDS)}.\n"
+        )
+        raise SystemExit(2)
+    try:
+        if argv and argv[0] in _FUNCTION_COMMANDS:
+            from jsonargparse import CLI
+
+            if argv[0] == "study" and _print_study_config(argv[1:]):
+                return
+
+            CLI(
+                _function_commands()[argv[0]],
+                args=argv[1:],
+                as_positional=False,
+                prog=f"lightning-score {argv[0]}",
+                exit_on_error=False,
+            )
+            return
+        LightningScoreCLI(args=args)
+    except ArgumentError as error:  # a bad command line or config: one line, with what is accepted
+        if os.environ.get("LIGHTNING_SCORE_DEBUG"):
+            raise
+        command = argv[0] if argv and argv[0] in _COMMANDS else None
+        see = f"lightning-score {command} --help" if command else "lightning-score --help"
+        sys.stderr.write(f"lightning-score: error: {one_line(str(error))} (see `{see}`)\n")
+        raise SystemExit(2) from None
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("LIGHTNING_SCORE_DEBUG") or raised_while_running(error):
+            raise
+        sys.stderr.write(f"lightning-score: error: {own_error(error)}\n")
+        raise SystemExit(2) from None

@@ -1,0 +1,91 @@
+"""MergeModule's inputs, checked before any long work: the task-vector files and the base they were made from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_score.merge_module.alpha import ALPHA_SEARCHES
+from lightning_score.merge_module.statistics import statistic_options
+from lightning_score.merging import get_method
+from lightning_score.task_vector import TaskVector
+
+__all__ = ["MODES", "check_arguments", "check_base", "load_task_vectors"]
+
+MODES: tuple[str, ...] = ("merge", "zeroshot", "ensemble", "expert")
+_COUNTS = {"merge": (1, None), "ensemble": (1, None), "expert": (1, 1), "zeroshot": (0, None)}
+
+
+def check_arguments(mode: str, alpha: Any, alpha_search: str, method: str, options: Mapping[str, Any]) -> None:
+    """MergeModule's arguments, before anything is loaded: mode, α, α search, method and its options.
+
+    In ``merge`` mode the method must be known, its options valid, and a data-using method's statistics
+    (collected by MergeModule, see :mod:`lightning_score.merge_module.statistics`) not given as options.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {list(MODES)}.")
+    if isinstance(alpha, str) and alpha != "auto":
+        raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}.")
+    if alpha_search not in ALPHA_SEARCHES:
+        raise ValueError(f"alpha_search={alpha_search!r} is not one of {list(ALPHA_SEARCHES)}.")
+    if mode != "merge":
+        return
+    spec = get_method(method)  # unknown method: a clear error before loading anything
+    given = sorted(set(statistic_options(method)) & set(options))  # a data method MergeModule cannot feed: refused
+    if given:
+        raise ValueError(
+            f"method_options[{given[0]!r}]: MergeModule collects '{method}'s {given[0]} itself, from proxy_images "
+            "unlabelled images of each source domain; drop it (to merge with statistics of your own, call "
+            "lightning_score.merging.merge_task_vectors)."
+        )
+    spec.resolve_options(options)
+
+
+def load_task_vectors(paths: Sequence[Path], mode: str) -> list[TaskVector]:
+    """The task vectors a mode needs (``zeroshot``: none), loaded lazily; a clear error for a wrong count or file."""
+    low, high = _COUNTS[mode]
+    count = len(paths)
+    if count < low or (high is not None and count > high):
+        wanted = "exactly one task vector" if mode == "expert" else "at least one task vector"
+        raise ValueError(f"MergeModule(mode='{mode}') needs {wanted}; got {count}: pass task_vectors=[...].")
+    if mode == "zeroshot" and count:
+        rank_zero_info("MergeModule(mode='zeroshot') ignores its task vectors.")
+        return []
+    return [TaskVector.load(path) for path in paths]  # missing / not a task vector: clear errors
+
+
+def check_base(tv: TaskVector, encoder: Mapping[str, Tensor], base_model: str, fingerprint: str) -> None:
+    """Refuse a task vector of another architecture (keys, shapes) or of other pre-trained weights (fingerprint).
+
+    Args:
+        tv: The task vector.
+        encoder: The image encoder's state dict (θ₀).
+        base_model: Its label, e.g. ``"ViT-B-32/openai"``.
+        fingerprint: Its fingerprint (``state_dict_fingerprint``).
+
+    Raises:
+        ValueError: Naming both sides' base models, and "different architecture" when keys or shapes differ.
+    """
+    theirs = f"{tv.describe()} (fine-tuned from {tv.base_model or 'an unrecorded base model'})"
+    fix = "Merge experts into the model they were fine-tuned from: set model_name and pretrained to theirs."
+    for key in tv:
+        if key not in encoder:
+            raise ValueError(
+                f"{theirs} is of a different architecture than {base_model}: its key '{key}' is not in this "
+                f"model's image encoder. {fix}"
+            )
+        shape = tv.tensor_spec(key)[0]
+        if tuple(shape) != tuple(encoder[key].shape):
+            raise ValueError(
+                f"{theirs} is of a different architecture than {base_model}: '{key}' has shape "
+                f"{list(shape)} there and {list(encoder[key].shape)} here. {fix}"
+            )
+    if tv.base_fingerprint and tv.base_fingerprint != fingerprint:
+        raise ValueError(
+            f"{theirs} was made from different pre-trained weights than {base_model}, of the same architecture "
+            f"(base fingerprints {tv.base_fingerprint[:20]}… vs {fingerprint[:20]}…). {fix}"
+        )

@@ -1,0 +1,440 @@
+"""MergeModule: merge the experts' task vectors in ``setup``, then test on held-out domains.
+
+``Trainer.test(MergeModule(...), DomainDataModule(train_domains=sources, test_domains=[target]))`` is one
+leave-one-domain-out evaluation: the merge runs on the Trainer's device (the GPU when it has one), split
+across the Trainer's ranks under DDP, and the test loop of :class:`~lightning_score.classifier.CLIPClassifier`
+logs ``test/<domain>/acc`` and ``test/<domain>/balanced_acc``.
+
+Modes:
+
+* ``merge``: θ = θ₀ + α·τ*, τ* from :func:`~lightning_score.merging.merge_task_vectors` with ``method``.
+  τ* is computed once; :meth:`MergeModule.use_alpha` reloads the weights at another α without re-merging.
+* ``zeroshot``: θ₀ as it is.
+* ``expert``: one task vector applied, θ₀ + α·τ.
+* ``ensemble``: the average of the experts' logits (one image encoder per expert, T× inference cost).
+
+Everything data-dependent (α search; the statistics of the data-using methods: ESM's layer inputs, RegMean's
+Gram matrices, Fisher merging's diagonal Fishers, see :mod:`lightning_score.merge_module.statistics`) reads the
+sources' validation data only (``datamodule.val_dataloader()`` and ``datamodule.proxy_dataloader(domain, n)``),
+never a test loader.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_score.classifier import CLIPClassifier
+from lightning_score.merge_module.alpha import golden_section_search, grid_search
+from lightning_score.merge_module.inputs import check_arguments, check_base, load_task_vectors
+from lightning_score.merge_module.passes import validation_accuracy
+from lightning_score.merge_module.sharding import merge_on_ranks
+from lightning_score.merge_module.statistics import STATISTICS, collect_statistics, statistic_options
+from lightning_score.merging import FactorCache
+from lightning_score.models import save_clip_weights
+from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.profiling import Measure
+from lightning_score.utilities.strategies import check_strategy
+
+__all__ = ["MergeModule", "describe_options"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
+DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+_CHECKPOINT_KEY = "lightning_score_merge"
+_RESTORING = contextvars.ContextVar("lightning_score_merge_restoring", default=False)
+
+
+def describe_options(options: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
+    """``variant='diagonal', divide_by_tasks=True``: a merge's options for one console line (``skip``: left out).
+
+    Example:
+        >>> describe_options({"variant": "diagonal", "grams": "<list>"}, skip=["grams"])
+        "variant='diagonal'"
+    """
+    shown = [f"{name}={value!r}" for name, value in options.items() if name not in skip]
+    return ", ".join(shown) if shown else "no options"
+
+
+class MergeModule(CLIPClassifier):
+    """A CLIP model whose image encoder is merged from experts' task vectors, tested per domain.
+
+    Args:
+        model_name: open_clip architecture of the pre-trained model the experts share.
+        pretrained: Its weights: an open_clip tag, a local weights file, ``"builtin:digits"`` or ``None``.
+        task_vectors: The experts' task-vector files (``.safetensors``), one per source domain.
+        method: Merge method for ``mode="merge"`` (see ``lightning_score.merging.list_methods()``).
+        mode: ``merge``, ``zeroshot``, ``ensemble`` (logit ensemble of the experts) or ``expert`` (one task
+            vector applied).
+        alpha: The scaling coefficient α, or ``"auto"`` to choose it by accuracy on the source domains'
+            validation data (the search is logged, and kept in the attribute :attr:`alpha_search`).
+        method_options: Options of the merge method, e.g. ``{"variant": "diagonal"}``.
+        alpha_grid: Candidate values of ``alpha="auto"`` with ``alpha_search="grid"``.
+        alpha_search: How ``alpha="auto"`` searches: ``"grid"`` (every value of ``alpha_grid``, the default)
+            or ``"golden"`` (golden-section search on [0, 2] to a 0.01-wide bracket, as the ESM authors tune α).
+        proxy_images: Unlabelled images per source domain from which the data-using methods' statistics are
+            collected (ESM, RegMean, Fisher; see :mod:`lightning_score.merge_module.statistics`).
+        merge_device: Where to merge; default the Trainer's device.
+        templates: Prompt-template set of the zero-shot head (see :class:`CLIPClassifier`).
+        classnames: Class names of the head; default the datamodule's.
+        head_cache: Read/write zero-shot heads from/to the disk cache.
+        factors: A :class:`~lightning_score.merging.FactorCache` shared with other merges of the same experts
+            (e.g. every row and target of a leave-one-domain-out study): the SVD-based methods (SCORE, TSV-M,
+            Iso-CTS, ESM's TSV layers) then compute each expert's factorizations once. The merge is
+            bit-identical with and without it on one device. Not a hyperparameter: checkpoints do not keep it.
+    """
+
+    _NOT_HYPERPARAMETERS = ("factors",)
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = "openai",
+        task_vectors: list[str] | None = None,
+        method: str = "score",
+        mode: Mode = "merge",
+        alpha: float | str = 1.0,
+        method_options: dict[str, Any] | None = None,
+        alpha_grid: list[float] | None = None,
+        alpha_search: Literal["grid", "golden"] = "grid",
+        proxy_images: int = 32,
+        merge_device: str | None = None,
+        templates: str = "auto",
+        classnames: list[str] | None = None,
+        head_cache: bool = True,
+        factors: FactorCache | None = None,
+    ) -> None:
+        check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
+        self.method = method
+        self.method_options = dict(method_options or {})
+        super().__init__(model_name, pretrained, templates, classnames, head_cache)
+        self.mode = mode
+        self.alpha = alpha
+        self.alpha_grid = list(alpha_grid or DEFAULT_ALPHA_GRID)
+        self.alpha_search_method = alpha_search
+        self.proxy_images = proxy_images
+        self.merge_device = merge_device
+        self.factors = factors
+        self.task_vector_paths = [Path(p) for p in task_vectors or []]
+        # load_from_checkpoint restores the prepared weights: the task-vector files are not read again
+        self._task_vectors = [] if _RESTORING.get() else self._load_task_vectors()
+        self._pretrained_state = {k: v.detach().clone() for k, v in self.image_encoder.state_dict().items()}
+        self.experts = nn.ModuleList()
+        self.merged: TaskVector | None = None  #: τ* at α = 1 (mode ``merge``), on CPU.
+        self.current_alpha: float | None = None  #: The α of the weights now in the image encoder.
+        self.merge_seconds: float | None = None  #: Wall time of the merge (including a data method's statistics).
+        self.merge_peak_bytes: int | None = None  #: Memory growth during the merge on the merge device.
+        #: What the α search evaluated and chose: ``{"method", "alphas", "val_acc", "selected"}``, else None.
+        self.alpha_search: dict[str, Any] | None = None
+        self._merge_record: dict[str, Any] | None = None  # the merge's provenance, kept when τ* is not
+        self._prepared = False
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MergeModule:  # type: ignore[override]
+        """Restore a tested MergeModule with its merged weights as they were saved: nothing is merged again.
+
+        The task-vector files need not exist any more; τ* itself is not in the checkpoint, so
+        :meth:`use_alpha` is unavailable on the restored module. Arguments as
+        :meth:`lightning.pytorch.LightningModule.load_from_checkpoint`.
+        """
+        token = _RESTORING.set(True)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _RESTORING.reset(token)
+
+    # --- inputs, checked before any long work ----------------------------------------------------
+
+    def _load_task_vectors(self) -> list[TaskVector]:
+        tvs = load_task_vectors(self.task_vector_paths, self.mode)
+        for tv in tvs:
+            check_base(tv, self.image_encoder.state_dict(), self.base_model, self.pretrained_fingerprint)
+        return tvs
+
+    # --- setup: build the weights once ------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Build the head (see :class:`CLIPClassifier`), then the weights of the chosen mode, once."""
+        trainer = self._trainer
+        if trainer is not None:
+            check_strategy(trainer.strategy, "MergeModule")
+        super().setup(stage)
+        if self._prepared:
+            return
+        self._ready_for_passes()
+        if self.mode == "expert":
+            self._load_encoder(self._task_vectors[0].apply_to(self._pretrained_state, alpha=self._numeric_alpha()))
+        elif self.mode == "ensemble":
+            self._build_ensemble()
+        elif self.mode == "merge":
+            self.merged = self.merge()
+            if self.alpha == "auto":
+                self.choose_alpha()
+            else:
+                self.use_alpha(float(self.alpha))
+        self._prepared = True
+
+    def _ready_for_passes(self) -> None:
+        """Put the module on the Trainer's device and precision now, as the strategy is about to.
+
+        The forward passes of ``setup`` (α search, ESM's activations) then run exactly as the test will.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return
+        trainer.precision_plugin.convert_module(self)  # in place; the strategy's own conversion is then a no-op
+        self.to(trainer.strategy.root_device)
+
+    def _numeric_alpha(self) -> float:
+        if self.alpha == "auto":
+            raise ValueError(f"alpha='auto' applies to mode='merge' only, not mode='{self.mode}'.")
+        return float(self.alpha)
+
+    def _compute_device(self) -> torch.device:
+        if self.merge_device is not None:
+            return torch.device(self.merge_device)
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _load_encoder(self, state: Mapping[str, Tensor]) -> None:
+        self.image_encoder.load_state_dict(dict(state), strict=True)
+
+    # --- the merge ---------------------------------------------------------------------------------
+
+    def merge(self) -> TaskVector:
+        """Merge the task vectors (at α = 1) on the compute device, once for all ranks.
+
+        Shardable methods: each of the Trainer's ranks merges a share of the keys and the shares are
+        exchanged. Others (and the data-using ones: ESM, RegMean, Fisher): rank zero collects the statistics
+        (:meth:`collect_statistics`), merges and broadcasts τ*. A failure on any rank stops every rank.
+
+        Returns:
+            τ* on CPU. :attr:`merge_seconds` and :attr:`merge_peak_bytes` record the cost.
+        """
+        device = self._compute_device()
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        with Measure(device) as measure:
+            merged = merge_on_ranks(
+                self._task_vectors,
+                self.method,
+                self.method_options,
+                device,
+                strategy,
+                self.collect_statistics,
+                factors=self.factors,
+            )
+        self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
+        self._merge_record = merged.metadata.get("merge", {})
+        rank_zero_info(
+            f"MergeModule: merged {len(self._task_vectors)} task vectors with '{self.method}' "
+            f"({describe_options(self._merge_record.get('options', {}), skip=list(STATISTICS))}"
+            f"{self._statistics_note()}) on {device} in {measure.seconds:.1f} s "
+            f"(peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
+        )
+        return merged
+
+    def _statistics_note(self) -> str:
+        names = statistic_options(self.method)
+        if not names:
+            return ""
+        return f"; {' and '.join(names)} from {self.proxy_images} proxy images per source domain"
+
+    def merged_weights(self, alpha: float) -> dict[str, Tensor]:
+        """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is), in θ₀'s dtype."""
+        if self.merged is None:
+            raise RuntimeError(
+                "MergeModule has no merge yet: run it through a Trainer (trainer.test / validate / predict) or call "
+                "setup() first. A module restored with load_from_checkpoint keeps its merged weights but not τ*."
+            )
+        exempt = set(self.merged.metadata.get("merge", {}).get("alpha_exempt_keys", []))
+        out = dict(self._pretrained_state)
+        for key in self.merged:
+            base = self._pretrained_state[key]
+            scale = 1.0 if key in exempt else alpha
+            out[key] = (base.double() + scale * self.merged[key].double()).to(base.dtype)
+        return out
+
+    def use_alpha(self, alpha: float) -> None:
+        """Load θ₀ + α·τ* into the image encoder, from the merge already computed (nothing is merged again).
+
+        A study evaluates α = 1 and the tuned α of one merge this way:
+        ``trainer.test(module, dm)``, then ``module.use_alpha(a)`` and ``trainer.test(module, dm)`` again.
+
+        Args:
+            alpha: The scaling coefficient.
+
+        Raises:
+            ValueError: Not ``mode="merge"``.
+            RuntimeError: No merge yet (see :meth:`merged_weights`).
+        """
+        if self.mode != "merge":
+            raise ValueError(f"use_alpha applies to mode='merge', not mode='{self.mode}'.")
+        self._load_encoder(self.merged_weights(float(alpha)))
+        self.current_alpha = float(alpha)
+
+    # --- α on the source domains' validation data ---------------------------------------------------
+
+    def choose_alpha(self) -> float:
+        """Choose α by top-1 accuracy on the source domains' validation data; load it; return it.
+
+        ``alpha_search="grid"`` evaluates every value of :attr:`alpha_grid`; ``"golden"`` runs a
+        golden-section search on [0, 2] (see :mod:`lightning_score.merge_module.alpha`). Every evaluation runs in eval
+        and inference mode under the Trainer's precision, each rank on its share of the validation data.
+        The search is kept in :attr:`alpha_search`.
+        """
+        datamodule = self._datamodule()
+        loaders = datamodule.val_dataloader() if datamodule is not None else []
+        if not loaders:
+            raise ValueError(
+                "alpha='auto' chooses α on the source domains' validation data, but the datamodule has none: give "
+                "it train_domains (the sources, whose held-out splits are the validation data), or set a number "
+                "for alpha."
+            )
+        device = self._compute_device()
+        assert self.head is not None
+
+        def accuracy(alpha: float) -> float:
+            self.use_alpha(alpha)
+            return validation_accuracy(self.image_encoder, self.head, loaders, self._trainer, device)
+
+        if self.alpha_search_method == "golden":
+            result = golden_section_search(accuracy)
+        else:
+            result = grid_search(accuracy, self.alpha_grid)
+        self.alpha_search = result.to_dict()
+        self.use_alpha(result.selected)
+        table = ", ".join(f"{a:.3g}: {acc:.3f}" for a, acc in result.evaluated)
+        rank_zero_info(
+            f"MergeModule: α search ({result.method}) on the source validation data ({table}); "
+            f"chose α = {result.selected:.3g}."
+        )
+        warning = result.edge_warning()
+        if warning is not None:
+            rank_zero_warn(f"MergeModule: {warning}")
+        return result.selected
+
+    # --- the data-using methods' statistics -------------------------------------------------------
+
+    def collect_statistics(self, device: torch.device | None = None) -> dict[str, list[dict[str, Tensor]]]:
+        """Run each expert θ₀ + τ_t on :attr:`proxy_images` unlabelled images of its own (source) domain.
+
+        Collects what :attr:`method` takes (ESM: ``activations``, RegMean: ``grams``, Fisher: ``fishers``;
+        see :mod:`lightning_score.merge_module.statistics`), in eval mode under the Trainer's precision. Never reads
+        a test (target) domain.
+
+        Args:
+            device: Where the experts run; default the merge device.
+
+        Returns:
+            Option name → one mapping per task vector (CPU tensors); empty for a data-free method.
+        """
+        return collect_statistics(
+            self.method,
+            self._task_vectors,
+            self.image_encoder,
+            self._pretrained_state,
+            self.head,
+            self._datamodule(),
+            self.proxy_images,
+            self._trainer,
+            device or self._compute_device(),
+        )
+
+    # --- the logit ensemble ------------------------------------------------------------------------
+
+    def _build_ensemble(self) -> None:
+        experts = []
+        for tv in self._task_vectors:  # one after another: each expert's weights are read once
+            expert = copy.deepcopy(self.image_encoder)
+            expert.load_state_dict(tv.apply_to(self._pretrained_state, alpha=self._numeric_alpha()))
+            experts.append(expert)
+        self.experts = nn.ModuleList(experts)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of the merged (or zero-shot, or expert) model; in ``ensemble`` mode the experts' mean logits."""
+        if self.mode != "ensemble" or len(self.experts) == 0:
+            return super().forward(images)
+        assert self.head is not None
+        logits = [self.head(F.normalize(expert(images), dim=-1)) for expert in self.experts]
+        return torch.stack(logits).mean(dim=0)
+
+    def on_test_epoch_end(self) -> None:
+        """Log the per-domain metrics, and α when it was searched."""
+        super().on_test_epoch_end()
+        if self.alpha_search is not None and self.current_alpha is not None:
+            self.log("alpha", self.current_alpha, sync_dist=False)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the prepared state (mode, α, the merge's provenance) next to the merged weights."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[_CHECKPOINT_KEY] = {
+            "prepared": self._prepared,
+            "mode": self.mode,
+            "current_alpha": self.current_alpha,
+            "alpha_search": self.alpha_search,
+            "merge": self._merge_record,
+            "experts": len(self.experts),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the checkpoint's prepared weights as they are: ``setup`` does not merge again."""
+        super().on_load_checkpoint(checkpoint)
+        record = checkpoint.get(_CHECKPOINT_KEY) or {}
+        if not record.get("prepared"):
+            return
+        if record.get("mode") != self.mode:
+            raise ValueError(
+                f"The checkpoint holds a MergeModule prepared in mode '{record.get('mode')}', not '{self.mode}'."
+            )
+        if self.mode == "ensemble" and len(self.experts) != record["experts"]:
+            self.experts = nn.ModuleList(copy.deepcopy(self.image_encoder) for _ in range(record["experts"]))
+        self.current_alpha = record.get("current_alpha")
+        self._merge_record = record.get("merge")
+        self.alpha_search = record.get("alpha_search")
+        self.merged = None  # the weights are the checkpoint's; a τ* computed here would not describe them
+        self._prepared = True
+
+    # --- output ------------------------------------------------------------------------------------
+
+    def save_merged(self, path: str | Path) -> Path:
+        """Write the whole CLIP model with its merged image encoder, loadable as ``pretrained=path``.
+
+        The header records the merge (method, options, α, inputs) as JSON under ``lightning_score_merge``.
+
+        Raises:
+            ValueError: ``mode="ensemble"`` (T models, not one set of weights).
+            RuntimeError: Nothing is prepared yet: the image encoder still holds θ₀, not a merge.
+        """
+        if self.mode == "ensemble":
+            raise ValueError("An ensemble is T models, not one set of weights: there is nothing to save as a merge.")
+        if not self._prepared:
+            raise RuntimeError(
+                f"MergeModule(mode='{self.mode}') has not been prepared, so its image encoder still holds the "
+                "pre-trained weights: run it through a Trainer (trainer.test, or `lightning-score merge`) or call "
+                "setup() before save_merged()."
+            )
+        record: dict[str, Any] = {"mode": self.mode, "base_model": self.base_model, "alpha": self.current_alpha}
+        if self.mode == "expert":
+            record["alpha"] = self._numeric_alpha()
+        if self.alpha_search is not None:
+            record["alpha_search"] = self.alpha_search
+        if self._merge_record is not None:
+            record["merge"] = self._merge_record
+        record["task_vectors"] = [str(p) for p in self.task_vector_paths]
+        return save_clip_weights(
+            self.clip, path, model_name=self.model_name, metadata={"lightning_score_merge": json.dumps(record)}
+        )

@@ -1,0 +1,42 @@
+"""TSV-M: Task Singular Vectors merge.
+
+Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà. "Task Singular Vectors: Reducing Task
+Interference in Model Merging", CVPR 2025, arXiv:2412.00081. Data-free.
+
+Per matrix key, with Δ_t = U_t S_t V_tᵀ and k = ⌊r/T⌋: keep each task's k leading singular triplets,
+concatenate them (U_cat, s_cat = [S_1[:k], …, S_T[:k], 0], V_catᵀ), orthogonalise the vectors by their
+polar factors and put the singular values back: Δ* = U⊥ · diag(s_cat) · V⊥ᵀ. SCORE's steps 1-3.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_score.merging.registry import Factorizations, register_method
+from lightning_score.merging.shared_basis import shared_orthogonal_basis
+
+__all__ = ["tsv_merge"]
+
+
+@register_method(
+    "tsv",
+    reference="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025, "
+    "arXiv:2412.00081",
+)
+def tsv_merge(deltas: Tensor, *, factors: Factorizations | None = None) -> Tensor:
+    """Keep each task's leading singular triplets and decorrelate them by orthogonalising the vectors.
+
+    No options (the rank budget is k = ⌊r/T⌋). Non-matrix keys get the mean. The result does not depend on
+    the signs the SVD solver picks. Cost: T SVDs of m×n and two polar factors per key; memory O(T·m·n).
+
+    Args:
+        deltas: ``[T, m, n]`` the T task matrices of one key.
+        factors: Supplied by the engine from a :class:`~lightning_score.merging.FactorCache`: the tasks' SVDs
+            and the shared basis (the one SCORE builds), computed once for these experts. The result is
+            bit-identical without it.
+
+    Returns:
+        Δ* ``[m, n]``.
+    """
+    U_perp, s_cat, Vh_perp = shared_orthogonal_basis(deltas, "svd", factors)
+    return (U_perp * s_cat) @ Vh_perp

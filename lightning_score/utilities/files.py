@@ -1,0 +1,157 @@
+"""Files: atomic writes, the cache folder, and the inter-process lock that keeps racing builders from repeating work.
+
+Every file lightning-score writes (task vectors, merged weights, cached heads and bases, results, figures)
+goes through :func:`atomic_write`: a temporary file in the destination's folder, then a rename, so an
+interrupted write never leaves a half-written file under the final name, and the file gets the permissions
+of an ordinary file (``0666`` minus the umask) rather than the owner-only mode of a temporary file. A folder
+is published the same way (:func:`atomic_publish_dir`).
+
+Everything lightning-score builds for itself (the rotated-digits folders, the offline base weights, zero-shot
+heads) lives under one root, :func:`cache_root`: ``$LIGHTNING_SCORE_CACHE``, default
+``~/.cache/lightning_score``. Two processes that race (two DDP ranks, two jobs of a sweep) may both build; the
+first rename wins and the loser's copy is discarded. :func:`cache_lock` (a :mod:`filelock` lock under
+``<cache>/locks``, released by the OS if its holder dies) lets the slow builders make the second process wait
+for the first instead of repeating its work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+__all__ = [
+    "CACHE_ENV",
+    "atomic_publish_dir",
+    "atomic_write",
+    "atomic_write_text",
+    "cache_key",
+    "cache_lock",
+    "cache_root",
+    "ordinary_mode",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "LIGHTNING_SCORE_CACHE"
+
+
+def ordinary_mode(directory: bool = False) -> int:
+    """The mode ``open()``/``mkdir()`` would give a new file (or folder) under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` creates a temporary file next to it, which is then renamed.
+
+    Args:
+        path: The destination; parent folders are created.
+        write: Called with the temporary path; must create the file there.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> atomic_write(folder / "a.txt", lambda tmp: tmp.write_text("done")).read_text()
+        'done'
+        >>> sorted(p.name for p in folder.iterdir())  # no temporary file left beside it
+        ['a.txt']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, ordinary_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically (UTF-8)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def cache_root() -> Path:
+    """The cache folder: ``$LIGHTNING_SCORE_CACHE`` if set, else ``~/.cache/lightning_score``.
+
+    Read on every call, so tests (and users) can redirect it by setting the environment variable.
+    """
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_score"
+
+
+def cache_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts, for file names.
+
+    Example:
+        >>> cache_key("a", [1, 2]) == cache_key("a", [1, 2]) != cache_key("a", [2, 1])
+        True
+    """
+    payload = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(payload, digest_size=8).hexdigest()
+
+
+def atomic_publish_dir(path: Path, build: Callable[[Path], None]) -> Path:
+    """Build a folder under a temporary name and rename it to ``path``; keep an existing ``path``.
+
+    If ``path`` already exists (another process finished first), the new copy is discarded.
+
+    Args:
+        path: The final folder.
+        build: Called with an empty temporary folder to fill.
+
+    Returns:
+        ``path``.
+    """
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, ordinary_mode(directory=True))
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            log.debug("'%s' was published by another process; discarding this copy", path)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive inter-process lock named ``name`` (the file ``<cache>/locks/<name>.lock``).
+
+    A :class:`filelock.FileLock`: the operating system releases it when its holder dies, so a killed build
+    never blocks the next one.
+    """
+    lock_dir = cache_root() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(lock_dir / f"{name}.lock")):
+        yield

@@ -1,0 +1,215 @@
+"""ScoreMergeCallback's lifecycle: where θ₀ comes from, when it is taken and kept, when τ and the merge are written."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from lightning_score import ScoreMergeCallback, TaskVector
+from lightning_score.task_vector import state_dict_fingerprint
+from tests.modules import CompiledRegressor, LazyRegressor, Regressor, data, head_state, trainer
+
+
+def _tv(folder: Path, name: str) -> TaskVector:
+    return TaskVector.load(folder / f"{name}.safetensors")
+
+
+# --- item 2: θ₀ of known origin ---------------------------------------------------------------------------
+
+
+def test_a_reused_callback_measures_each_fit_from_its_own_start(tmp_path: Path) -> None:
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="x")
+    trainer(tmp_path, [callback]).fit(Regressor(seed=0), data())
+    second = Regressor(seed=1)  # other starting weights, same callback
+    start = head_state(second)
+    trainer(tmp_path, [callback]).fit(second, data())
+    tv, end = _tv(tmp_path, "x"), head_state(second)
+    for key in tv:
+        torch.testing.assert_close(tv[key], end[key] - start[key], rtol=0, atol=0)
+    assert tv.base_fingerprint == state_dict_fingerprint(start)
+
+
+def _checkpointed_fit(tmp_path: Path, callback: ScoreMergeCallback, model: pl.LightningModule) -> Path:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    trainer(tmp_path, [callback, checkpoint], max_steps=4, enable_checkpointing=True).fit(model, data())
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_resuming_without_the_callbacks_state_refuses_to_measure_from_the_resume_point(tmp_path: Path) -> None:
+    ckpt = _checkpointed_fit(tmp_path, ScoreMergeCallback(dirpath=tmp_path / "a", module="head"), Regressor())
+    other_key = ScoreMergeCallback(dirpath=tmp_path / "b")  # module=None: another state key
+    with pytest.raises(ValueError, match="has no state under .*measured from the resume point"):
+        trainer(tmp_path, [other_key], max_steps=8).fit(Regressor(), data(), ckpt_path=ckpt)
+    assert not (tmp_path / "b" / "Regressor.safetensors").exists()
+
+
+def test_resuming_checks_the_checkpoints_theta0_against_the_modules_base(tmp_path: Path) -> None:
+    ckpt = _checkpointed_fit(tmp_path, ScoreMergeCallback(dirpath=tmp_path, name="x"), Regressor(encoder_attr=True))
+    with pytest.raises(ValueError, match="comes from a fit of another base model"):
+        trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="x")], max_steps=8).fit(
+            Regressor(encoder_attr=True, seed=5), data(), ckpt_path=ckpt
+        )
+
+
+def test_resuming_needs_the_snapshot_file(tmp_path: Path) -> None:
+    ckpt = _checkpointed_fit(tmp_path, ScoreMergeCallback(dirpath=tmp_path / "a"), Regressor())
+    for path in (tmp_path / "a" / "pretrained").iterdir():
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="pre-trained snapshot .* does not exist"):
+        trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path / "a")], max_steps=8).fit(
+            Regressor(seed=5), data(), ckpt_path=ckpt
+        )  # (a module built from the same seed would write the very same snapshot again when fitting starts)
+
+
+# --- item 11: θ₀ kept once, on disk ------------------------------------------------------------------------
+
+
+def test_checkpoints_carry_only_the_path_and_fingerprint_of_theta0(tmp_path: Path) -> None:
+    def checkpoint_size(callbacks: list, folder: str) -> int:
+        saver = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=2)
+        trainer(tmp_path, [*callbacks, saver], max_steps=2, enable_checkpointing=True).fit(
+            Regressor(width=512), data()
+        )  # the head: ~4,600 weights of θ₀ worth ~18 KB if the checkpoint carried them
+        return (tmp_path / folder / "last.ckpt").stat().st_size
+
+    without = checkpoint_size([], "without")
+    with_callback = checkpoint_size([ScoreMergeCallback(dirpath=tmp_path / "tvs")], "with")
+    assert abs(with_callback - without) < 2_000, (with_callback, without)
+    state = torch.load(tmp_path / "with" / "last.ckpt", weights_only=True)["callbacks"]
+    record = state["ScoreMergeCallback{'module': None}"]
+    assert set(record) == {"module", "pretrained_path", "pretrained_fingerprint"}
+    assert Path(record["pretrained_path"]).parent == tmp_path / "tvs" / "pretrained"
+
+
+def test_experts_of_one_base_share_one_snapshot_written_once(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name=name)]).fit(Regressor(), data())
+        (snapshot,) = (tmp_path / "pretrained").iterdir()
+        if name == "a":
+            first_written = snapshot.stat().st_mtime_ns
+    assert snapshot.stat().st_mtime_ns == first_written  # the second fit found it and did not rewrite it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "pretrained"]
+    assert snapshot.name == _tv(tmp_path, "a").base_fingerprint.replace(":", "-") + ".safetensors"
+
+
+# --- item 4: precision -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "bf16-mixed", "64-true"])
+def test_theta0_in_the_weights_own_precision_whatever_the_training_precision(precision: str, tmp_path: Path) -> None:
+    first = Regressor()
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="fp32")]).fit(first, data())
+    model = Regressor(lr=0.5)
+    start = head_state(model)  # float32, as built
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="half", merge_with=[tmp_path / "fp32.safetensors"],
+                                  method="average")  # fmt: skip
+    trainer(tmp_path, [callback], precision=precision).fit(model, data())
+    tv, end = _tv(tmp_path, "half"), head_state(model)
+    assert tv.base_fingerprint == state_dict_fingerprint(start)  # the float32 base's: merges with fp32 experts
+    assert tv.metadata["precision"] == precision
+    for key in tv:
+        assert tv[key].dtype == torch.float32
+        # τ = θ_T − θ₀ with θ₀ in float32 (as built), θ_T in whatever precision it trained in (float64 reference)
+        torch.testing.assert_close(tv[key], (end[key].double() - start[key].double()).float(), rtol=0, atol=0)
+        trained_in = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "bf16-mixed": torch.float32,
+                      "64-true": torch.float64}[precision]  # fmt: skip
+        assert end[key].dtype == trained_in
+    assert callback.merged_path is not None and callback.merged_path.exists()
+
+
+def test_16_mixed_on_cpu_is_what_lightning_makes_it(tmp_path: Path) -> None:
+    """Lightning runs `16-mixed` on a CPU as `bf16-mixed` (with a warning): the task vector records that."""
+    model = Regressor()
+    start = head_state(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="amp")], precision="16-mixed")
+    assert any("Using `precision='bf16-mixed'` instead" in str(w.message) for w in caught)
+    fit.fit(model, data())
+    tv, end = _tv(tmp_path, "amp"), head_state(model)
+    assert tv.metadata["precision"] == "bf16-mixed" and tv.base_fingerprint == state_dict_fingerprint(start)
+    for key in tv:
+        torch.testing.assert_close(tv[key], end[key] - start[key], rtol=0, atol=0)
+
+
+# --- item 5: the merge runs before the strategy tears down -------------------------------------------------
+
+
+class RecordingStrategy(SingleDeviceStrategy):
+    """Lightning's single-device strategy, noting what exists when it tears down (moves the module to CPU)."""
+
+    def __init__(self, watch: Path) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self.watch = watch
+        self.seen_at_teardown: list[bool] = []
+
+    def teardown(self) -> None:
+        self.seen_at_teardown.append(self.watch.exists())
+        super().teardown()
+
+
+def test_task_vector_and_merge_are_written_while_the_module_is_on_its_device(tmp_path: Path) -> None:
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="a")]).fit(Regressor(), data())
+    strategy = RecordingStrategy(tmp_path / "merged-average.safetensors")
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="b", merge_with=[tmp_path / "a.safetensors"], method="average")
+    options = dict(default_root_dir=tmp_path, max_steps=6, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    pl.Trainer(strategy=strategy, callbacks=[callback], **options).fit(Regressor(), data())
+    assert strategy.seen_at_teardown == [True]
+    assert TaskVector.load(callback.merged_path).metadata["merge"]["device"] == "cpu"
+
+
+# --- items 9 and 10: compiled and lazy modules -------------------------------------------------------------
+
+
+def test_compiled_submodules_give_plain_keys_that_merge(tmp_path: Path) -> None:
+    plain = Regressor()
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="plain")]).fit(plain, data())
+    compiled = CompiledRegressor()
+    start = head_state(compiled)
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="compiled", merge_with=[tmp_path / "plain.safetensors"],
+                                  method="average")  # fmt: skip
+    fit = trainer(tmp_path, [callback])
+    fit.fit(compiled, data())
+    tv = _tv(tmp_path, "compiled")
+    assert sorted(tv) == sorted(_tv(tmp_path, "plain")) == ["head.0.bias", "head.0.weight", "head.2.bias",
+                                                            "head.2.weight"]  # fmt: skip
+    end = head_state(compiled)
+    for key in tv:
+        torch.testing.assert_close(tv[key], end[key] - start[key], rtol=0, atol=0)
+    fit.test(compiled, data(), verbose=False)  # the merged weights load into the compiled module and back
+    assert all(torch.equal(v, end[k]) for k, v in head_state(compiled).items())
+
+
+def test_lazy_modules_are_snapshotted_once_materialised(tmp_path: Path) -> None:
+    model = LazyRegressor()
+    materialised: dict[str, torch.Tensor] = {}
+
+    def keep_first(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not materialised:
+            materialised.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    model.head[0].register_forward_hook(keep_first)
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="lazy")]).fit(model, data())
+    tv = _tv(tmp_path, "lazy")
+    assert {"head.0.weight", "head.0.bias"} <= set(tv) and tv["head.0.weight"].shape == (6, 8)
+    for name in ("weight", "bias"):
+        after = getattr(model.head[0], name).detach()
+        torch.testing.assert_close(tv[f"head.0.{name}"], after - materialised[name], rtol=0, atol=0)
+        assert tv[f"head.0.{name}"].abs().sum() > 0
+
+
+# --- item 1 (one process): testing with merge_with needs a merge --------------------------------------------
+
+
+def test_testing_with_merge_with_before_any_fit_raises(tmp_path: Path) -> None:
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="a")]).fit(Regressor(), data())
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="b", merge_with=[tmp_path / "a.safetensors"])
+    with pytest.raises(ValueError, match="has no merge to test"):
+        trainer(tmp_path, [callback]).test(Regressor(), data(), verbose=False)
