@@ -11,63 +11,33 @@ the file and reads a key only when it is asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_score.utilities.files import atomic_write
+from lightning_score.utilities.tensor_files import (
+    FORMAT_KEY,
+    VERSION_KEY,
+    FileKind,
+    LazySafetensors,
+    read_header,
+    state_dict_fingerprint,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "TaskVector", "state_dict_fingerprint"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "KIND", "TaskVector", "state_dict_fingerprint"]
 
 FORMAT = "lightning-score/task-vector"
 FORMAT_VERSION = 1
 
-_FORMAT_KEY = "format"
-_VERSION_KEY = "format_version"
 _METADATA_KEY = "metadata"
-
-
-def state_dict_fingerprint(state_dict: Mapping[str, Tensor], keys: Iterable[str] | None = None) -> str:
-    """A content hash of (some of) a state dict's tensors: names, dtypes, shapes and every byte.
-
-    Two task vectors can only be merged or applied when they were made from the same pre-trained
-    weights; comparing fingerprints checks that without keeping the weights around.
-
-    Args:
-        state_dict: The tensors to hash.
-        keys: The keys to include; defaults to every floating-point entry.
-
-    Returns:
-        ``"blake2b:"`` followed by 32 hexadecimal digits.
-
-    Example:
-        >>> import torch
-        >>> a = {"w": torch.ones(2, 2)}
-        >>> state_dict_fingerprint(a) == state_dict_fingerprint({"w": torch.ones(2, 2)})
-        True
-        >>> state_dict_fingerprint(a) == state_dict_fingerprint({"w": torch.zeros(2, 2)})
-        False
-        >>> state_dict_fingerprint({"logit_scale": torch.tensor(4.6)})[:8]  # 0-d entries too
-        'blake2b:'
-    """
-    if keys is None:
-        keys = [k for k, v in state_dict.items() if torch.is_floating_point(v)]
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(keys):
-        tensor = state_dict[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # the bytes, without a copy
-    return "blake2b:" + digest.hexdigest()
 
 
 # Content fingerprints of task-vector files already hashed in this process, keyed by the file's identity.
@@ -79,84 +49,15 @@ def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
     return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _check_path_is_task_vector(path: Path) -> dict[str, str]:
-    """Open ``path`` as a safetensors file and return its header metadata, or raise a clear error."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Task vector file '{path}' does not exist. Write one with ScoreMergeCallback during fit, or "
-            "TaskVector.from_state_dicts(pretrained, finetuned).save(path)."
-        )
-    if path.is_dir():
-        raise ValueError(f"'{path}' is a folder, not a task vector file: pass the path of a .safetensors file.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
-            f"'{path}' is not a safetensors file ({error}). lightning-score reads task vectors only from "
-            "safetensors (never pickles); re-create it with TaskVector.save()."
-        ) from error
-    if header.get(_FORMAT_KEY) != FORMAT:
-        raise ValueError(
-            f"'{path}' is a safetensors file but not a lightning-score task vector (its metadata has no "
-            f"'{_FORMAT_KEY}': '{FORMAT}'). Build one with TaskVector.from_state_dicts(pretrained, finetuned) "
-            "and save it with TaskVector.save()."
-        )
-    version = int(header.get(_VERSION_KEY, "0"))
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"'{path}' was written in task-vector format version {version}, newer than this lightning-score "
-            f"reads ({FORMAT_VERSION}). Upgrade lightning-score to read it."
-        )
-    return header
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class _LazySafetensors(Mapping[str, Tensor]):
-    """A memory-mapped safetensors file that reads a tensor only when it is indexed."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._handle: Any = None
-        with safe_open(str(path), framework="pt") as handle:
-            self._keys = list(handle.keys())
-
-    def _open(self) -> Any:
-        if self._handle is None:
-            self._handle = safe_open(str(self._path), framework="pt")
-        return self._handle
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._open().get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype of one entry, read from the file header without loading the tensor."""
-        view = self._open().get_slice(key)
-        return tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()]
-
-    def __getstate__(self) -> dict[str, Any]:  # file handles do not pickle; reopen on the other side
-        return {"_path": self._path, "_keys": self._keys, "_handle": None}
+KIND = FileKind(
+    format=FORMAT,
+    version=FORMAT_VERSION,
+    what="task vector",
+    when_missing="Write one with ScoreMergeCallback during fit, or "
+    "TaskVector.from_state_dicts(pretrained, finetuned).save(path).",
+    make="Build one with TaskVector.from_state_dicts(pretrained, finetuned) and save it with TaskVector.save().",
+)
+"""What a task-vector file is, for :func:`~lightning_score.utilities.tensor_files.read_header`."""
 
 
 class TaskVector(Mapping[str, Tensor]):
@@ -214,7 +115,8 @@ class TaskVector(Mapping[str, Tensor]):
                 ``base_fingerprint`` defaults to the fingerprint of ``pretrained`` over the same keys.
 
         Returns:
-            The task vector, on CPU, in the fine-tuned weights' dtype.
+            The task vector, on CPU, in the pre-trained weights' dtypes (computed in float64: a ``bf16-true`` fit's
+            bfloat16 weights minus its float32 θ₀ keep θ₀'s precision).
         """
         if keys is None:
             keys = [k for k, v in pretrained.items() if torch.is_floating_point(v)]
@@ -244,7 +146,7 @@ class TaskVector(Mapping[str, Tensor]):
                         f"{tuple(after.shape)} after; both must come from one architecture."
                     )
                 delta = after.detach().to("cpu", torch.float64) - before.detach().to("cpu", torch.float64)
-                tensors[key] = delta.to(after.dtype).contiguous()
+                tensors[key] = delta.to(before.dtype).contiguous()
         metadata.setdefault("base_fingerprint", state_dict_fingerprint(pretrained, keys))
         return cls(tensors, metadata)
 
@@ -314,7 +216,7 @@ class TaskVector(Mapping[str, Tensor]):
 
     def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of entry ``key``; for a lazily loaded file, without reading the tensor."""
-        if isinstance(self._tensors, _LazySafetensors):
+        if isinstance(self._tensors, LazySafetensors):
             return self._tensors.tensor_spec(key)
         tensor = self._tensors[key]
         return tuple(tensor.shape), tensor.dtype
@@ -375,13 +277,19 @@ class TaskVector(Mapping[str, Tensor]):
 
     # --- use --------------------------------------------------------------------------------------
 
-    def apply_to(self, target: Mapping[str, Tensor] | nn.Module, alpha: float = 1.0) -> dict[str, Tensor] | nn.Module:
-        """θ = θ₀ + α·τ.
+    def apply_to(
+        self,
+        target: Mapping[str, Tensor] | nn.Module,
+        alpha: float = 1.0,
+        exempt: Collection[str] = (),
+    ) -> dict[str, Tensor] | nn.Module:
+        """θ = θ₀ + α·τ (in float64, stored in θ₀'s dtype).
 
         Args:
             target: A state dict (left untouched; a new dict is returned) or a module (updated in place
                 and returned). Keys of the target that the task vector lacks are kept as they are.
             alpha: The scaling coefficient.
+            exempt: Keys that α does not scale (they get θ₀ + τ), e.g. a merge's ``alpha_exempt_keys``.
 
         Returns:
             The new state dict, or the same module with updated weights.
@@ -398,17 +306,17 @@ class TaskVector(Mapping[str, Tensor]):
                     f"Key '{key}' has shape {tuple(self[key].shape)} in {self.describe()} and "
                     f"{tuple(state[key].shape)} in the target."
                 )
-        if isinstance(target, nn.Module):
-            with torch.no_grad():
-                for key in self:
-                    param = state[key]
-                    param.add_(self[key].to(device=param.device, dtype=param.dtype), alpha=alpha)
-            return target
-        out = dict(target)
-        for key in self:
-            base = target[key]
-            out[key] = (base.to(torch.float64) + alpha * self[key].to(base.device, torch.float64)).to(base.dtype)
-        return out
+        exempt = set(exempt)
+        out = {} if isinstance(target, nn.Module) else dict(target)
+        with torch.no_grad():
+            for key in self:
+                base, scale = state[key], 1.0 if key in exempt else alpha
+                value = base.detach().to(torch.float64) + scale * self[key].to(base.device, torch.float64)
+                if isinstance(target, nn.Module):
+                    base.copy_(value)  # in place: the parameter keeps its identity, dtype and device
+                else:
+                    out[key] = value.to(base.dtype)
+        return target if isinstance(target, nn.Module) else out
 
     # --- storage ----------------------------------------------------------------------------------
 
@@ -425,8 +333,8 @@ class TaskVector(Mapping[str, Tensor]):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.items()}
         header = {
-            _FORMAT_KEY: FORMAT,
-            _VERSION_KEY: str(FORMAT_VERSION),
+            FORMAT_KEY: FORMAT,
+            VERSION_KEY: str(FORMAT_VERSION),
             _METADATA_KEY: json.dumps(self._metadata, sort_keys=True),
         }
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
@@ -450,9 +358,9 @@ class TaskVector(Mapping[str, Tensor]):
             ValueError: The file is not a safetensors task vector written by lightning-score.
         """
         path = Path(path)
-        header = _check_path_is_task_vector(path)
+        header = read_header(path, KIND)
         metadata = json.loads(header.get(_METADATA_KEY, "{}"))
-        lazy_tensors = _LazySafetensors(path)
+        lazy_tensors = LazySafetensors(path)
         tensors: Mapping[str, Tensor] = lazy_tensors if lazy else {k: lazy_tensors[k] for k in lazy_tensors}
         tv = cls(tensors, metadata)
         tv._path = path

@@ -81,6 +81,30 @@ def test_apply_to_state_dict_and_module() -> None:
         tv.apply_to({"weight": torch.zeros(3, 2), "bias": torch.zeros(2)})
 
 
+def test_apply_to_exempt_keys_get_the_update_unscaled_and_every_key_is_computed_in_float64() -> None:
+    pre = {"w": torch.full((2, 2), 1.0), "b": torch.zeros(2), "h": torch.full((3,), 1.0, dtype=torch.bfloat16)}
+    tv = TaskVector({"w": torch.full((2, 2), 0.5), "b": torch.ones(2), "h": torch.full((3,), 2.0**-9)})
+    out = tv.apply_to(pre, alpha=0.5, exempt=["b"])
+    assert torch.equal(out["w"], torch.full((2, 2), 1.25)) and torch.equal(out["b"], torch.ones(2))
+    # 1 + 0.5·2⁻⁹ is between two bfloat16 values: computed in float64 and rounded once, as θ₀'s dtype says
+    expected = (torch.ones(3, dtype=torch.float64) + 0.5 * 2.0**-9).to(torch.bfloat16)
+    assert out["h"].dtype == torch.bfloat16 and torch.equal(out["h"], expected)
+    module = nn.Linear(2, 2)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    TaskVector({"weight": torch.ones(2, 2), "bias": torch.ones(2)}).apply_to(module, alpha=3.0, exempt=["bias"])
+    torch.testing.assert_close(module.weight.detach(), state["weight"] + 3.0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(module.bias.detach(), state["bias"] + 1.0, rtol=0, atol=1e-6)
+
+
+def test_from_state_dicts_keeps_the_pre_trained_dtype_when_training_changed_it() -> None:
+    """A bf16-true fit: the weights end in bfloat16, θ₀ was float32; τ keeps θ₀'s precision (float64 difference)."""
+    pre = {"w": torch.tensor([1.0, 2.0, 3.0]) / 3}
+    fine = {"w": (pre["w"] + 0.125).to(torch.bfloat16)}
+    tv = TaskVector.from_state_dicts(pre, fine)
+    assert tv["w"].dtype == torch.float32
+    assert torch.equal(tv["w"], (fine["w"].double() - pre["w"].double()).float())
+
+
 @pytest.mark.parametrize("lazy", [True, False])
 def test_save_load_round_trip(tmp_path: Path, lazy: bool) -> None:
     pre, fine = _pair()

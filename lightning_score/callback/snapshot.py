@@ -10,36 +10,38 @@ fingerprint. Experts fine-tuned from the same base share one file: its name is t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_score.task_vector import state_dict_fingerprint
 from lightning_score.utilities.files import atomic_write
+from lightning_score.utilities.tensor_files import (
+    FORMAT_KEY,
+    VERSION_KEY,
+    FileKind,
+    LazySafetensors,
+    read_header,
+    state_dict_fingerprint,
+)
 
-__all__ = ["SNAPSHOT_FORMAT", "read_snapshot", "snapshot_fingerprint", "write_snapshot"]
+__all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_KIND", "read_snapshot", "snapshot_fingerprint", "write_snapshot"]
 
 SNAPSHOT_FORMAT = "lightning-score/pretrained-snapshot"
 
+SNAPSHOT_KIND = FileKind(
+    format=SNAPSHOT_FORMAT,
+    version=1,
+    what="pre-trained snapshot",
+    when_missing="ScoreMergeCallback writes it beside the task vectors when fitting starts and a resumed fit reads it "
+    "back: restore the file (or the whole task-vector folder), or start the fit afresh without ckpt_path.",
+    make="It cannot serve as θ₀: start the fit afresh without ckpt_path, and ScoreMergeCallback writes a new one.",
+)
+
 
 def _header(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"The pre-trained snapshot '{path}' does not exist. ScoreMergeCallback writes it beside the task vectors "
-            "when fitting starts and a resumed fit reads it back: restore the file (or the whole task-vector folder), "
-            "or start the fit afresh without ckpt_path."
-        )
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"'{path}' is not a readable safetensors file ({error}); it cannot serve as θ₀.") from error
-    if header.get("format") != SNAPSHOT_FORMAT:
-        raise ValueError(f"'{path}' is not a pre-trained snapshot written by ScoreMergeCallback.")
-    return header
+    return read_header(path, SNAPSHOT_KIND)
 
 
 def snapshot_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -73,30 +75,9 @@ def write_snapshot(state: Mapping[str, Tensor], folder: str | os.PathLike[str]) 
             tensor = tensor.clone()  # safetensors refuses tensors that share memory (tied weights)
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
-    header = {"format": SNAPSHOT_FORMAT, "fingerprint": fingerprint}
+    header = {FORMAT_KEY: SNAPSHOT_FORMAT, VERSION_KEY: str(SNAPSHOT_KIND.version), "fingerprint": fingerprint}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return path, fingerprint
-
-
-class _LazyState(Mapping[str, Tensor]):
-    """A snapshot file as a mapping that reads a tensor only when it is indexed."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        with safe_open(str(path), framework="pt") as handle:
-            self._keys = list(handle.keys())
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        with safe_open(str(self._path), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def read_snapshot(
@@ -120,7 +101,7 @@ def read_snapshot(
             f"The pre-trained snapshot '{path}' holds other weights ({recorded[:20]}…) than expected "
             f"({fingerprint[:20]}…): it was replaced since the checkpoint was written."
         )
-    state = _LazyState(path)
+    state = LazySafetensors(path)
     if verify and state_dict_fingerprint(state, list(state)) != recorded:
         raise ValueError(
             f"The pre-trained snapshot '{path}' is damaged: its content no longer matches its fingerprint."
