@@ -115,26 +115,36 @@ def expected_fingerprint(pl_module: nn.Module, submodule: nn.Module) -> str | No
 
 
 def task_vector_metadata(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, name: str | None, domain: str | None, prefix: str
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    name: str | None,
+    domain: str | None,
+    prefix: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The provenance written with a task vector: expert, domain(s), base model, step, precision."""
+    """The provenance written with a task vector: expert, domain(s), base model, step, precision, and ``extra``.
+
+    Args:
+        trainer: The fit's Trainer (its datamodule's ``train_domains``, step and precision are recorded).
+        pl_module: The fitted module (its ``base_model`` label, when it has one, e.g. a CLIPExpert's).
+        name: The expert's name; default its domain, else the module's class name.
+        domain: Its domain; default the datamodule's single training domain.
+        prefix: The snapshotted submodule's state-dict prefix.
+        extra: More JSON-serialisable fields (``ScoreMergeCallback(metadata=...)``); they cannot replace these.
+    """
     datamodule = getattr(trainer, "datamodule", None)
     train_domains = list(getattr(datamodule, "train_domains", None) or [])
     domain = domain or (train_domains[0] if len(train_domains) == 1 else None)
-    meta: dict[str, Any] = {"name": name or domain or type(pl_module).__name__}
+    meta: dict[str, Any] = dict(extra or {})
+    meta["name"] = name or domain or type(pl_module).__name__
     meta["module"] = prefix or "<trainable parameters>"
     if domain:
         meta["domain"] = domain
     if train_domains:
         meta["train_domains"] = train_domains
-    for attribute in ("base_model", "expert_config"):  # recorded when the module provides them
-        value = getattr(pl_module, attribute, None)
-        try:
-            json.dumps(value)
-        except TypeError:
-            continue
-        if value is not None:
-            meta[attribute] = value
+    base_model = getattr(pl_module, "base_model", None)
+    if isinstance(base_model, str):
+        meta["base_model"] = base_model
     meta["global_step"] = int(trainer.global_step)
     meta["precision"] = str(trainer.precision)
     return meta

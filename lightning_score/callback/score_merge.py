@@ -22,6 +22,7 @@ When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
 
 from __future__ import annotations
 
+import json
 import operator
 import uuid
 from collections.abc import Sequence
@@ -52,6 +53,10 @@ from lightning_score.utilities.strategies import check_strategy
 
 __all__ = ["ScoreMergeCallback"]
 
+_RESERVED_METADATA = frozenset(
+    {"name", "module", "domain", "train_domains", "base_model", "base_fingerprint", "global_step", "precision"}
+)
+
 
 class ScoreMergeCallback(Callback):
     """Write the expert's task vector τ = θ_fine-tuned − θ_pre-trained when training ends.
@@ -76,6 +81,8 @@ class ScoreMergeCallback(Callback):
         method: Merge method for ``merge_with`` (see :func:`lightning_score.merging.list_methods`).
         alpha: Scaling coefficient α of the merged update.
         merge_options: Options of the merge method (e.g. ``{"variant": "diagonal"}``).
+        metadata: More provenance for the task vector's metadata (JSON-serialisable), e.g. the settings a
+            sweep compares when it decides whether a kept expert can be reused.
 
     Example::
 
@@ -94,6 +101,7 @@ class ScoreMergeCallback(Callback):
         method: str = "score",
         alpha: float = 1.0,
         merge_options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -105,6 +113,14 @@ class ScoreMergeCallback(Callback):
         self.method = method
         self.alpha = alpha
         self.merge_options = dict(merge_options or {})
+        self.metadata = dict(metadata or {})
+        reserved = sorted(set(self.metadata) & _RESERVED_METADATA)
+        if reserved:
+            raise ValueError(f"ScoreMergeCallback(metadata=...): {reserved} are recorded by the callback itself.")
+        try:
+            json.dumps(self.metadata)
+        except TypeError as error:
+            raise ValueError(f"ScoreMergeCallback(metadata=...) must be JSON-serialisable: {error}") from None
         if self.merge_with:
             get_method(method).resolve_options(self.merge_options)  # an unknown method/option fails now
         self._receipt = Receipt(uuid.uuid4().hex)  # travels with the callback to spawned workers
@@ -232,7 +248,7 @@ class ScoreMergeCallback(Callback):
                 "has lazy parameters), so there is no task vector to write."
             )
         _, _, state, _ = self._selected(pl_module)
-        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module)
+        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
         device = pl_module.device  # still the training device: the strategy has not torn down yet
         folder = self._folder(trainer)
         outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))

@@ -112,8 +112,9 @@ def fit_task_vector(
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps,
     )
-    module.expert_config = config  # recorded in the task vector's metadata by the callback
-    callback = ScoreMergeCallback(dirpath=path.parent, filename=path.name, name=name, domain=domain)
+    callback = ScoreMergeCallback(
+        dirpath=path.parent, filename=path.name, name=name, domain=domain, metadata={"expert_config": config}
+    )
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
