@@ -30,17 +30,51 @@ from lightning_score.models.templates import templates_naming_domains
 from lightning_score.models.zero_shot import ZeroShotHead
 from lightning_score.task_vector import state_dict_fingerprint
 
-__all__ = ["BalancedAccuracy", "CLIPClassifier"]
+__all__ = ["BalancedAccuracy", "CLIPClassifier", "balanced_accuracy", "per_class_counts"]
 
 log = logging.getLogger(__name__)
 
 _CHECKPOINT_KEY = "lightning_score"
 
 
-class BalancedAccuracy(Metric):
+def per_class_counts(preds: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Correct predictions and images per class: the state balanced accuracy is computed from.
+
+    Args:
+        preds: Logits ``[N, C]`` or labels ``[N]``.
+        target: Labels ``[N]``.
+        num_classes: Number of classes.
+
+    Returns:
+        ``(correct [C], total [C])``.
+    """
+    if preds.ndim == 2:
+        preds = preds.argmax(dim=-1)
+    total = torch.bincount(target, minlength=num_classes)
+    correct = torch.bincount(target[preds == target], minlength=num_classes)
+    return correct, total
+
+
+def balanced_accuracy(correct: Tensor, total: Tensor) -> Tensor:
     """Mean per-class recall over the classes present in the targets (scikit-learn's ``balanced_accuracy_score``).
 
     Classes that never occur in the targets are left out of the mean, even when they were predicted.
+
+    Args:
+        correct: Correct predictions per class (:func:`per_class_counts`).
+        total: Images per class.
+
+    Example:
+        >>> preds, target = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1])
+        >>> balanced_accuracy(*per_class_counts(preds, target, num_classes=3)).item()  # (1/1 + 1/3) / 2
+        0.6666666865348816
+    """
+    present = total > 0
+    return (correct[present].float() / total[present].float()).mean()
+
+
+class BalancedAccuracy(Metric):
+    """:func:`balanced_accuracy` as a torchmetrics Metric: per-class counts summed over batches (and processes).
 
     Args:
         num_classes: Number of classes.
@@ -59,15 +93,13 @@ class BalancedAccuracy(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``preds`` as logits ``[N, C]`` or labels ``[N]``; ``target`` labels ``[N]``."""
-        if preds.ndim == 2:
-            preds = preds.argmax(dim=-1)
-        self.total += torch.bincount(target, minlength=self.num_classes)
-        self.correct += torch.bincount(target[preds == target], minlength=self.num_classes)
+        correct, total = per_class_counts(preds, target, self.num_classes)
+        self.correct += correct
+        self.total += total
 
     def compute(self) -> Tensor:
         """The balanced accuracy in [0, 1]."""
-        present = self.total > 0
-        return (self.correct[present].float() / self.total[present].float()).mean()
+        return balanced_accuracy(self.correct, self.total)
 
 
 def _metrics(num_classes: int, sync: bool) -> MetricCollection:

@@ -15,6 +15,7 @@ the end of the searched range (the best α may then lie beyond it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,13 +79,31 @@ class AlphaSearchResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"method", "alphas", "val_acc", "selected"}``."""
+        """JSON-ready, for reports: ``{"method", "alphas", "val_acc", "selected"}``."""
         return {
             "method": self.method,
             "alphas": [a for a, _ in self.evaluated],
             "val_acc": [acc for _, acc in self.evaluated],
             "selected": self.selected,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything, as plain values (what a checkpoint keeps; :meth:`from_state_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> AlphaSearchResult:
+        """The result :meth:`state_dict` (or, from an older checkpoint, :meth:`to_dict`) describes.
+
+        Example:
+            >>> result = grid_search(lambda a: -abs(a - 0.4), [0.2, 0.4, 1.0])
+            >>> AlphaSearchResult.from_state_dict(result.state_dict()) == result
+            True
+        """
+        if "evaluated" not in state:  # an older checkpoint kept to_dict()
+            pairs = list(zip(state["alphas"], state["val_acc"], strict=True))
+            return cls(state["method"], pairs, state["selected"])
+        return cls(**{**state, "evaluated": [(float(a), float(acc)) for a, acc in state["evaluated"]]})
 
 
 def _best(evaluated: Sequence[tuple[float, float]]) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -14,9 +14,12 @@ from lightning_score.merge_module.statistics import statistic_options
 from lightning_score.merging import get_method
 from lightning_score.task_vector import TaskVector
 
-__all__ = ["MODES", "check_arguments", "check_base", "load_task_vectors"]
+__all__ = ["MODES", "Mode", "check_arguments", "check_base", "load_task_vectors"]
 
-MODES: tuple[str, ...] = ("merge", "zeroshot", "ensemble", "expert")
+Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
+"""What MergeModule builds: a merge, θ₀ as it is, the experts' logit ensemble, or one expert (θ₀ + α·τ)."""
+
+MODES: tuple[str, ...] = get_args(Mode)
 _COUNTS = {"merge": (1, None), "ensemble": (1, None), "expert": (1, 1), "zeroshot": (0, None)}
 
 

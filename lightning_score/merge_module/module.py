@@ -35,8 +35,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_score.classifier import CLIPClassifier
-from lightning_score.merge_module.alpha import golden_section_search, grid_search
-from lightning_score.merge_module.inputs import check_arguments, check_base, load_task_vectors
+from lightning_score.merge_module.alpha import AlphaSearchResult, golden_section_search, grid_search
+from lightning_score.merge_module.inputs import Mode, check_arguments, check_base, load_task_vectors
 from lightning_score.merge_module.passes import validation_accuracy
 from lightning_score.merge_module.sharding import merge_on_ranks
 from lightning_score.merge_module.statistics import STATISTICS, collect_statistics, statistic_options
@@ -50,7 +50,6 @@ __all__ = ["MergeModule", "describe_options"]
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
 DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
 _CHECKPOINT_KEY = "lightning_score_merge"
 _RESTORING = contextvars.ContextVar("lightning_score_merge_restoring", default=False)
@@ -78,7 +77,7 @@ class MergeModule(CLIPClassifier):
         mode: ``merge``, ``zeroshot``, ``ensemble`` (logit ensemble of the experts) or ``expert`` (one task
             vector applied).
         alpha: The scaling coefficient α, or ``"auto"`` to choose it by accuracy on the source domains'
-            validation data (the search is logged, and kept in the attribute :attr:`alpha_search`).
+            validation data (the search is logged, and kept as :attr:`alpha_search_result`).
         method_options: Options of the merge method, e.g. ``{"variant": "diagonal"}``.
         alpha_grid: Candidate values of ``alpha="auto"`` with ``alpha_search="grid"``.
         alpha_search: How ``alpha="auto"`` searches: ``"grid"`` (every value of ``alpha_grid``, the default)
@@ -122,7 +121,7 @@ class MergeModule(CLIPClassifier):
         self.mode = mode
         self.alpha = alpha
         self.alpha_grid = list(alpha_grid or DEFAULT_ALPHA_GRID)
-        self.alpha_search_method = alpha_search
+        self.alpha_search = alpha_search
         self.proxy_images = proxy_images
         self.merge_device = merge_device
         self.factors = factors
@@ -135,8 +134,8 @@ class MergeModule(CLIPClassifier):
         self.current_alpha: float | None = None  #: The α of the weights now in the image encoder.
         self.merge_seconds: float | None = None  #: Wall time of the merge (including a data method's statistics).
         self.merge_peak_bytes: int | None = None  #: Memory growth during the merge on the merge device.
-        #: What the α search evaluated and chose: ``{"method", "alphas", "val_acc", "selected"}``, else None.
-        self.alpha_search: dict[str, Any] | None = None
+        #: What the α search evaluated and chose (``alpha="auto"`` or :meth:`choose_alpha`), else None.
+        self.alpha_search_result: AlphaSearchResult | None = None
         self._merge_record: dict[str, Any] | None = None  # the merge's provenance, kept when τ* is not
         self._prepared = False
 
@@ -292,7 +291,7 @@ class MergeModule(CLIPClassifier):
         ``alpha_search="grid"`` evaluates every value of :attr:`alpha_grid`; ``"golden"`` runs a
         golden-section search on [0, 2] (see :mod:`lightning_score.merge_module.alpha`). Every evaluation runs in eval
         and inference mode under the Trainer's precision, each rank on its share of the validation data.
-        The search is kept in :attr:`alpha_search`.
+        The search is kept as :attr:`alpha_search_result`.
         """
         datamodule = self._datamodule()
         loaders = datamodule.val_dataloader() if datamodule is not None else []
@@ -309,11 +308,11 @@ class MergeModule(CLIPClassifier):
             self.use_alpha(alpha)
             return validation_accuracy(self.image_encoder, self.head, loaders, self._trainer, device)
 
-        if self.alpha_search_method == "golden":
+        if self.alpha_search == "golden":
             result = golden_section_search(accuracy)
         else:
             result = grid_search(accuracy, self.alpha_grid)
-        self.alpha_search = result.to_dict()
+        self.alpha_search_result = result
         self.use_alpha(result.selected)
         table = ", ".join(f"{a:.3g}: {acc:.3f}" for a, acc in result.evaluated)
         rank_zero_info(
@@ -373,7 +372,7 @@ class MergeModule(CLIPClassifier):
     def on_test_epoch_end(self) -> None:
         """Log the per-domain metrics, and α when it was searched."""
         super().on_test_epoch_end()
-        if self.alpha_search is not None and self.current_alpha is not None:
+        if self.alpha_search_result is not None and self.current_alpha is not None:
             self.log("alpha", self.current_alpha, sync_dist=False)
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -385,7 +384,7 @@ class MergeModule(CLIPClassifier):
             "prepared": self._prepared,
             "mode": self.mode,
             "current_alpha": self.current_alpha,
-            "alpha_search": self.alpha_search,
+            "alpha_search": self.alpha_search_result.state_dict() if self.alpha_search_result is not None else None,
             "merge": self._merge_record,
             "experts": len(self.experts),
         }
@@ -404,7 +403,8 @@ class MergeModule(CLIPClassifier):
             self.experts = nn.ModuleList(copy.deepcopy(self.image_encoder) for _ in range(record["experts"]))
         self.current_alpha = record.get("current_alpha")
         self._merge_record = record.get("merge")
-        self.alpha_search = record.get("alpha_search")
+        search = record.get("alpha_search")
+        self.alpha_search_result = AlphaSearchResult.from_state_dict(search) if search is not None else None
         self.merged = None  # the weights are the checkpoint's; a τ* computed here would not describe them
         self._prepared = True
 
@@ -430,8 +430,8 @@ class MergeModule(CLIPClassifier):
         record: dict[str, Any] = {"mode": self.mode, "base_model": self.base_model, "alpha": self.current_alpha}
         if self.mode == "expert":
             record["alpha"] = self._numeric_alpha()
-        if self.alpha_search is not None:
-            record["alpha_search"] = self.alpha_search
+        if self.alpha_search_result is not None:
+            record["alpha_search"] = self.alpha_search_result.to_dict()
         if self._merge_record is not None:
             record["merge"] = self._merge_record
         record["task_vectors"] = [str(p) for p in self.task_vector_paths]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_score.data.builtin import builtin_name
+from lightning_score.merge_module.inputs import MODES as MERGE_MODULE_MODES
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -33,7 +34,7 @@ __all__ = [
     "table_entries",
 ]
 
-MODES: tuple[str, ...] = ("merge", "zeroshot", "ensemble", "pooled", "expert")
+MODES: tuple[str, ...] = (*MERGE_MODULE_MODES, "pooled")
 """Row modes: a merge method, θ₀, the sources' logit ensemble, a pooled multi-source fine-tune, the target's expert."""
 
 SECTIONS: dict[str, str] = {

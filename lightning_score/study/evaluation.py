@@ -26,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from lightning_score.classifier import balanced_accuracy, per_class_counts
 from lightning_score.merge_module import MergeModule
 from lightning_score.merging import FactorCache, get_method
 from lightning_score.study.config import Entry, Row
@@ -53,9 +54,9 @@ class Prediction:
         return float(self.correct.mean())
 
     def balanced_accuracy(self) -> float:
-        """Mean per-class recall over the classes present in the labels."""
-        recalls = [float((self.preds[self.labels == c] == c).float().mean()) for c in torch.unique(self.labels)]
-        return float(np.mean(recalls))
+        """Mean per-class recall over the classes in the labels (:func:`.classifier.balanced_accuracy`)."""
+        classes = int(max(self.preds.max(), self.labels.max())) + 1 if len(self.labels) else 1
+        return float(balanced_accuracy(*per_class_counts(self.preds, self.labels, classes)))
 
     def labels_digest(self) -> str:
         """A hash of the labels in order: every row of a target must see the same images in the same order."""
@@ -105,7 +106,7 @@ def search_alpha(module: MergeModule) -> tuple[float, dict[str, Any] | None]:
         The chosen α and the search (``{"method", "alphas", "val_acc", "selected"}``).
     """
     alpha = float(module.choose_alpha())
-    return alpha, module.alpha_search
+    return alpha, module.alpha_search_result.to_dict() if module.alpha_search_result is not None else None
 
 
 def merge_module(
@@ -190,7 +191,8 @@ def evaluate_row(
     records = {}
     started = time.perf_counter()
     prediction = _predict(trainer, module, data, world)  # setup merges (and, for alpha: auto, searches α) once
-    own_search = module.alpha_search if entries[0].row.alpha == "auto" else None
+    searched = module.alpha_search_result
+    own_search = searched.to_dict() if searched is not None and entries[0].row.alpha == "auto" else None
     own_alpha = own_search["selected"] if own_search else entries[0].row.alpha
     for entry in entries:
         if not entry.tuned:

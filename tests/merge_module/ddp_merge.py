@@ -47,7 +47,7 @@ def main() -> None:
     module.merged.save(Path(out) / f"merged-rank{rank}.safetensors")
     record = {
         "images": counter.images,
-        "alpha_search": module.alpha_search,
+        "alpha_search": module.alpha_search_result.to_dict(),
         "val_images": len(data.val_dataloader().dataset),
     }
     torch.save(record, Path(out) / f"search-rank{rank}.pt")

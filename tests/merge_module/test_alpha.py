@@ -104,4 +104,4 @@ def test_merge_module_warns_when_alpha_is_chosen_at_the_grid_edge(quick_base, ex
     with pytest.warns(UserWarning, match=r"chose α = 0.05, at the upper end of its grid \(0.05\): the best α may be "):
         L.Trainer(**QUIET).test(module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]),
                                 verbose=False)  # fmt: skip
-    assert module.alpha_search["selected"] == 0.05
+    assert module.alpha_search_result.selected == 0.05

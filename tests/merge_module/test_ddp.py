@@ -44,7 +44,9 @@ def test_two_rank_sharded_merge_equals_the_single_process_merge(
     pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False).test(
         module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]), verbose=False
     )
-    assert searches[0]["alpha_search"]["val_acc"] == pytest.approx(module.alpha_search["val_acc"], abs=2 / total)
+    assert searches[0]["alpha_search"]["val_acc"] == pytest.approx(
+        module.alpha_search_result.to_dict()["val_acc"], abs=2 / total
+    )
 
 
 @pytest.mark.ddp

@@ -55,7 +55,7 @@ def test_golden_alpha_search_end_to_end(quick_base: Path, expert_task_vectors: d
     module = MergeModule(MODEL, str(quick_base), task_vectors=_tvs(expert_task_vectors), method="tsv", alpha="auto",
                          alpha_search="golden", templates="digits")  # fmt: skip
     results = L.Trainer(**QUIET).test(module, datamodule=digits(**SOURCES), verbose=False)[0]
-    search = module.alpha_search
+    search = module.alpha_search_result.to_dict()
     assert search["method"] == "golden" and 5 <= len(search["alphas"]) <= 17
     assert all(0.0 <= a <= 2.0 for a in search["alphas"])
     best = max(search["val_acc"])
@@ -180,7 +180,7 @@ def test_load_from_checkpoint_restores_the_merge_without_merging_again(
     for key, value in restored.image_encoder.state_dict().items():
         assert torch.equal(value, merged_weights[key]), key
     assert second == pytest.approx(first)
-    assert restored.alpha_search == module.alpha_search and restored.current_alpha == module.current_alpha
+    assert restored.alpha_search_result == module.alpha_search_result and restored.current_alpha == module.current_alpha
     for path in copies:
         path.unlink()  # the task-vector files are not needed to restore the merged weights
     again = MergeModule.load_from_checkpoint(tmp_path / "merge.ckpt")

@@ -95,7 +95,7 @@ def test_alpha_auto_picks_from_the_grid_on_source_validation(quick_base: Path, e
     module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="tsv", alpha="auto", alpha_grid=[0.0, 0.5, 1.0],
                          templates="digits")  # fmt: skip
     results = _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
-    search = module.alpha_search
+    search = module.alpha_search_result.to_dict()
     assert search["method"] == "grid" and search["alphas"] == [0.0, 0.5, 1.0] and len(search["val_acc"]) == 3
     assert search["selected"] == search["alphas"][max(range(3), key=lambda i: search["val_acc"][i])]
     assert results["alpha"] == search["selected"]
