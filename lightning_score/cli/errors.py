@@ -89,7 +89,7 @@ def one_line(message: str) -> str:
     return f"{where}{detail}"
 
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # lightning_score/
 
 
 def raised_while_running(error: BaseException) -> bool:
