@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from packaging.version import Version
+from typing_extensions import override
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
 from lightning_score.cli.console import EpochProgressBar, quiet_library_noise
@@ -68,12 +69,14 @@ class SaveRunConfig(SaveConfigCallback):
         self.saved_path: Path | None = None
         self.resolved_log_dir: str | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resolve the log folder on every rank (a collective), then save on rank zero."""
         if not self.already_saved:
             self.resolved_log_dir = trainer.log_dir
         super().setup(trainer, pl_module, stage)
 
+    @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Write the config (rank zero), to the first of config.yaml, config-1.yaml... that is free or the same."""
         folder = Path(self.resolved_log_dir or trainer.default_root_dir)
@@ -124,6 +127,7 @@ class LightningScoreCLI(LightningCLI):
             **kwargs,
         )
 
+    @override
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
     ) -> None:
@@ -144,10 +148,12 @@ class LightningScoreCLI(LightningCLI):
                 choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     @staticmethod
+    @override
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands plus ``merge``."""
         return {**LightningCLI.subcommands(), "merge": {"model", "datamodule"}}
 
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser; remembers the subcommand's default model (our own ``default_model`` parser kwarg)."""
         default_model = kwargs.pop("default_model", None)
@@ -155,6 +161,7 @@ class LightningScoreCLI(LightningCLI):
         parser.lightning_score_default_model = default_model
         return parser
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Default classes: the DomainDataModule as data, the subcommand's model (CLIPExpert / MergeModule).
 
@@ -178,6 +185,7 @@ class LightningScoreCLI(LightningCLI):
                 groups[key].title = title
                 groups[key].description = None
 
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's, with a progress bar that reads "Epoch 6", not "Epoch 6/-2", when no other is configured."""
         config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
@@ -191,7 +199,7 @@ class LightningScoreCLI(LightningCLI):
 
     def after_merge(self) -> None:
         """Write the resolved config next to the merged weights (rank zero)."""
-        path = getattr(self.trainer, "merged_path", None)
+        path = self.trainer.merged_path if isinstance(self.trainer, ScoreTrainer) else None
         saver = next((c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)), None)
         if path is None or saver is None or not self.trainer.is_global_zero:
             return

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar
+from typing_extensions import override
 
 __all__ = ["EpochProgressBar", "quiet_library_noise", "results_table"]
 
@@ -63,6 +64,7 @@ class EpochProgressBar(RichProgressBar):
 
         return bool(_RICH_AVAILABLE)
 
+    @override
     def _get_train_description(self, current_epoch: int) -> str:
         description = f"Epoch {current_epoch}"
         max_epochs = self.trainer.max_epochs

@@ -8,6 +8,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from lightning_score.cli.console import results_table
 from lightning_score.data import DomainDataModule
@@ -18,8 +19,17 @@ __all__ = ["ScoreTrainer"]
 
 
 class ScoreTrainer(Trainer):
-    """Lightning's Trainer, plus merge (for lightning-score merge) and a test table with one row per domain."""
+    """Lightning's Trainer, plus merge (for lightning-score merge) and a test table with one row per domain.
 
+    Arguments as Lightning's :class:`~lightning.pytorch.Trainer`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The merged weights the last :meth:`merge` wrote (``lightning-score merge`` writes its config beside them).
+        self.merged_path: Path | None = None
+
+    @override
     def test(
         self,
         model: LightningModule | None = None,
@@ -73,9 +83,13 @@ class ScoreTrainer(Trainer):
         target = Path(output) if output else Path(self.default_root_dir) / "merged" / f"{model.method}.safetensors"
         if target.suffix != ".safetensors":
             raise ValueError(f"--output must end in .safetensors, got '{target}'.")
+        limit = self.limit_test_batches
         if not test:
             self.limit_test_batches = 0  # runs setup (where the merge happens), no test batches
-        results = self.test(model, datamodule=datamodule, verbose=test)
+        try:
+            results = self.test(model, datamodule=datamodule, verbose=test)
+        finally:
+            self.limit_test_batches = limit  # the Trainer as it was: a later test runs every batch
         on_rank_zero(self.strategy, lambda: model.save_merged(target))  # a failed write stops every rank
         rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
         self.merged_path = target

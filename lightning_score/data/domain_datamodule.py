@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_score.data.builtin import builtin_name, get_builtin
 from lightning_score.data.images import IMAGE_EXTENSIONS, ImageListDataset, Sample, check_images
 from lightning_score.data.index import LAYOUTS, DatasetIndex
 from lightning_score.data.layouts import read_dataset
 from lightning_score.data.presets import DatasetPreset, detect_preset, get_preset
-from lightning_score.data.splits import carve_indices
+from lightning_score.data.splits import DomainSplit, split_domain
 
 __all__ = ["IMAGE_EXTENSIONS", "DomainDataModule", "DomainSplit", "ImageListDataset"]
 
@@ -43,18 +43,6 @@ log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "fit", "val", "test")
 _VERIFIED: set[tuple[Path, str]] = set()  # (root, domain) whose images were opened once in this process
-
-
-@dataclass(frozen=True)
-class DomainSplit:
-    """Positions in one domain's :meth:`DomainDataModule.domain_samples` (its train images, then its test images)."""
-
-    fit: list[int]
-    """Training images (the whole train split unless ``val_fraction > 0``)."""
-    val: list[int]
-    """Validation images: a carved part of train, or else the test images that are not train images."""
-    test: list[int]
-    """The test split."""
 
 
 class DomainDataModule(LightningDataModule):
@@ -263,16 +251,7 @@ class DomainDataModule(LightningDataModule):
         """The fit/val/test positions of one domain in :meth:`domain_samples` (see the module docstring)."""
         self._check_domain(domain)
         if domain not in self._splits:
-            part = self.index.domains[domain]
-            n_train = len(part.train)
-            test = list(range(n_train, n_train + len(part.test)))
-            if self.val_fraction > 0:
-                fit, val = carve_indices(n_train, self.val_fraction, self.split_seed)
-            else:
-                train_paths = {path for path, _ in part.train}
-                fit = list(range(n_train))
-                val = [i for i, (path, _) in zip(test, part.test, strict=True) if path not in train_paths]
-            self._splits[domain] = DomainSplit(fit=fit, val=val, test=test)
+            self._splits[domain] = split_domain(self.index.domains[domain], self.val_fraction, self.split_seed)
         return self._splits[domain]
 
     def samples(self, domain: str, split: str) -> list[Sample]:
@@ -287,10 +266,12 @@ class DomainDataModule(LightningDataModule):
 
     # --- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def prepare_data(self) -> None:
         """Materialise a built-in dataset (runs on one process per node)."""
         _ = self.root_path
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Read and check the dataset, open every image header once, and take transforms from the LightningModule."""
         index = self.index
@@ -339,6 +320,7 @@ class DomainDataModule(LightningDataModule):
             persistent_workers=persistent and self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """The training domains' fit parts, shuffled."""
         if not self.train_domains:
@@ -346,6 +328,7 @@ class DomainDataModule(LightningDataModule):
         dataset = ConcatDataset([self.dataset(d, "fit") for d in self.train_domains])
         return self._loader(dataset, self.batch_size, shuffle=True, persistent=True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """The training domains' validation parts, as one loader (an empty list when there are none)."""
         parts = [self.dataset(d, "val") for d in self.train_domains if self.split(d).val]
@@ -353,6 +336,7 @@ class DomainDataModule(LightningDataModule):
             return []
         return self._loader(ConcatDataset(parts), self.eval_batch_size, shuffle=False, persistent=True)
 
+    @override
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per test domain (its test split), in :attr:`test_domains` order."""
         if not self.test_domains:
@@ -362,6 +346,7 @@ class DomainDataModule(LightningDataModule):
             )
         return [self._loader(self.dataset(d, "test"), self.eval_batch_size, shuffle=False) for d in self.test_domains]
 
+    @override
     def predict_dataloader(self) -> list[DataLoader]:
         """The test loaders (predictions come out per test domain)."""
         return self.test_dataloader()

@@ -7,16 +7,33 @@
   ``random.Random(17).shuffle``; the first ``int(0.8·n)`` are train.
 - :func:`carve_indices`: beyond the paper, a validation part carved out of a train split (DomainBed's
   training-domain validation), only when asked for.
+
+:func:`split_domain` puts them together for one domain of a read dataset: its fit, validation and test positions.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import random_split
 
-__all__ = ["carve_indices", "random_split_indices", "shuffled_split_indices"]
+from lightning_score.data.index import DomainSamples
+
+__all__ = ["DomainSplit", "carve_indices", "random_split_indices", "shuffled_split_indices", "split_domain"]
+
+
+@dataclass(frozen=True)
+class DomainSplit:
+    """Positions in one domain's train images followed by its test images (``DomainDataModule.domain_samples``)."""
+
+    fit: list[int]
+    """Training images (the whole train split unless ``val_fraction > 0``)."""
+    val: list[int]
+    """Validation images: a carved part of train, or else the test images that are not train images."""
+    test: list[int]
+    """The test split."""
 
 
 def _train_size(n: int, test_fraction: float) -> int:
@@ -60,3 +77,27 @@ def carve_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     n_carved = int(n * fraction)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_carved:]), sorted(perm[:n_carved])
+
+
+def split_domain(part: DomainSamples, val_fraction: float, split_seed: int) -> DomainSplit:
+    """One domain's fit, validation and test positions (in its train images followed by its test images).
+
+    ``val_fraction = 0`` (the paper): experts fit on the whole train split and the validation data is the test
+    split minus any image that is also a train image; ``> 0``: that part of the train split is carved out
+    (:func:`carve_indices`) for validation and the rest is fitted on.
+
+    Example:
+        >>> from pathlib import Path
+        >>> part = DomainSamples(train=((Path("a"), 0), (Path("b"), 1)), test=((Path("b"), 1), (Path("c"), 0)))
+        >>> split_domain(part, 0.0, 17)
+        DomainSplit(fit=[0, 1], val=[3], test=[2, 3])
+    """
+    n_train = len(part.train)
+    test = list(range(n_train, n_train + len(part.test)))
+    if val_fraction > 0:
+        fit, val = carve_indices(n_train, val_fraction, split_seed)
+    else:
+        train_paths = {path for path, _ in part.train}
+        fit = list(range(n_train))
+        val = [i for i, (path, _) in zip(test, part.test, strict=True) if path not in train_paths]
+    return DomainSplit(fit=fit, val=val, test=test)

@@ -27,6 +27,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from typing_extensions import override
 
 from lightning_score.data.builtin import register_base
 from lightning_score.data.digits import DATA_VERSION, DIGIT_NAMES, load_pool, materialise_rotated_digits
@@ -122,6 +123,7 @@ class UprightContrastivePretraining(LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         images = _shift_and_scale(images)
@@ -139,10 +141,12 @@ class UprightContrastivePretraining(LightningModule):
         self.log("pretrain/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
 
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = self.trainer.max_steps
