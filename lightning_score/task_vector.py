@@ -55,6 +55,7 @@ KIND = FileKind(
     what="task vector",
     when_missing="Write one with ScoreMergeCallback during fit, or "
     "TaskVector.from_state_dicts(pretrained, finetuned).save(path).",
+    when_unreadable="re-create it with TaskVector.save().",
     make="Build one with TaskVector.from_state_dicts(pretrained, finetuned) and save it with TaskVector.save().",
 )
 """What a task-vector file is, for :func:`~lightning_score.utilities.tensor_files.read_header`."""

@@ -36,6 +36,7 @@ SNAPSHOT_KIND = FileKind(
     what="pre-trained snapshot",
     when_missing="ScoreMergeCallback writes it beside the task vectors when fitting starts and a resumed fit reads it "
     "back: restore the file (or the whole task-vector folder), or start the fit afresh without ckpt_path.",
+    when_unreadable="it cannot serve as θ₀: start the fit afresh without ckpt_path.",
     make="It cannot serve as θ₀: start the fit afresh without ckpt_path, and ScoreMergeCallback writes a new one.",
 )
 

@@ -49,6 +49,7 @@ class FileKind:
         version: The newest ``format_version`` this release reads (a file without one is version 0).
         what: What one is called in messages, e.g. ``"task vector"``.
         when_missing: What to do when the file does not exist (a sentence).
+        when_unreadable: What to do when it is not a safetensors file (the end of a sentence).
         make: How to make a file of this kind (a sentence).
     """
 
@@ -56,6 +57,7 @@ class FileKind:
     version: int
     what: str
     when_missing: str
+    when_unreadable: str
     make: str
 
 
@@ -68,7 +70,7 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
             format version than this release reads.
 
     Example:
-        >>> kind = FileKind("example/format", 1, "example file", "Make one first.", "Write one with save().")
+        >>> kind = FileKind("example/format", 1, "example file", "Make one first.", "re-create it.", "Use save().")
         >>> read_header("no-such-file.safetensors", kind)
         Traceback (most recent call last):
         ...
@@ -85,7 +87,7 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(
             f"'{path}' is not a safetensors file ({error}). lightning-score reads a {kind.what} only from "
-            f"safetensors (never pickles). {kind.make}"
+            f"safetensors (never pickles); {kind.when_unreadable}"
         ) from error
     if header.get(FORMAT_KEY) != kind.format:
         raise ValueError(
