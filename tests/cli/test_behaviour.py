@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-import lightning_score.cli as cli
+import lightning_score.cli.command as cli_command
+import lightning_score.cli.trainer as cli_trainer
 from lightning_score.cli import LightningScoreCLI, main
 from tests.experts import MODEL
 
@@ -94,9 +95,9 @@ def test_optimizer_and_lr_scheduler_options(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_no_private_lightning_cli_members() -> None:
-    """cli.py uses LightningCLI's public API only (the one jsonargparse attribute it reads is pinned by
-    test_top_level_help_lists_every_command)."""
-    source = inspect.getsource(cli)
+    """The CLI uses LightningCLI's and the Trainer's public API only (the one jsonargparse attribute it reads is
+    pinned by test_top_level_help_lists_every_command)."""
+    source = inspect.getsource(cli_command) + inspect.getsource(cli_trainer)
     private = set(re.findall(r"(?:self|super\(\)|LightningCLI|parser|self\.parser)\.(_[a-z]\w*)", source))
     assert private == set(), private
     assert "_subcommands_action" in source  # jsonargparse's, read with getattr and a fallback
