@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from lightning_score._version import __version__
-from lightning_score.merging.factor_cache import ExpertSet, FactorCache
+from lightning_score.merging.factor_cache import FactorCache
+from lightning_score.merging.key_factors import ExpertSet
 from lightning_score.merging.keys import is_matrix_key, resolve_device
 from lightning_score.merging.prefetch import prefetched
 from lightning_score.merging.registry import KeyStream, get_method
