@@ -15,6 +15,7 @@ expert's file for one device and dtype, read, locked and rewritten through one o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -47,8 +48,6 @@ def device_tag(device: torch.device) -> str:
 
 
 def _digest(*parts: str) -> str:
-    import hashlib
-
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=6).hexdigest()
 
 
