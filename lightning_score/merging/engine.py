@@ -100,7 +100,7 @@ def merge_task_vectors(
         (torch.Size([8, 6]), 1.0, 'score')
     """
     spec = get_method(method)
-    resolved_options = spec.resolve_options(options)
+    resolved_options = spec.resolve_options(options)  # once: build takes them as they are
     merger = spec.build(resolved_options)
     tvs = as_task_vectors(task_vectors)
     check_compatible(tvs)
@@ -150,10 +150,10 @@ def merge_task_vectors(
     experts: ExpertSet | None = None
     if factors is not None and factorized:
         ordered = [k for k in selected if k in factorized]
+        dtypes = {k: dtype_of(k) for k in ordered}
         experts = factors.prepare(
-            tvs, ordered, device=target, dtypes={k: dtype_of(k) for k in ordered}, shapes=shapes, load=load_one,
-            batched=batched, prefetch=overlap,
-        )  # fmt: skip
+            tvs, ordered, device=target, dtypes=dtypes, shapes=shapes, load=load_one, batched=batched, prefetch=overlap
+        )
     merged: dict[str, Tensor] = {}
     bar: Any = None
     if progress:
