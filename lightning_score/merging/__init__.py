@@ -7,7 +7,8 @@ importing this package registers every method.
 
 from lightning_score.merging import methods  # noqa: F401  (registers every method)
 from lightning_score.merging.engine import merge_task_vectors
-from lightning_score.merging.factor_cache import FactorCache, KeyFactors
+from lightning_score.merging.factor_cache import FactorCache
+from lightning_score.merging.key_factors import KeyFactors
 from lightning_score.merging.keys import is_matrix_key, resolve_device
 from lightning_score.merging.registry import (
     Factorizations,

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from lightning_score._version import __version__
-from lightning_score.merging.factor_cache import ExpertSet, FactorCache
+from lightning_score.merging.factor_cache import FactorCache
+from lightning_score.merging.key_factors import ExpertSet
 from lightning_score.merging.keys import is_matrix_key, resolve_device
 from lightning_score.merging.prefetch import prefetched
 from lightning_score.merging.registry import KeyStream, get_method
@@ -99,7 +100,7 @@ def merge_task_vectors(
         (torch.Size([8, 6]), 1.0, 'score')
     """
     spec = get_method(method)
-    resolved_options = spec.resolve_options(options)
+    resolved_options = spec.resolve_options(options)  # once: build takes them as they are
     merger = spec.build(resolved_options)
     tvs = as_task_vectors(task_vectors)
     check_compatible(tvs)
@@ -149,10 +150,10 @@ def merge_task_vectors(
     experts: ExpertSet | None = None
     if factors is not None and factorized:
         ordered = [k for k in selected if k in factorized]
+        dtypes = {k: dtype_of(k) for k in ordered}
         experts = factors.prepare(
-            tvs, ordered, device=target, dtypes={k: dtype_of(k) for k in ordered}, shapes=shapes, load=load_one,
-            batched=batched, prefetch=overlap,
-        )  # fmt: skip
+            tvs, ordered, device=target, dtypes=dtypes, shapes=shapes, load=load_one, batched=batched, prefetch=overlap
+        )
     merged: dict[str, Tensor] = {}
     bar: Any = None
     if progress:

@@ -24,47 +24,34 @@ Sizes, for a ViT-B/32 image tower (88 M parameters, 350 MB in float32): one expe
 task vector (``min_tasks=1``); with ``min_tasks=5`` (merges of 5 or more experts) ~0.26×. The derived results of
 one set of 5 experts take ~3× one task vector (basis ~1.3×, SCORE's projections ~1.7×); ``reuse_bases=False``
 keeps none of them. ``max_bytes`` bounds the total, dropping the least recently used first.
+
+The steps live in modules of their own: :mod:`~lightning_score.merging.factor_plan` (one merge's settings and
+its solver calls), :mod:`~lightning_score.merging.lru` (the memory), :class:`~lightning_score.merging.factor_files.
+FactorStore` (an expert's file) and :mod:`~lightning_score.merging.key_factors` (what a merge reads, per key).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from lightning_score.merging.factor_files import (
-    FactorFile,
-    Triplet,
-    factor_lock,
-    factor_path,
-    open_factor_file,
-    write_factor_file,
-)
+from lightning_score.merging.factor_files import FactorStore, Triplet, factor_path
+from lightning_score.merging.factor_plan import FactorPlan, Loader
+from lightning_score.merging.key_factors import ExpertSet
 from lightning_score.merging.keys import is_matrix_key, resolve_device
-from lightning_score.merging.prefetch import prefetched
-from lightning_score.merging.svd import canonicalize_signs, leading_triplets
+from lightning_score.merging.lru import LRUStore
 from lightning_score.task_vector import TaskVector
 
-__all__ = ["ExpertSet", "FactorCache", "KeyFactors"]
+__all__ = ["FactorCache"]
 
 log = logging.getLogger(__name__)
 
 Derived = TypeVar("Derived")
-Loader = Callable[[int, str, torch.dtype], Tensor]
-"""``load(task index, key, dtype)``: one task's slice of a key on the compute device."""
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(part) for part in value)
-    return 0
 
 
 def _device(device: torch.device) -> torch.device:
@@ -131,9 +118,8 @@ class FactorCache:
         self.max_bytes = max_bytes
         self.reuse_bases = reuse_bases
         self.lock_timeout = lock_timeout
-        self._store: OrderedDict[Hashable, Any] = OrderedDict()  # LRU: factors and derived results
-        self._bytes = 0
-        self._files: dict[tuple[str, str, str], FactorFile | None] = {}
+        self._memory = LRUStore(max_bytes)  # factors and derived results, least recently used dropped first
+        self._stores: dict[tuple[str, str, str], FactorStore] = {}  # (fingerprint, device, dtype): the file
         self._anonymous = False  # one merge's cache: experts are told apart by position, not fingerprint
         #: Counters: ``svd_computed``, ``svd_from_memory``, ``svd_from_file``, ``derived_computed``,
         #: ``derived_reused``, ``files_written``.
@@ -157,79 +143,76 @@ class FactorCache:
     @property
     def nbytes(self) -> int:
         """Bytes the cache holds now (factors and derived results)."""
-        return self._bytes
+        return self._memory.nbytes
 
     def clear(self) -> None:
         """Drop everything held in memory (files stay)."""
-        self._store.clear()
-        self._bytes = 0
+        self._memory.clear()
 
-    def _get(self, name: Hashable) -> Any:
-        value = self._store.get(name)
+    def derived(self, experts: Hashable, what: Hashable, compute: Callable[[], Derived]) -> Derived:
+        """``compute()``'s result for the set of experts named ``experts``, computed once while that set is kept.
+
+        Args:
+            experts: The set of experts (:attr:`ExpertSet.name`); :meth:`prepare` of another set drops its results.
+            what: What is computed, for which key and dtype, with every option it depends on.
+            compute: Computes it.
+        """
+        name = ("derived", experts, what)
+        value = self._memory.get(name)
         if value is not None:
-            self._store.move_to_end(name)
+            self.stats["derived_reused"] += 1
+            return value
+        value = compute()
+        self.stats["derived_computed"] += 1
+        self._memory.put(name, value)
         return value
-
-    def _put(self, name: Hashable, value: Any) -> None:
-        size = _nbytes(value)
-        if self.max_bytes is not None and size > self.max_bytes:
-            return
-        old = self._store.pop(name, None)
-        self._bytes -= _nbytes(old)
-        self._store[name] = value
-        self._bytes += size
-        while self.max_bytes is not None and self._bytes > self.max_bytes:
-            _, evicted = self._store.popitem(last=False)
-            self._bytes -= _nbytes(evicted)
-
-    def _drop_derived_except(self, keep: Hashable) -> None:
-        for name in [n for n in self._store if n[0] == "derived" and n[1] != keep]:
-            self._bytes -= _nbytes(self._store.pop(name))
 
     # --- factors of one expert --------------------------------------------------------------------
 
-    def _rank_to_keep(self, shape: tuple[int, ...], num_tasks: int) -> int:
+    def rank_to_keep(self, shape: tuple[int, ...], num_tasks: int) -> int:
+        """How many leading triplets of a ``[..., m, n]`` key to keep for a merge of ``num_tasks`` experts.
+
+        max(⌊r/T⌋, ⌊r/``min_tasks``⌋) of r = min(m, n): what this merge and every merge of at least
+        ``min_tasks`` experts read.
+        """
         r = min(shape[-2], shape[-1])
         return max(r // num_tasks, r // self.min_tasks)
 
-    def _file(self, tv: TaskVector, fingerprint: str, device: torch.device, dtype: torch.dtype) -> FactorFile | None:
+    def _store(self, tv: TaskVector, fingerprint: str, device: torch.device, dtype: torch.dtype) -> FactorStore:
+        """The expert's factor file for ``device`` and ``dtype``, opened once (a path only with ``save``)."""
         name = (fingerprint, str(device), str(dtype))
-        if name not in self._files:
-            path = self._path(tv, fingerprint, device, dtype)
-            self._files[name] = open_factor_file(path, fingerprint, device, dtype) if path is not None else None
-        return self._files[name]
+        if name not in self._stores:
+            path = (
+                factor_path(fingerprint, device, dtype, beside=tv.path, directory=self.directory) if self.save else None
+            )
+            self._stores[name] = FactorStore(path, fingerprint, device, dtype)
+        return self._stores[name]
 
-    def _path(self, tv: TaskVector, fingerprint: str, device: torch.device, dtype: torch.dtype) -> Path | None:
-        if not self.save:
-            return None
-        return factor_path(fingerprint, device, dtype, beside=tv.path, directory=self.directory)
-
-    def _available(self, fingerprint: str, key: str, device: torch.device, dtype: torch.dtype) -> int:
+    def _available(self, store: FactorStore, key: str) -> int:
         """How many leading triplets of a key are held, in memory or in the expert's file (none read)."""
-        held = self._store.get(("factors", fingerprint, key, str(device), str(dtype)))
-        file = self._files.get((fingerprint, str(device), str(dtype)))
-        return max(held[1].shape[-1] if held is not None else 0, file.rank(key) if file is not None else 0)
+        held = self._memory.peek(("factors", store.fingerprint, key, str(store.device), str(store.dtype)))
+        return max(held[1].shape[-1] if held is not None else 0, store.rank(key))
 
     def _lookup(
         self, fingerprint: str, key: str, device: torch.device, dtype: torch.dtype, rank: int
     ) -> Triplet | None:
         """Leading triplets of at least ``rank`` from memory, else from the expert's file, else None."""
         name = ("factors", fingerprint, key, str(device), str(dtype))
-        triplet = self._get(name)
+        triplet = self._memory.get(name)
         if triplet is not None and triplet[1].shape[-1] >= rank:
             self.stats["svd_from_memory"] += 1
             return triplet
-        file = self._files.get((fingerprint, str(device), str(dtype)))
-        if file is not None and file.rank(key) >= rank:
-            triplet = tuple(t.to(device) for t in file.read(key))  # type: ignore[assignment]
-            self._put(name, triplet)
+        store = self._stores.get((fingerprint, str(device), str(dtype)))
+        if store is not None and store.rank(key) >= rank:
+            triplet = tuple(t.to(device) for t in store.read(key))
+            self._memory.put(name, triplet)
             self.stats["svd_from_file"] += 1
             return triplet
         return None
 
     def _keep(self, fingerprint: str, key: str, device: torch.device, dtype: torch.dtype, triplet: Triplet) -> None:
         self.stats["svd_computed"] += 1
-        self._put(("factors", fingerprint, key, str(device), str(dtype)), triplet)
+        self._memory.put(("factors", fingerprint, key, str(device), str(dtype)), triplet)
 
     def triplets(self, fingerprint: str, key: str, matrix: Callable[[], Tensor], rank: int, keep: int) -> Triplet:
         """One expert's leading triplets of a key (at least ``rank``), computed from ``matrix()`` if not held.
@@ -276,22 +259,27 @@ class FactorCache:
         Returns:
             The handle the merge uses to read factors per key.
         """
-        num_tasks = num_tasks or len(task_vectors)
-        device = _device(device)
+        plan = FactorPlan(
+            device=_device(device),
+            dtypes=dtypes,
+            shapes=shapes,
+            num_tasks=num_tasks or len(task_vectors),
+            load=load,
+            batched=batched,
+            prefetch=prefetch,
+            batch_bytes=batch_bytes,
+        )
         if self._anonymous:
             fingerprints = tuple(f"task {index}" for index in range(len(task_vectors)))
         else:
             fingerprints = tuple(tv.content_fingerprint() for tv in task_vectors)
-        expert_set = ExpertSet(self, fingerprints, device)
+        expert_set = ExpertSet(self, fingerprints, plan.device)
         if self.reuse_bases:
-            self._drop_derived_except(expert_set.name)
+            self._memory.discard(lambda name: name[0] == "derived" and name[1] != expert_set.name)
         for index, (tv, fingerprint) in enumerate(zip(task_vectors, fingerprints, strict=True)):
             for dtype in dict.fromkeys(dtypes[key] for key in keys):
-                own = [key for key in keys if dtypes[key] == dtype]
-                self._prepare_expert(
-                    tv, index, fingerprint, own, device, dtype, shapes, num_tasks, load,
-                    batched, prefetch, batch_bytes,
-                )  # fmt: skip
+                store = self._store(tv, fingerprint, plan.device, dtype)
+                self._prepare_expert(plan, index, store, [key for key in keys if dtypes[key] == dtype])
         return expert_set
 
     def factorize(
@@ -312,7 +300,6 @@ class FactorCache:
         target = resolve_device(device)
         specs = {key: task_vector.tensor_spec(key) for key in task_vector}
         keys = [key for key, (shape, _) in specs.items() if is_matrix_key(key, tuple(shape))]
-        dtypes = {key: compute_dtype or torch.promote_types(specs[key][1], torch.float32) for key in keys}
 
         def load(index: int, key: str, dtype: torch.dtype) -> Tensor:
             matrix = task_vector[key].to(device=target, dtype=dtype)
@@ -322,170 +309,46 @@ class FactorCache:
 
         on_cuda = target.type == "cuda"
         self.prepare(
-            [task_vector], keys, device=target, dtypes=dtypes, shapes={k: tuple(specs[k][0]) for k in keys},
-            load=load, batched=on_cuda if batched is None else batched, prefetch=on_cuda, num_tasks=num_tasks,
-        )  # fmt: skip
+            [task_vector],
+            keys,
+            device=target,
+            dtypes={key: compute_dtype or torch.promote_types(specs[key][1], torch.float32) for key in keys},
+            shapes={key: tuple(specs[key][0]) for key in keys},
+            load=load,
+            batched=on_cuda if batched is None else batched,
+            prefetch=on_cuda,
+            num_tasks=num_tasks,
+        )
 
-    def _prepare_expert(
-        self,
-        tv: TaskVector,
-        index: int,
-        fingerprint: str,
-        keys: list[str],
-        device: torch.device,
-        dtype: torch.dtype,
-        shapes: dict[str, tuple[int, ...]],
-        num_tasks: int,
-        load: Loader,
-        batched: bool,
-        prefetch: bool,
-        batch_bytes: int,
-    ) -> None:
+    def _prepare_expert(self, plan: FactorPlan, index: int, store: FactorStore, keys: list[str]) -> None:
+        """Compute what the merge reads of expert ``index``'s ``keys`` and is not held; with a file, write it."""
+
         def missing() -> list[str]:
-            self._file(tv, fingerprint, device, dtype)
-            need = {key: min(shapes[key][-2:]) // num_tasks for key in keys}
-            return [key for key in keys if self._available(fingerprint, key, device, dtype) < need[key]]
+            return [key for key in keys if self._available(store, key) < plan.needed(key)]
 
         todo = missing()
-        path = self._path(tv, fingerprint, device, dtype)
-        if not todo or path is None:
-            self._compute(fingerprint, index, todo, device, dtype, shapes, num_tasks, load, batched, prefetch,
-                          batch_bytes)  # fmt: skip
-            return
-        with factor_lock(path, self.lock_timeout):
-            self._files.pop((fingerprint, str(device), str(dtype)), None)  # another process may have written it
-            todo = missing()
-            if not todo:
-                return
-            self._compute(fingerprint, index, todo, device, dtype, shapes, num_tasks, load, batched, prefetch,
-                          batch_bytes)  # fmt: skip
-            self._write(path, fingerprint, device, dtype, keys)
+        if todo and store.path is None:
+            self._compute(plan, index, store, todo)
+        elif todo:
+            with store.locked(self.lock_timeout):  # another process may have written it meanwhile
+                todo = missing()
+                if todo:
+                    self._compute(plan, index, store, todo)
+                    self._write(store, keys)
 
-    def _compute(
-        self,
-        fingerprint: str,
-        index: int,
-        keys: list[str],
-        device: torch.device,
-        dtype: torch.dtype,
-        shapes: dict[str, tuple[int, ...]],
-        num_tasks: int,
-        load: Loader,
-        batched: bool,
-        prefetch: bool,
-        batch_bytes: int,
-    ) -> None:
-        groups: dict[tuple[int, ...], list[str]] = {}
-        for key in keys:
-            groups.setdefault(tuple(shapes[key]), []).append(key)
-        chunks: list[list[str]] = []
-        for shape, members in groups.items():
-            per_chunk = 1
-            if batched:
-                per_chunk = max(1, batch_bytes // max(1, shape[-2] * shape[-1] * dtype.itemsize))
-            chunks += [members[i : i + per_chunk] for i in range(0, len(members), per_chunk)]
+    def _compute(self, plan: FactorPlan, index: int, store: FactorStore, keys: list[str]) -> None:
+        """Factorize expert ``index``'s ``keys`` and keep what later merges read."""
+        for key, triplet in plan.factorize(index, keys, store.dtype):
+            kept = _truncate(triplet, self.rank_to_keep(plan.shapes[key], plan.num_tasks))
+            self._keep(store.fingerprint, key, plan.device, store.dtype, kept)
 
-        def load_chunk(chunk: list[str]) -> Tensor:
-            matrices = [load(index, key, dtype) for key in chunk]
-            return matrices[0] if len(chunk) == 1 else torch.stack(matrices)
-
-        for chunk, matrices in prefetched(chunks, load_chunk, enabled=prefetch, device=device):
-            factors = torch.linalg.svd(matrices, full_matrices=False)  # a [B, m, n] batch: one solver call
-            for position, key in enumerate(chunk):
-                triplet = factors if len(chunk) == 1 else tuple(f[position] for f in factors)
-                kept = _truncate(triplet, self._rank_to_keep(shapes[key], num_tasks))  # type: ignore[arg-type]
-                self._keep(fingerprint, key, device, dtype, kept)
-            del factors, matrices
-
-    def _write(self, path: Path, fingerprint: str, device: torch.device, dtype: torch.dtype, keys: list[str]) -> None:
-        """Rewrite the expert's file with everything known for it: the old file's keys and the new ones."""
-        old = open_factor_file(path, fingerprint, device, dtype)
+    def _write(self, store: FactorStore, keys: list[str]) -> None:
+        """Rewrite the expert's file with everything known for it: the file's keys and ``keys``, held or on file."""
         entries: dict[str, Triplet] = {}
-        for key in dict.fromkeys([*(old.ranks if old else {}), *keys]):
-            held = self._get(("factors", fingerprint, key, str(device), str(dtype)))
-            on_file = old.rank(key) if old is not None else 0
-            if held is not None and held[1].shape[-1] >= on_file:
+        for key in dict.fromkeys([*store.ranks, *keys]):
+            held = self._memory.get(("factors", store.fingerprint, key, str(store.device), str(store.dtype)))
+            if held is not None:
                 entries[key] = held
-            elif old is not None and on_file:
-                entries[key] = old.read(key)
-        write_factor_file(path, fingerprint, device, dtype, entries)
+        count = store.write(entries)
         self.stats["files_written"] += 1
-        self._files[(fingerprint, str(device), str(dtype))] = open_factor_file(path, fingerprint, device, dtype)
-        log.debug("Wrote the factors of %d keys to '%s'.", len(entries), path)
-
-
-# --- what one merge reads, key by key -----------------------------------------------------------------
-
-
-class ExpertSet:
-    """The experts of one merge, in order, as a :class:`FactorCache` knows them (from :meth:`FactorCache.prepare`)."""
-
-    def __init__(self, cache: FactorCache, fingerprints: tuple[str, ...], device: torch.device) -> None:
-        self.cache = cache
-        self.fingerprints = fingerprints
-        self.device = device
-        self.name = (fingerprints, str(device))
-
-    def key(self, key: str, deltas: Tensor) -> KeyFactors:
-        """What the merge of ``key`` may reuse; ``deltas`` is the ``[T, m, n]`` tensor the engine loaded for it."""
-        return KeyFactors(self, key, deltas)
-
-
-class KeyFactors:
-    """What a method merging one key may reuse instead of computing: per-task SVDs and derived results.
-
-    Methods receive it as ``factors=`` from the engine (see :meth:`KeyMerger.factorized_keys`). Both calls
-    take the ``deltas`` the method is merging and fall back to computing from them when those are not the
-    exact tensor the engine loaded (a method that transformed them first), so a method can never read factors
-    of other inputs.
-    """
-
-    def __init__(self, experts: ExpertSet, key: str, deltas: Tensor) -> None:
-        self._experts = experts
-        self._key = key
-        self._deltas = deltas
-        self._version = deltas._version
-
-    def _owns(self, deltas: Tensor) -> bool:
-        return deltas is self._deltas and deltas._version == self._version
-
-    def leading(self, deltas: Tensor, k: int, sign_convention: str = "svd") -> Triplet:
-        """Each task's k leading singular triplets: ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]``.
-
-        Bit-identical to :func:`~lightning_score.merging.shared_basis.leading_triplets` of ``deltas``.
-        """
-        if not self._owns(deltas):
-            return leading_triplets(deltas, k, sign_convention)
-        cache, num_tasks = self._experts.cache, deltas.shape[0]
-        keep = cache._rank_to_keep(tuple(deltas.shape), num_tasks)
-        parts = [
-            cache.triplets(fingerprint, self._key, lambda t=t: deltas[t], k, keep)
-            for t, fingerprint in enumerate(self._experts.fingerprints)
-        ]
-        U = torch.stack([U_t[:, :k] for U_t, _, _ in parts])
-        S = torch.stack([S_t[:k] for _, S_t, _ in parts])
-        Vh = torch.stack([Vh_t[:k] for _, _, Vh_t in parts])
-        if sign_convention == "canonical":
-            U, Vh = canonicalize_signs(U, Vh)
-        return U, S, Vh
-
-    def reuse(self, deltas: Tensor, name: Hashable, compute: Callable[[], Derived]) -> Derived:
-        """``compute()``'s result for this key and these experts, computed once per set of experts.
-
-        Args:
-            deltas: The tensor being merged (the result is reused only for the engine's own).
-            name: What is computed, with every option it depends on, e.g. ``("shared_basis", "svd")``.
-            compute: Computes it from ``deltas`` (and :meth:`leading`).
-        """
-        cache = self._experts.cache
-        if not cache.reuse_bases or not self._owns(deltas):
-            return compute()
-        slot = ("derived", self._experts.name, self._key, str(deltas.dtype), name)
-        value = cache._get(slot)
-        if value is not None:
-            cache.stats["derived_reused"] += 1
-            return value
-        value = compute()
-        cache.stats["derived_computed"] += 1
-        cache._put(slot, value)
-        return value
+        log.debug("Wrote the factors of %d keys to '%s'.", count, store.path)

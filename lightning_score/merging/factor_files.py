@@ -8,12 +8,14 @@ by a process that would compute the same bits, and a re-trained expert (new cont
 
 Files are written atomically (a temporary file, then a rename), so a reader sees a complete file or none;
 :func:`factor_lock` (a :mod:`filelock` lock beside the file) lets a second process wait for the first instead
-of computing the same factors again.
+of computing the same factors again. :class:`FactorStore` is what a :class:`FactorCache` works with: one
+expert's file for one device and dtype, read, locked and rewritten through one object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from lightning_score.utilities.files import atomic_write
 
-__all__ = ["FORMAT", "FactorFile", "device_tag", "factor_lock", "factor_path", "write_factor_file"]
+__all__ = ["FORMAT", "FactorFile", "FactorStore", "device_tag", "factor_lock", "factor_path", "write_factor_file"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ def device_tag(device: torch.device) -> str:
 
 
 def _digest(*parts: str) -> str:
-    import hashlib
-
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=6).hexdigest()
 
 
@@ -165,3 +165,100 @@ def factor_lock(path: Path, timeout: float) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+class FactorStore:
+    """One expert's factor file for one device and dtype, as a merge uses it: what it holds, read, rewritten.
+
+    It opens the file itself (:func:`open_factor_file`: a foreign or damaged file counts as none) and opens it
+    again after :meth:`write` and inside :meth:`locked`, where another process may have just written it.
+
+    Args:
+        path: The file (see :func:`factor_path`); None: the expert has no file (nothing held, nothing written).
+        fingerprint: The task vector's content fingerprint.
+        device: The device the factors are computed on.
+        dtype: Their dtype.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> U, S, Vh = torch.linalg.svd(torch.randn(4, 3), full_matrices=False)
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> store = FactorStore(folder / "e.factors.safetensors", "blake2b:e", torch.device("cpu"), torch.float32)
+        >>> store.rank("w"), store.write({"w": (U[:, :2], S[:2], Vh[:2])}), store.rank("w")
+        (0, 1, 2)
+        >>> torch.equal(store.read("w")[1], S[:2])
+        True
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.device = device
+        self.dtype = dtype
+        self._file: FactorFile | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Open the file again (another process may have written it since)."""
+        self._file = (
+            None if self.path is None else open_factor_file(self.path, self.fingerprint, self.device, self.dtype)
+        )
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """How many leading triplets the file holds per key, in the file's order (empty without a file)."""
+        return dict(self._file.ranks) if self._file is not None else {}
+
+    def rank(self, key: str) -> int:
+        """How many leading triplets the file holds for ``key`` (0: none, or no file)."""
+        return self._file.rank(key) if self._file is not None else 0
+
+    def read(self, key: str) -> Triplet:
+        """The stored ``(U [m, q], S [q], Vh [q, n])`` of ``key``, on CPU.
+
+        Raises:
+            KeyError: The file holds nothing for ``key`` (check :meth:`rank` first).
+        """
+        if self._file is None or not self._file.rank(key):
+            raise KeyError(f"The factor file {self.path} holds no factors of key '{key}'.")
+        return self._file.read(key)
+
+    def write(self, entries: Mapping[str, Triplet]) -> int:
+        """Rewrite the file with ``entries`` and what it already holds, then open it again.
+
+        For each key the file holds or ``entries`` has, the file keeps the entry unless the file already holds
+        more triplets of that key (those it keeps). Write under :meth:`locked`.
+
+        Returns:
+            How many keys the file holds now.
+
+        Raises:
+            ValueError: The store has no path.
+        """
+        if self.path is None:
+            raise ValueError(f"The factors of {self.fingerprint} have no file to write (FactorStore(path=None)).")
+        merged: dict[str, Triplet] = {}
+        for key in dict.fromkeys([*self.ranks, *entries]):
+            held, on_file = entries.get(key), self.rank(key)
+            if held is not None and held[1].shape[-1] >= on_file:
+                merged[key] = held
+            elif on_file:
+                merged[key] = self.read(key)
+        write_factor_file(self.path, self.fingerprint, self.device, self.dtype, merged)
+        self.reload()
+        return len(merged)
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float) -> Iterator[None]:
+        """Hold the file's inter-process lock (:func:`factor_lock`), the file opened again once it is held.
+
+        Raises:
+            ValueError: The store has no path.
+            TimeoutError: See :func:`factor_lock`.
+        """
+        if self.path is None:
+            raise ValueError(f"The factors of {self.fingerprint} have no file to lock (FactorStore(path=None)).")
+        with factor_lock(self.path, timeout):
+            self.reload()
+            yield

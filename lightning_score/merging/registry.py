@@ -175,7 +175,16 @@ class MethodSpec:
     _factory: Callable[[dict[str, Any]], KeyMerger] | None = field(default=None, repr=False, compare=False)
 
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Fill defaults and reject unknown options or values outside an option's choices."""
+        """Fill defaults and reject unknown options, values of the wrong type or outside an option's choices.
+
+        Every entry point (``merge_task_vectors``, ``MergeModule``, a study's rows) calls this once and hands
+        the result on: :meth:`build` takes it as it is.
+
+        Example:
+            >>> from lightning_score.merging import get_method
+            >>> get_method("score").resolve_options({"z": 2.5})
+            {'variant': 'trimmed', 'z': 2.5, 'divide_by_tasks': True, 'sign_convention': 'svd'}
+        """
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             valid = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
@@ -192,9 +201,31 @@ class MethodSpec:
         return resolved
 
     def build(self, options: Mapping[str, Any]) -> KeyMerger:
-        """A fresh merger for one merge run, with validated options."""
-        assert self._factory is not None
-        return self._factory(self.resolve_options(options))
+        """A fresh merger for one merge run, from options :meth:`resolve_options` returned.
+
+        The options are not resolved again (defaults, types and choices were checked once, by the caller):
+        ``spec.build(spec.resolve_options(options))``. Only their names are compared with the method's, so that
+        unresolved options fail here, by name, instead of deep inside the method.
+
+        Raises:
+            ValueError: ``options`` does not name every option of the method, or names others.
+
+        Example:
+            >>> from lightning_score.merging import get_method
+            >>> spec = get_method("tsv")
+            >>> merger = spec.build(spec.resolve_options({}))
+            >>> merger.factorized_keys(["w"])
+            ['w']
+        """
+        if self._factory is None:
+            raise TypeError(f"MethodSpec '{self.name}' has no factory: make merge methods with register_method.")
+        missing, unknown = sorted(set(self.defaults) - set(options)), sorted(set(options) - set(self.defaults))
+        if missing or unknown:
+            raise ValueError(
+                f"MethodSpec.build of merge method '{self.name}' takes the options resolve_options returned "
+                f"(missing {missing}, unknown {unknown}): call spec.build(spec.resolve_options(options))."
+            )
+        return self._factory(dict(options))
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -231,6 +231,23 @@ def test_factors_of_other_inputs_are_never_used() -> None:
         assert torch.equal(got, expected)
 
 
+def test_a_derived_result_is_computed_once_per_set_of_experts_and_counted() -> None:
+    cache = FactorCache()
+    computed: list[str] = []
+
+    def compute(label: str) -> torch.Tensor:
+        computed.append(label)
+        return torch.ones(4)
+
+    first = cache.derived("experts A", ("w", "basis"), lambda: compute("A"))
+    assert cache.derived("experts A", ("w", "basis"), lambda: compute("A again")) is first
+    cache.derived("experts B", ("w", "basis"), lambda: compute("B"))
+    assert computed == ["A", "B"] and cache.stats["derived_computed"] == 2 and cache.stats["derived_reused"] == 1
+    assert cache.nbytes == 2 * 16
+    cache.clear()
+    assert cache.nbytes == 0
+
+
 # --- files -------------------------------------------------------------------------------------------
 
 
