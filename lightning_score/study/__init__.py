@@ -13,18 +13,18 @@ per-image predictions, at α = 1 and α tuned on source validation data, :mod:`.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
-from lightning_score.study.config import DEFAULT_ROWS, Entry, ExpertSettings, Row, resolve_seeds
+from lightning_score.study.config import DEFAULT_ROWS, Entry, ExpertSettings, Row, StudyConfig
+from lightning_score.study.dataset import resolve_seeds
 from lightning_score.study.report import write_report
 from lightning_score.study.runner import Study
 from lightning_score.utilities.files import atomic_write_text
 
-__all__ = ["DEFAULT_ROWS", "Entry", "ExpertSettings", "Row", "Study", "run_study", "write_report"]
+__all__ = ["DEFAULT_ROWS", "Entry", "ExpertSettings", "Row", "Study", "StudyConfig", "run_study", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -120,39 +120,52 @@ def run_study(
     Returns:
         One record per table line, target and seed (method, seed, target, acc, balanced_acc, alpha, ...).
     """
-    seeds = resolve_seeds(root, seeds, seed)
-    settings = dict(locals())  # the arguments, as resolved
-    settings.pop("seed")
-    settings["rows"] = list(rows) if rows is not None else list(DEFAULT_ROWS)
-    study = Study(**settings)  # with several devices, Lightning's launcher starts the other ranks here
-    folder = Path(output_dir)
-    resolved = {**settings, "model_name": study.model_name, "pretrained": study.pretrained,
-                "domains": study.domains, "targets": study.targets, "expert": asdict(study.expert),
-                "templates": study.templates, "dataset": study.dataset,
-                "rows": [asdict(row) for row in study.rows]}  # fmt: skip
-    for key in ("restart", "stage", "stage_domains"):  # how this job runs, not what the study is
-        resolved.pop(key)
+    config = StudyConfig(
+        output_dir=output_dir,
+        model_name=model_name,
+        pretrained=pretrained,
+        templates=templates,
+        root=root,
+        dataset=dataset,
+        domains=domains,
+        targets=targets,
+        expert=expert,
+        rows=DEFAULT_ROWS if rows is None else rows,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        eval_batch_size=eval_batch_size,
+        num_workers=num_workers,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+        proxy_images=proxy_images,
+        seeds=resolve_seeds(root, seeds, seed),
+        alpha_tuning=alpha_tuning,
+        alpha_search=alpha_search,
+        alpha_images=alpha_images,
+        bootstrap=bootstrap,
+        restart=restart,
+        stage=stage,
+        stage_domains=stage_domains,
+    )
+    study = Study(config)  # with several devices, Lightning's launcher starts the other ranks here
+    resolved = study.config.record()  # what the study is (not how this job runs), as resolved
+    folder = study.folder.root
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     study.world.on_zero(lambda: atomic_write_text(folder / "study.yaml", text))
     records = study.run()
     if stage == "experts":
         return records
-    experts = {domain: study.task_vector_path(domain) for domain in study.domains}
-    device = "cuda" if accelerator in ("auto", "gpu", "cuda") and _cuda() else "cpu"
+    experts = {domain: study.folder.task_vector_path(domain) for domain in study.config.domains}
+    device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
 
     def report() -> None:
         written, _ = write_report(
-            records, study.entries, study.targets, study.seeds, folder, resamples=bootstrap, settings=resolved,
-            experts=experts, device=device,
+            records, study.entries, study.config.targets, study.config.seeds, folder, resamples=bootstrap,
+            settings=resolved, experts=experts, device=device,
         )  # fmt: skip
         study.console.print((folder / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
         study.console.print("Wrote " + ", ".join(str(p) for p in written.values()), highlight=False, soft_wrap=True)
 
     study.world.on_zero(report)  # rank zero writes it; the other ranks wait, and raise its error if it fails
     return records
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -1,14 +1,17 @@
 """Check a whole study configuration before any work starts.
 
-Rows (mode, method, options, α), fine-tuning settings, seeds, the α search, the model name, the weights,
-the template set, the data root, its domains and targets, the precision and the accelerator: each bad
-value ends the study within seconds, with one message that names the setting and the fix, never after the
-experts have been fine-tuned.
+Rows (mode, method, options, α: :func:`~lightning_score.study.config.check_rows`, run first by
+:func:`~lightning_score.study.dataset.resolve_dataset`, before the data is read), fine-tuning settings, seeds,
+the device count against the global batch, the α search, the model name, the weights, the template set, the data
+root, its domains and targets, the precision and the accelerator: each bad value ends the study within seconds,
+with one message that names the setting and the fix, never after the experts have been fine-tuned. The later
+steps trust these checks (the fits do not check the batch against the device count again).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,42 +21,42 @@ import lightning_score.models  # noqa: F401  (registers the tiny open_clip confi
 from lightning_score.data import DomainDataModule
 from lightning_score.data.builtin import builtin_name, get_builtin
 from lightning_score.merge_module.alpha import ALPHA_SEARCHES
-from lightning_score.merging import get_method
 from lightning_score.models import load_templates
 from lightning_score.models.factory import check_model_name
-from lightning_score.study.config import check_rows
+from lightning_score.study.config import Entry, StudyConfig
 
 __all__ = ["check_study"]
 
 
-def _check_numbers(study: Any) -> None:
-    if not study.seeds or len(set(study.seeds)) != len(study.seeds):
-        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {study.seeds}.")
-    if any(not isinstance(seed, int) or isinstance(seed, bool) for seed in study.seeds):
-        raise ValueError(f"seeds must be integers, got {study.seeds}.")
+def _check_numbers(config: StudyConfig) -> None:
+    seeds = list(config.seeds or [])
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds}.")
+    if any(not isinstance(seed, int) or isinstance(seed, bool) for seed in seeds):
+        raise ValueError(f"seeds must be integers, got {seeds}.")
     for name in ("devices", "num_nodes"):
-        value = getattr(study, name)
+        value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer (devices per node, nodes), got {value!r}.")
-    world_size = study.devices * study.num_nodes
-    if study.expert.batch_size % world_size:
+    world_size, batch_size = config.world_size, config.expert.batch_size
+    if batch_size % world_size:
         raise ValueError(
-            f"expert.batch_size={study.expert.batch_size} is the global batch of every DDP fit and must be divisible "
+            f"expert.batch_size={batch_size} is the global batch of every DDP fit and must be divisible "
             f"by devices × num_nodes = {world_size} (each process loads batch_size / {world_size} images per step)."
         )
     for name in ("eval_batch_size", "proxy_images", "bootstrap"):
-        if getattr(study, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(study, name)}.")
-    if study.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {study.num_workers}.")
-    if not 0.0 <= study.val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {study.val_fraction}.")
-    if study.alpha_images is not None and study.alpha_images < 1:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}.")
+    if config.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {config.num_workers}.")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}.")
+    if config.alpha_images is not None and config.alpha_images < 1:
         raise ValueError(
-            f"alpha_images must be at least 1 (or null: every validation image), got {study.alpha_images}."
+            f"alpha_images must be at least 1 (or null: every validation image), got {config.alpha_images}."
         )
-    if study.alpha_search not in ALPHA_SEARCHES:
-        raise ValueError(f"alpha_search={study.alpha_search!r}: choose one of {list(ALPHA_SEARCHES)}.")
+    if config.alpha_search not in ALPHA_SEARCHES:
+        raise ValueError(f"alpha_search={config.alpha_search!r}: choose one of {list(ALPHA_SEARCHES)}.")
 
 
 def _check_model(model_name: str, pretrained: str | None, templates: str) -> None:
@@ -73,24 +76,29 @@ def _check_model(model_name: str, pretrained: str | None, templates: str) -> Non
         load_templates(templates)  # an unknown set: one error listing the shipped ones
 
 
-def _check_rows_against_data(study: Any, data: DomainDataModule, domains: list[str]) -> None:
+def _check_rows_against_data(
+    config: StudyConfig, entries: Sequence[Entry], data: DomainDataModule, domains: list[str]
+) -> None:
     """The α search and ESM read the sources' validation data: make sure every domain has some."""
-    needs_validation = study.alpha_tuning or any(
-        row.alpha == "auto" or (row.mode == "merge" and get_method(row.method).needs_data) for row in study.rows
-    )
+    needs_validation = config.alpha_tuning or any(e.row.alpha == "auto" or e.needs_data for e in entries)
     if not needs_validation:
         return
     empty = [d for d in domains if not data.split(d).val]
     if empty:
         raise ValueError(
-            f"Domains {empty} of '{study.root}' have no validation images, which the α search and ESM read from the "
+            f"Domains {empty} of '{config.root}' have no validation images, which the α search and ESM read from the "
             "source domains. Set val_fraction > 0 (carve them from the train splits), or alpha_tuning: false and no "
             "ESM or alpha: auto rows."
         )
 
 
-def check_study(study: Any) -> tuple[list[str], list[str], list[str], str | None]:
-    """Validate a :class:`~lightning_score.study.runner.Study`'s settings, cheapest first.
+def check_study(config: StudyConfig, entries: Sequence[Entry]) -> tuple[list[str], list[str], list[str], str | None]:
+    """Validate a study's configuration, cheapest first (its rows are checked already: ``entries``).
+
+    Args:
+        config: The configuration, with the dataset's preset applied (``expert`` and ``rows`` resolved,
+            :func:`~lightning_score.study.dataset.resolve_dataset`); ``domains`` and ``targets`` as given.
+        entries: The table's lines of its rows (:func:`~lightning_score.study.config.check_rows`).
 
     Returns:
         The domains, the targets, the class names and the dataset's own template set.
@@ -98,19 +106,19 @@ def check_study(study: Any) -> tuple[list[str], list[str], list[str], str | None
     Raises:
         ValueError: The first bad setting, named, with the fix (``FileNotFoundError`` for a missing data root).
     """
-    check_rows(study.rows, study.alpha_tuning)
-    study.expert.check()
-    _check_numbers(study)
-    _check_model(study.model_name, study.pretrained, study.templates)
+    config.expert.check()
+    _check_numbers(config)
+    _check_model(config.model_name, config.pretrained, config.templates)
     data = DomainDataModule(
-        study.root, num_workers=0, val_fraction=study.val_fraction, split_seed=study.split_seed, preset=study.dataset
-    )
+        config.root, num_workers=0, val_fraction=config.val_fraction, split_seed=config.split_seed,
+        preset=config.dataset,
+    )  # fmt: skip
     available = data.domains
-    domains = _pick(study.domains_arg, "domains", available)
+    domains = _pick(config.domains, "domains", available)
     if len(domains) < 2:
         raise ValueError(f"A leave-one-domain-out study needs at least 2 domains; got {domains}.")
-    targets = _pick(study.targets_arg, "targets", domains)
-    _check_rows_against_data(study, data, domains)
+    targets = _pick(config.targets, "targets", domains)
+    _check_rows_against_data(config, entries, data, domains)
     return domains, targets, data.classnames, data.default_templates
 
 

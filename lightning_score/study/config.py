@@ -4,32 +4,39 @@ A study is the leave-one-domain-out protocol of the SCORE paper: one expert per 
 every target domain the other domains' experts merged by every method, next to the reference rows
 (zero-shot, the logit ensemble, one model fine-tuned on the pooled source domains, the target's own expert).
 
-Every setting is checked here, before any work starts (:func:`check_rows`, :meth:`ExpertSettings.check`):
-a misspelled mode or method fails in seconds with one message, not after hours of fine-tuning.
+:class:`StudyConfig` holds every setting of ``lightning-score study`` (the arguments of
+:func:`~lightning_score.study.run_study`); the study resolves its ``auto`` values once and passes the resolved
+config whole to every step. The rows are checked here, before any work starts (:func:`check_rows`,
+:meth:`ExpertSettings.check`): a misspelled mode or method fails in seconds with one message, not after hours of
+fine-tuning. :func:`check_rows` looks each row's merge method up once and hands the table's lines
+(:class:`Entry`) on with it: whether the method reads data, whether it takes a seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_score.data.builtin import builtin_name
 from lightning_score.merge_module.inputs import MODES as MERGE_MODULE_MODES
+from lightning_score.merge_module.statistics import statistic_options
+from lightning_score.merging import MethodSpec, get_method
 
 __all__ = [
     "DEFAULT_ROWS",
+    "JOB_SETTINGS",
     "MODES",
     "SECTIONS",
     "Entry",
     "ExpertSettings",
     "Row",
+    "StudyConfig",
     "check_rows",
     "config_digest",
-    "resolve_seeds",
     "slug",
     "table_entries",
 ]
@@ -145,6 +152,98 @@ DEFAULT_ROWS: tuple[Row, ...] = (
 )
 """The paper's table: SCORE, its three ablations, the baselines, and the reference rows."""
 
+JOB_SETTINGS: tuple[str, ...] = ("restart", "stage", "stage_domains")
+"""The settings that say how one job of the study runs, not what the study is (``study.yaml`` leaves them out)."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Every setting of one study: the arguments of :func:`~lightning_score.study.run_study` (see there).
+
+    The study (:class:`~lightning_score.study.runner.Study`) resolves the ``auto`` and unset values once (the
+    dataset's preset, the model, the domains, the seeds) and hands the resolved config whole to every step.
+    Sequences are kept as tuples.
+
+    Attributes:
+        output_dir: The study folder.
+        model_name: open_clip architecture, or ``auto``.
+        pretrained: Its weights (a tag, a file, ``builtin:digits``, ``None``: random), or ``auto``.
+        templates: The zero-shot head's template set, or ``auto``.
+        root: The data, or ``builtin:digits``.
+        dataset: The dataset preset, ``auto`` or ``none``.
+        domains: The study's domains (``None``: every domain of ``root``).
+        targets: The held-out targets (``None``: every domain).
+        expert: How experts and pooled models are fine-tuned (``None``: the dataset's default).
+        rows: The table's rows.
+        accelerator: Lightning accelerator.
+        devices: Devices per node.
+        num_nodes: Nodes.
+        eval_batch_size: Batch size of the evaluations.
+        num_workers: Data-loading worker processes.
+        split_seed: Seed of the seeded splits.
+        val_fraction: Part of each train split held out for validation (0: the sources' test splits validate).
+        proxy_images: Unlabelled images per source domain for the merges that use data.
+        seeds: The seeds (``None``: three on the built-in benchmark, one on real data).
+        alpha_tuning: Also report every fixed-α merge at α chosen on the sources' validation data.
+        alpha_search: ``grid`` or ``golden``.
+        alpha_images: Validation images per source domain for the α search (``None``: all).
+        bootstrap: Bootstrap resamples for the intervals.
+        restart: Redo kept fits and results whose settings differ.
+        stage: ``all``, ``experts`` or ``evaluate``.
+        stage_domains: The domains whose experts ``stage: experts`` fits.
+    """
+
+    output_dir: str = "runs/digits-study"
+    model_name: str = "auto"
+    pretrained: str | None = "auto"
+    templates: str = "auto"
+    root: str = "builtin:digits"
+    dataset: str = "auto"
+    domains: Sequence[str] | None = None
+    targets: Sequence[str] | None = None
+    expert: ExpertSettings | None = None
+    rows: Sequence[Row] = DEFAULT_ROWS
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    split_seed: int = 17
+    val_fraction: float = 0.0
+    proxy_images: int = 32
+    seeds: Sequence[int] | None = None
+    alpha_tuning: bool = True
+    alpha_search: str = "grid"
+    alpha_images: int | None = 100
+    bootstrap: int = 1000
+    restart: bool = False
+    stage: str = "all"
+    stage_domains: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        for name in ("domains", "targets", "rows", "seeds", "stage_domains"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def world_size(self) -> int:
+        """Processes of every fit, merge and evaluation: ``devices × num_nodes``."""
+        return self.devices * self.num_nodes
+
+    def record(self) -> dict[str, Any]:
+        """What the study is, as plain values (lists and dicts): every setting but :data:`JOB_SETTINGS`.
+
+        ``study.yaml`` and results.json record it (the resolved config's).
+        """
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in asdict(self).items()
+            if name not in JOB_SETTINGS
+        }
+
+
 TUNED_SUFFIX = " (α tuned)"
 
 
@@ -152,13 +251,25 @@ TUNED_SUFFIX = " (α tuned)"
 class Entry:
     """One line of the results table: a row, at its own α or at α chosen on the source validation data.
 
+    Made by :func:`check_rows` (or :func:`table_entries`), which look the row's merge method up once.
+
     Attributes:
         row: The configured row.
         tuned: Whether this line is the row's α-tuned companion (same merge, α from the search).
+        method: The registration of the row's merge method (``mode: merge``); ``None`` for a reference row.
     """
 
     row: Row
     tuned: bool = False
+    method: MethodSpec | None = None
+
+    def __post_init__(self) -> None:
+        expected = self.row.method if self.row.mode == "merge" else None
+        if (self.method.name if self.method is not None else None) != expected:
+            raise ValueError(
+                f"Entry of row {self.row.name!r}: a merge row's entry carries its method's registration and a "
+                "reference row's none; make entries with check_rows or table_entries."
+            )
 
     @property
     def name(self) -> str:
@@ -171,79 +282,89 @@ class Entry:
         return slug(self.row.name) + ("-alpha-tuned" if self.tuned else "")
 
     @property
+    def needs_data(self) -> bool:
+        """Whether the row's merge method reads data (ESM, RegMean, Fisher): the sources' proxy images."""
+        return self.method is not None and self.method.needs_data
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the row's merge method takes a ``seed`` (DARE, RandMix...)."""
+        return self.method is not None and "seed" in self.method.defaults
+
+    @property
     def section(self) -> str:
         """``data-free``, ``data`` (data-dependent method, or α from validation data) or ``reference``."""
         if self.row.mode != "merge":
             return "reference"
-        from lightning_score.merging import get_method
-
-        uses_data = self.tuned or isinstance(self.row.alpha, str) or get_method(self.row.method).needs_data
+        uses_data = self.tuned or isinstance(self.row.alpha, str) or self.needs_data
         return "data" if uses_data else "data-free"
 
 
-def table_entries(rows: Sequence[Row], tune_alpha: bool) -> list[Entry]:
-    """The table's lines, section by section; with ``tune_alpha`` every fixed-α merge also gets a tuned line."""
-    entries = [Entry(row) for row in rows]
+def _lines(rows: Sequence[Row], methods: Sequence[MethodSpec | None], tune_alpha: bool) -> list[Entry]:
+    entries = [Entry(row, method=method) for row, method in zip(rows, methods, strict=True)]
     if tune_alpha:
-        entries += [Entry(row, tuned=True) for row in rows if row.is_weight_merge]
+        entries += [Entry(row, True, method) for row, method in zip(rows, methods, strict=True) if row.is_weight_merge]
     order = list(SECTIONS)
     return sorted(entries, key=lambda e: order.index(e.section))  # stable: the configured order within a section
 
 
-BUILTIN_SEEDS: tuple[int, ...] = (0, 1, 2)
-"""Seeds of a study of the built-in benchmark, unless set (one seed, 0, for real data)."""
+def table_entries(rows: Sequence[Row], tune_alpha: bool) -> list[Entry]:
+    """The table's lines, section by section; with ``tune_alpha`` every fixed-α merge also gets a tuned line.
+
+    The rows are not checked (:func:`check_rows` checks them and returns the same lines); an unknown method
+    raises :func:`~lightning_score.merging.get_method`'s error.
+    """
+    return _lines(rows, [get_method(row.method) if row.mode == "merge" else None for row in rows], tune_alpha)
 
 
-def resolve_seeds(root: str, seeds: Sequence[int] | None, seed: int | None) -> list[int]:
-    """The seeds: ``seeds`` if given; else ``[seed]`` (deprecated); else three on built-in data, one on real data."""
-    if seed is not None and seeds is not None and list(seeds) != [seed]:
-        raise ValueError(f"Give seeds (a list) or the deprecated seed, not both: seeds={list(seeds)}, seed={seed}.")
-    if seeds is not None:
-        return list(seeds)
-    if seed is not None:
-        return [seed]
-    return list(BUILTIN_SEEDS) if builtin_name(str(root)) is not None else [0]
+def check_rows(rows: Sequence[Row], tune_alpha: bool = False) -> list[Entry]:
+    """Validate every row before any work: mode, method, options, α, distinct names. One error names the row.
 
-
-def check_rows(rows: Sequence[Row], tune_alpha: bool = False) -> None:
-    """Validate every row before any work: mode, method, options, α, distinct names. One error names the row."""
-    from lightning_score.merge_module.statistics import statistic_options
-    from lightning_score.merging import get_method
-
+    Returns:
+        The table's lines (as :func:`table_entries`), each carrying its row's merge method: the one lookup of
+        each row's method, which the later steps read from the entry.
+    """
     if not rows:
         raise ValueError("The study has no rows: give at least one method or reference row.")
-    for index, row in enumerate(rows):
-        where = f"rows[{index}] ({row.name!r})"
-        if not isinstance(row.name, str) or not row.name.strip():
-            raise ValueError(f"rows[{index}] needs a name.")
-        if row.mode not in MODES:
-            raise ValueError(f"{where} has mode {row.mode!r}; choose one of {list(MODES)}.")
-        if isinstance(row.alpha, str):
-            if row.alpha != "auto":
-                raise ValueError(f"{where} has alpha {row.alpha!r}: give a number or 'auto'.")
-            if row.mode != "merge":
-                raise ValueError(f"{where}: alpha 'auto' applies to mode 'merge' only, not {row.mode!r}.")
-        elif not (isinstance(row.alpha, int | float) and row.alpha == row.alpha):
-            raise ValueError(f"{where} has alpha {row.alpha!r}: give a number or 'auto'.")
-        if row.mode == "merge":
-            try:
-                spec = get_method(row.method)
-                collected = statistic_options(row.method)  # data methods: what MergeModule collects for them
-                spec.resolve_options({k: v for k, v in row.options.items() if k not in collected})
-            except ValueError as error:
-                raise ValueError(f"{where}: {error}") from None
-            given = sorted(k for k in collected if row.options.get(k) is not None)
-            if given:
-                raise ValueError(
-                    f"{where}: {given} are statistics the study collects from the sources' proxy images for "
-                    f"'{row.method}'; remove them from the row's options."
-                )
-        elif row.options:
-            raise ValueError(f"{where}: options apply to mode 'merge' only; mode {row.mode!r} takes none.")
-    entries = table_entries(rows, tune_alpha)
+    methods = [_check_row(index, row) for index, row in enumerate(rows)]
+    entries = _lines(rows, methods, tune_alpha)
     keys = [entry.key for entry in entries]
     if len(set(keys)) != len(keys):
         raise ValueError(f"Row names must be distinct (after slugging): {[entry.name for entry in entries]}.")
+    return entries
+
+
+def _check_row(index: int, row: Row) -> MethodSpec | None:
+    """One row's mode, α and options; its merge method's registration (``None`` for a reference row)."""
+    where = f"rows[{index}] ({row.name!r})"
+    if not isinstance(row.name, str) or not row.name.strip():
+        raise ValueError(f"rows[{index}] needs a name.")
+    if row.mode not in MODES:
+        raise ValueError(f"{where} has mode {row.mode!r}; choose one of {list(MODES)}.")
+    if isinstance(row.alpha, str):
+        if row.alpha != "auto":
+            raise ValueError(f"{where} has alpha {row.alpha!r}: give a number or 'auto'.")
+        if row.mode != "merge":
+            raise ValueError(f"{where}: alpha 'auto' applies to mode 'merge' only, not {row.mode!r}.")
+    elif not (isinstance(row.alpha, int | float) and row.alpha == row.alpha):
+        raise ValueError(f"{where} has alpha {row.alpha!r}: give a number or 'auto'.")
+    if row.mode != "merge":
+        if row.options:
+            raise ValueError(f"{where}: options apply to mode 'merge' only; mode {row.mode!r} takes none.")
+        return None
+    try:
+        spec = get_method(row.method)
+        collected = statistic_options(row.method) if spec.needs_data else ()  # what MergeModule collects for them
+        spec.resolve_options({k: v for k, v in row.options.items() if k not in collected})
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    given = sorted(k for k in collected if row.options.get(k) is not None)
+    if given:
+        raise ValueError(
+            f"{where}: {given} are statistics the study collects from the sources' proxy images for "
+            f"'{row.method}'; remove them from the row's options."
+        )
+    return spec
 
 
 def slug(name: str) -> str:

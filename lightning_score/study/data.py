@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
-from lightning_score.data import DomainDataModule
+from lightning_score.data import DomainDataModule, SourceDomains
 from lightning_score.study.distributed import batch_shard
 
 __all__ = ["EvaluationImages", "FoldData"]
@@ -100,11 +100,12 @@ class EvaluationImages:
         return TensorDataset(torch.cat(images), torch.cat(labels))
 
 
-class FoldData(LightningDataModule):
+class FoldData(LightningDataModule, SourceDomains):
     """One leave-one-domain-out fold: the target's test split; the sources' validation and proxy images.
 
-    Quacks like :class:`~lightning_score.data.DomainDataModule` where :class:`~lightning_score.MergeModule`
-    looks (class names, domains, ``val_dataloader``, ``test_dataloader``, ``proxy_dataloader``).
+    A :class:`~lightning_score.data.SourceDomains` (what :class:`~lightning_score.MergeModule` reads from a
+    datamodule, as from a :class:`~lightning_score.data.DomainDataModule`): class names, domains, the sources'
+    ``val_dataloader`` and ``proxy_dataloader``; and the target's ``test_dataloader`` and ``predict_dataloader``.
 
     Args:
         images: The study's decoded evaluation images.
@@ -140,14 +141,29 @@ class FoldData(LightningDataModule):
         self.images = images
         self.sources = list(sources)
         self.target = target
-        self.classnames = list(classnames)
-        self.domains = list(domains)
-        self.default_templates = default_templates
+        self._classnames = list(classnames)
+        self._domains = list(domains)
+        self._default_templates = default_templates
         self.batch_size = batch_size
         self.alpha_images = alpha_images
         self._proxy_factory = proxy_data
         self._proxy: DomainDataModule | None = None
         self.rank, self.world_size = rank, world_size
+
+    @property
+    def classnames(self) -> list[str]:
+        """Class names, in label order."""
+        return list(self._classnames)
+
+    @property
+    def domains(self) -> list[str]:
+        """Every domain of the dataset."""
+        return list(self._domains)
+
+    @property
+    def default_templates(self) -> str | None:
+        """The dataset's own template set, if any."""
+        return self._default_templates
 
     @property
     def train_domains(self) -> list[str]:

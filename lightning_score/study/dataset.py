@@ -44,10 +44,11 @@ from lightning_score.data import DomainDataModule
 from lightning_score.data.builtin import BUILTIN_PREFIX, builtin_name, get_builtin
 from lightning_score.data.presets import DatasetPreset, get_preset
 from lightning_score.models.templates import guess_template_set
-from lightning_score.study.config import DEFAULT_ROWS, ExpertSettings, Row, check_rows, resolve_seeds
+from lightning_score.study.config import DEFAULT_ROWS, Entry, ExpertSettings, Row, check_rows
 
 __all__ = [
     "BUILTIN_MODEL",
+    "BUILTIN_SEEDS",
     "DEFAULT_EPOCHS",
     "DIGITS_EXPERT",
     "PAPER_MODEL",
@@ -55,6 +56,7 @@ __all__ = [
     "preset_rows",
     "resolve_dataset",
     "resolve_model",
+    "resolve_seeds",
     "resolved_arguments",
 ]
 
@@ -76,6 +78,21 @@ FALLBACK_TEMPLATES = "imagenet"
 """``templates: auto`` on data that neither a preset nor a shipped set recognises (CLIP's 80 ImageNet prompts)."""
 
 
+BUILTIN_SEEDS: tuple[int, ...] = (0, 1, 2)
+"""Seeds of a study of the built-in benchmark, unless set (one seed, 0, for real data)."""
+
+
+def resolve_seeds(root: str, seeds: Sequence[int] | None, seed: int | None) -> list[int]:
+    """The seeds: ``seeds`` if given; else ``[seed]`` (deprecated); else three on built-in data, one on real data."""
+    if seed is not None and seeds is not None and list(seeds) != [seed]:
+        raise ValueError(f"Give seeds (a list) or the deprecated seed, not both: seeds={list(seeds)}, seed={seed}.")
+    if seeds is not None:
+        return list(seeds)
+    if seed is not None:
+        return [seed]
+    return list(BUILTIN_SEEDS) if builtin_name(str(root)) is not None else [0]
+
+
 @dataclass(frozen=True)
 class DatasetChoice:
     """What a study runs with, after ``auto`` and unset values are filled from the dataset's preset.
@@ -90,6 +107,8 @@ class DatasetChoice:
         pretrained: Its weights (an open_clip tag, a weights file, ``builtin:digits``, or ``None``: random).
         layout: The layout the data was read in (``presplit``, ``pacs_lists``...), or ``None`` when unread (a
             built-in benchmark is not read here: it has no preset).
+        entries: The table's lines of ``rows`` (:func:`~lightning_score.study.config.check_rows`), each with its
+            row's merge method.
     """
 
     dataset: str
@@ -100,6 +119,7 @@ class DatasetChoice:
     model_name: str
     pretrained: str | None
     layout: str | None = None
+    entries: list[Entry] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         """One line for the log: the dataset, its split and what was taken from its preset."""
@@ -218,6 +238,7 @@ def resolve_dataset(
     read_data: bool = True,
     model_name: str = "auto",
     pretrained: str | None = "auto",
+    tune_alpha: bool = False,
 ) -> DatasetChoice:
     """Fill a study's ``auto`` and unset settings from its dataset's preset (see the module docstring).
 
@@ -232,6 +253,7 @@ def resolve_dataset(
             whose data is elsewhere) only a named ``dataset`` is applied; ``auto`` values stay ``auto``.
         model_name: An open_clip architecture, or ``auto`` (see :func:`resolve_model`).
         pretrained: Its weights, or ``auto``.
+        tune_alpha: Whether the table also has every fixed-α merge at α tuned (its lines' names must be distinct).
 
     Returns:
         The resolved choice.
@@ -242,7 +264,8 @@ def resolve_dataset(
             data (naming both).
         FileNotFoundError: ``root`` does not exist (when ``read_data``).
     """
-    check_rows(list(DEFAULT_ROWS if rows is None else rows))
+    given = list(DEFAULT_ROWS if rows is None else rows)
+    checked = check_rows(given, tune_alpha)  # each row's method looked up here, once
     builtin = builtin_name(str(root)) is not None
     model_name, pretrained = resolve_model(model_name, pretrained, builtin)
     named = _named_preset(dataset)
@@ -263,17 +286,19 @@ def resolve_dataset(
         preset = data.preset
     else:
         preset = named
-    choice = DatasetChoice(
+    filled = preset_rows(given, preset)  # the same methods, SCORE options added: the lines carry the new rows
+    by_name = {row.name: row for row in filled}
+    return DatasetChoice(
         dataset=preset.name if preset is not None else ("none" if read_data or builtin else dataset),
         preset=preset,
         templates=_templates(templates, preset, data, dataset),
         expert=_expert(expert, preset, builtin) if read_data or named or builtin else expert or ExpertSettings(),
-        rows=preset_rows(rows, preset),
+        rows=filled,
         model_name=model_name,
         pretrained=pretrained,
         layout=data.layout if data is not None else None,
+        entries=[dataclasses.replace(entry, row=by_name[entry.row.name]) for entry in checked],
     )
-    return choice
 
 
 def resolved_arguments(arguments: Any) -> dict[str, Any]:

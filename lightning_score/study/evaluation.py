@@ -28,12 +28,12 @@ import torch
 
 from lightning_score.classifier import balanced_accuracy, per_class_counts
 from lightning_score.merge_module import MergeModule
-from lightning_score.merging import FactorCache, get_method
-from lightning_score.study.config import Entry, Row
+from lightning_score.merging import FactorCache
+from lightning_score.study.config import Entry, StudyConfig
 from lightning_score.study.data import FoldData
 from lightning_score.study.distributed import World
 
-__all__ = ["Prediction", "evaluate_row", "merge_module", "pack_correct", "search_alpha", "unpack_correct"]
+__all__ = ["Prediction", "evaluate_row", "merge_module", "pack_correct", "unpack_correct"]
 
 
 @dataclass(frozen=True)
@@ -96,53 +96,34 @@ def _predict(trainer: L.Trainer, module: MergeModule, data: FoldData, world: Wor
     return Prediction(preds, labels, tuple(len(y) for _, y in shares))
 
 
-def search_alpha(module: MergeModule) -> tuple[float, dict[str, Any] | None]:
-    """Search α on the fold's SOURCE validation data (the module's datamodule) from the merge the module holds.
-
-    :meth:`~lightning_score.MergeModule.choose_alpha` loads θ₀ + α·τ* for each candidate from that one merge
-    (:meth:`~lightning_score.MergeModule.use_alpha`, nothing is merged again) and leaves the chosen α loaded.
-
-    Returns:
-        The chosen α and the search (``{"method", "alphas", "val_acc", "selected"}``).
-    """
-    alpha = float(module.choose_alpha())
-    return alpha, module.alpha_search_result.to_dict() if module.alpha_search_result is not None else None
-
-
 def merge_module(
-    row: Row,
-    task_vectors: list[str],
-    *,
-    model_name: str,
-    pretrained: str | None,
-    templates: str,
-    proxy_images: int,
-    alpha_search: str,
-    seed: int,
-    factors: FactorCache | None = None,
+    entry: Entry, task_vectors: list[str], config: StudyConfig, *, seed: int, factors: FactorCache | None = None
 ) -> MergeModule:
-    """The MergeModule of a row (at α = 1, or ``auto`` for a row that asks for it).
+    """The MergeModule of an entry's row (at α = 1, or ``auto`` for a row that asks for it).
 
-    A seeded merge method (DARE, RandMix...) takes the study's seed unless the row sets its own. ``factors``
-    is the seed's :class:`~lightning_score.merging.FactorCache`, shared by every merge row of every target:
-    the SVD-based methods (SCORE and its variants, TSV-M, Iso-CTS, ESM's TSV layers) then factorize each
-    expert once per seed (bit-identical merges); the other methods ignore it.
+    One module serves the row's lines (its own α, then α tuned). The model, templates, ``proxy_images`` and
+    ``alpha_search`` are the study's (``config``). A seeded merge method (DARE, RandMix...: :attr:`Entry.seeded`)
+    takes the study's seed unless the row sets its own. ``factors`` is the seed's
+    :class:`~lightning_score.merging.FactorCache`, shared by every merge row of every target: the SVD-based methods
+    (SCORE and its variants, TSV-M, Iso-CTS, ESM's TSV layers) then factorize each expert once per seed
+    (bit-identical merges); the other methods ignore it.
     """
+    row = entry.row
     mode = "expert" if row.mode == "pooled" else row.mode
     method_options = dict(row.options)
-    if mode == "merge" and "seed" in get_method(row.method).defaults:
+    if entry.seeded:
         method_options.setdefault("seed", seed)
     return MergeModule(
-        model_name,
-        pretrained,
+        config.model_name,
+        config.pretrained,
         task_vectors=task_vectors,
         method=row.method,
         mode=mode,  # type: ignore[arg-type]
         alpha=row.alpha,
         method_options=method_options,
-        proxy_images=proxy_images,
-        templates=templates,
-        alpha_search=alpha_search,  # type: ignore[arg-type]
+        proxy_images=config.proxy_images,
+        templates=config.templates,
+        alpha_search=config.alpha_search,  # type: ignore[arg-type]
         factors=factors if mode == "merge" else None,
     )
 
@@ -200,7 +181,8 @@ def evaluate_row(
             records[entry.key] = _record(entry, prediction, module, own_alpha, own_search, seconds)
     for entry in (e for e in entries if e.tuned):
         started = time.perf_counter()
-        alpha, search = search_alpha(module)  # the fold's source validation data only (FoldData.val_dataloader)
+        alpha = float(module.choose_alpha())  # on the fold's source validation data only (FoldData.val_dataloader)
+        search = module.alpha_search_result.to_dict() if module.alpha_search_result is not None else None
         if alpha != own_alpha:  # the same α loads the same weights: its predictions are those above
             prediction = _predict(trainer, module, data, world)
         records[entry.key] = _record(entry, prediction, module, alpha, search, time.perf_counter() - started)

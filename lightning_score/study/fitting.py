@@ -8,10 +8,11 @@ like an expert. Each fit is seeded (data order and augmentation): seed ``s`` of 
 model whichever study or target asks for it.
 
 On several devices (``devices × num_nodes > 1``) each fit is one DDP fit across all of them (Lightning's
-``ddp`` strategy; the processes are the study's own, see :mod:`.distributed`). ``settings.batch_size`` stays
+``ddp`` strategy; the processes are the study's own, see :mod:`.distributed`). ``expert.batch_size`` stays
 the GLOBAL batch: each process loads ``batch_size / (devices × num_nodes)`` images per step, so the
 optimisation (global batch, learning rate, steps) is the protocol's whatever the device count, and a kept
-expert is reused by a study on another number of devices.
+expert is reused by a study on another number of devices. That the device count divides the batch is
+checked with the rest of the configuration, before any work (:mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_score.callback import ScoreMergeCallback
 from lightning_score.data import DomainDataModule
 from lightning_score.expert import CLIPExpert
-from lightning_score.study.config import ExpertSettings
+from lightning_score.study.config import StudyConfig
+from lightning_score.study.stages import Fit
 
-__all__ = ["QUIET_TRAINER", "FitResult", "fit_task_vector", "quiet_lightning"]
+__all__ = ["QUIET_TRAINER", "FitResult", "MakeData", "fit_task_vector", "quiet_lightning"]
 
 QUIET_TRAINER = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
@@ -58,67 +61,66 @@ def quiet_lightning() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-class FitResult(dict):
-    """What a fit reports: ``seconds``, ``steps``, ``train_domains``."""
+MakeData = Callable[[list[str], int], DomainDataModule]
+"""``(train_domains, per-process batch size) -> DomainDataModule``: the study's data for a fit."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a fit reports.
+
+    Attributes:
+        seconds: Wall time of ``Trainer.fit``.
+        steps: Optimiser steps taken.
+        train_domains: The domains it trained on.
+    """
+
+    seconds: float
+    steps: int
+    train_domains: list[str]
 
 
 def fit_task_vector(
-    *,
-    path: Path,
-    name: str,
-    domain: str | None,
-    train_domains: Sequence[str],
-    make_data: Callable[[list[str], int], DomainDataModule],
-    model_name: str,
-    pretrained: str | None,
-    templates: str,
-    settings: ExpertSettings,
-    seed: int,
-    config: dict[str, Any],
-    accelerator: str,
-    log_dir: Path,
-    devices: int = 1,
-    num_nodes: int = 1,
+    fit: Fit, config: StudyConfig, path: Path, make_data: MakeData, record: dict[str, Any]
 ) -> FitResult:
-    """Fine-tune one CLIPExpert on ``train_domains`` and write its task vector to ``path``.
+    """Fine-tune one CLIPExpert on the fit's domains and write its task vector to ``path``.
+
+    Seeded with the fit's seed (data order and augmentation): the same fit, the same task vector, bit for bit.
 
     Args:
+        fit: The expert (of one domain) or pooled model (the other domains of its target's fold) and its seed.
+        config: The study's resolved configuration: the model (``model_name``, ``pretrained``, ``templates``),
+            ``expert`` (learning rate, steps, the GLOBAL batch size, precision...), ``accelerator``, ``devices``
+            and ``num_nodes`` (one DDP process each), ``domains`` (a pooled model's sources) and ``output_dir``
+            (the training curve, CSV, goes to ``logs/seed-<s>/fits/<name>``).
         path: The task-vector file to write.
-        name: The model's name (``rot30``, ``pooled-rot30``), in its metadata and log folder.
-        domain: The expert's domain (ESM draws its proxy images from it); ``None`` for a pooled model.
-        train_domains: What it trains on: one domain (an expert) or the target's sources (pooled).
-        make_data: ``(train_domains, batch_size) -> DomainDataModule``.
-        model_name: open_clip architecture.
-        pretrained: The base weights.
-        templates: The head's template set.
-        settings: Learning rate, steps, batch size, precision...
-        seed: Seeds data order and augmentation.
-        config: Recorded in the task vector's metadata (``expert_config``): what a rerun compares.
-        accelerator: Lightning accelerator.
-        log_dir: Where the training curve (CSV) goes.
-        devices: Devices per node (one DDP process each).
-        num_nodes: Nodes.
+        make_data: ``(train_domains, per-process batch size) -> DomainDataModule``.
+        record: Kept in the task vector's metadata as ``expert_config``: what a rerun compares.
     """
-    world_size = devices * num_nodes
-    if settings.batch_size % world_size:
-        raise ValueError(f"expert.batch_size={settings.batch_size} (the global batch) must be divisible by devices × "
-                         f"num_nodes = {world_size}.")  # fmt: skip
-    L.seed_everything(seed, verbose=False)
+    settings, world_size = config.expert, config.world_size
+    assert settings is not None and config.domains is not None, "fit_task_vector takes the study's resolved config"
+    train_domains = fit.train_domains(config.domains)
+    log_dir = Path(config.output_dir) / "logs" / f"seed-{fit.seed}"
+    L.seed_everything(fit.seed, verbose=False)
     module = CLIPExpert(
-        model_name,
-        pretrained,
-        templates=templates,
+        config.model_name,
+        config.pretrained,
+        templates=config.templates,
         lr=settings.lr,
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps,
     )
     callback = ScoreMergeCallback(
-        dirpath=path.parent, filename=path.name, name=name, domain=domain, metadata={"expert_config": config}
+        dirpath=path.parent,
+        filename=path.name,
+        name=fit.name,
+        domain=fit.domain if fit.kind == "expert" else None,
+        metadata={"expert_config": record},
     )
     trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
         strategy="ddp" if world_size > 1 else "auto",
         precision=settings.precision,
         max_steps=settings.max_steps,
@@ -128,12 +130,10 @@ def fit_task_vector(
         num_sanity_val_steps=0,
         log_every_n_steps=5,
         callbacks=[callback],
-        logger=CSVLogger(log_dir, name="fits", version=name),
+        logger=CSVLogger(log_dir, name="fits", version=fit.name),
         default_root_dir=log_dir,
         **QUIET_TRAINER,
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=make_data(list(train_domains), settings.batch_size // world_size))
-    return FitResult(
-        seconds=time.perf_counter() - started, steps=trainer.global_step, train_domains=list(train_domains)
-    )
+    trainer.fit(module, datamodule=make_data(train_domains, settings.batch_size // world_size))
+    return FitResult(seconds=time.perf_counter() - started, steps=trainer.global_step, train_domains=train_domains)

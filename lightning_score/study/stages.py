@@ -45,6 +45,15 @@ class Fit:
     seed: int
     domain: str
 
+    @property
+    def name(self) -> str:
+        """The model's name in its metadata and log folder: the domain (an expert) or ``pooled-<target>``."""
+        return self.domain if self.kind == "expert" else f"pooled-{self.domain}"
+
+    def train_domains(self, domains: Sequence[str]) -> list[str]:
+        """What it trains on, of the study's ``domains``: its domain, or every domain but the target (pooled)."""
+        return [self.domain] if self.kind == "expert" else [d for d in domains if d != self.domain]
+
 
 def planned_fits(
     stage: str,

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from lightning_score.cli import main
-from lightning_score.study import ExpertSettings, Row
-from lightning_score.study.config import check_rows, resolve_seeds, table_entries
+from lightning_score.merging import get_method
+from lightning_score.study import ExpertSettings, Row, StudyConfig
+from lightning_score.study.config import Entry, check_rows, table_entries
+from lightning_score.study.dataset import resolve_seeds
 from lightning_score.study.runner import Study
 from tests.experts import QUICK_BASE
 from tests.study.conftest import QUICK_EXPERT, ROWS
@@ -118,6 +120,30 @@ def test_check_rows_and_sections() -> None:
     assert [e.name for e in table_entries(ROWS, tune_alpha=False)] == [row.name for row in ROWS]
 
 
+def test_check_rows_looks_each_method_up_once_and_hands_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_score.study import config
+
+    looked_up: list[str] = []
+
+    def counted(name: str) -> object:
+        looked_up.append(name)
+        return get_method(name)
+
+    monkeypatch.setattr(config, "get_method", counted)
+    rows = [*ROWS, Row("DARE", method="dare_ties")]
+    entries = check_rows(rows, tune_alpha=True)
+    assert looked_up == ["score", "ties", "esm", "dare_ties"]  # one per merge row, none for the references
+    assert [(e.name, e.section) for e in entries] == [(e.name, e.section) for e in table_entries(rows, True)]
+    by_name = {e.name: e for e in entries}
+    assert by_name["ESM"].method is by_name["ESM (α tuned)"].method is get_method("esm")
+    assert by_name["ESM"].needs_data and not by_name["TIES"].needs_data and not by_name["Zero-shot"].needs_data
+    assert by_name["DARE"].seeded and not by_name["TIES"].seeded and by_name["Zero-shot"].method is None
+    with pytest.raises(ValueError, match="make entries with check_rows or table_entries"):
+        Entry(Row("ESM", method="esm"))  # a merge line without its method would claim the data-free section
+    with pytest.raises(ValueError, match="make entries with check_rows or table_entries"):
+        Entry(Row("TIES", method="ties"), method=get_method("esm"))
+
+
 def test_seeds_default_to_three_on_the_builtin_benchmark_and_one_on_real_data() -> None:
     assert resolve_seeds("builtin:digits", None, None) == [0, 1, 2]
     assert resolve_seeds("/data/PACS", None, None) == [0]
@@ -137,10 +163,10 @@ def test_evaluations_use_the_fits_precision(mini_digits: Path, quick_base: Path,
     )  # fmt: skip
     for precision in ("bf16-mixed", "32-true"):
         expert = ExpertSettings(**{**QUICK_EXPERT.__dict__, "precision": precision})
-        study = Study(expert=expert, **settings)
+        study = Study(StudyConfig(expert=expert, **settings))
         assert study.eval_trainer.precision == precision
     with pytest.raises(ValueError, match="expert.precision='fp7'"):
-        Study(expert=ExpertSettings(precision="fp7"), **settings)
+        Study(StudyConfig(expert=ExpertSettings(precision="fp7"), **settings))
 
 
 def test_the_recipes_parse(capsys: pytest.CaptureFixture) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_score.data import ClassNames, SourceDomains
 from lightning_score.study.data import EvaluationImages, FoldData
 
 
@@ -72,3 +73,26 @@ def test_a_fold_offers_the_target_to_predict_and_only_the_sources_to_alpha_and_p
         fold.proxy_dataloader("d3", 4)
     with pytest.raises(ValueError, match="cannot also be a source"):
         FoldData(images, ["d1", "d3"], "d3", ["a"], ["d1", "d3"], None, 8, None, lambda: _Domains([], []))
+
+
+def _protocol_members(protocol: type) -> set[str]:
+    """The names a Protocol declares (its own and its parents'), without Protocol's machinery."""
+    return {name for cls in protocol.__mro__[:-1] if ClassNames in cls.__mro__ for name in vars(cls) if name[0] != "_"}
+
+
+def test_a_fold_is_the_source_domains_merge_module_reads() -> None:
+    """FoldData is a SourceDomains, and implements every member itself (none falls back to the protocol's stub)."""
+    images = EvaluationImages(_Domains, batch_size=4, num_workers=0)
+    fold = FoldData(
+        images, ["d1", "d2"], "d3", ["a", "b", "c"], ["d1", "d2", "d3"], "digits", 8, None, lambda: _Domains([], [])
+    )
+    assert isinstance(fold, SourceDomains) and isinstance(fold, ClassNames)
+    members = _protocol_members(SourceDomains)
+    assert {"classnames", "domains", "train_domains", "test_domains", "default_templates"} <= members
+    assert {"val_dataloader", "proxy_dataloader"} <= members
+    inherited = {name for name in members if getattr(FoldData, name) is getattr(SourceDomains, name)}
+    assert not inherited
+    assert (fold.classnames, fold.domains, fold.default_templates) == (["a", "b", "c"], ["d1", "d2", "d3"], "digits")
+    assert (fold.train_domains, fold.test_domains) == (["d1", "d2"], ["d3"])
+    fold.classnames.append("changed")  # read-only: a copy, the fold's own list stays
+    assert fold.classnames == ["a", "b", "c"]

@@ -16,8 +16,9 @@ import yaml
 
 from lightning_score.cli import main
 from lightning_score.data.presets import PRESETS, get_preset
-from lightning_score.study import ExpertSettings, Row, run_study
+from lightning_score.study import ExpertSettings, Row, StudyConfig, run_study
 from lightning_score.study import runner as study_runner
+from lightning_score.study.config import Entry
 from lightning_score.study.runner import Study
 from tests.data.generate import image, png_bytes
 from tests.data.test_presets import _paper_layout
@@ -63,7 +64,7 @@ def _study(root: Path, output_dir: Path, **overrides: object) -> Study:
         alpha_images=None, bootstrap=10, restart=False,
     )  # fmt: skip
     settings.update(overrides)
-    return Study(**settings)
+    return Study(StudyConfig(**settings))
 
 
 def _score_options(rows: list) -> list[dict]:
@@ -78,22 +79,26 @@ def test_a_study_picks_the_datasets_protocol_with_no_option_given(tmp_path: Path
         warnings.simplefilter("error")  # a paper layout: no "this is not the paper's split" warning
         study = _study(root, tmp_path / "out")
     # the preset, detected from the domain folders, and the authors' prompt set
-    assert study.dataset == name and study.preset is preset and study.templates == preset.templates
+    assert study.config.dataset == name and study.preset is preset and study.config.templates == preset.templates
     # the paper's fine-tuning, with this dataset's epochs
-    assert study.expert == ExpertSettings(max_epochs=preset.epochs) and study.expert.lr == 1e-5
-    assert study.expert.max_epochs == {"terra_incognita": 15, "nico_pp": 15, "fed_isic2019": 20, "retina": 20}.get(
-        name, 10
-    )
+    assert study.config.expert == ExpertSettings(max_epochs=preset.epochs) and study.config.expert.lr == 1e-5
+    assert study.config.expert.max_epochs == {
+        "terra_incognita": 15,
+        "nico_pp": 15,
+        "fed_isic2019": 20,
+        "retina": 20,
+    }.get(name, 10)
     # SCORE's threshold: without the /T on the medical datasets, in all four SCORE rows; other rows untouched
     medical = name in ("fed_isic2019", "retina")
-    assert _score_options(study.rows) == [
+    assert _score_options(study.config.rows) == [
         {**({"divide_by_tasks": False} if medical else {}), **extra}
         for extra in ({}, {"variant": "diagonal"}, {"variant": "off_diagonal"}, {"variant": "full"})
     ]
-    assert all(not row.options for row in study.rows if row.method != "score" or row.mode != "merge")
+    assert all(not row.options for row in study.config.rows if row.method != "score" or row.mode != "merge")
+    assert all(any(e.row is row for row in study.config.rows) for e in study.entries)  # the lines run the filled rows
     # the data: the paper's layout and split rule, experts on their whole train split, sources' test as validation
-    domain = study.domains[0]
-    data = study._data([domain], [study.domains[1]], batch_size=4)
+    domain = study.config.domains[0]
+    data = study._data([domain], [study.config.domains[1]], batch_size=4)
     assert data.preset is preset and data.layout in preset.paper_layouts and study.layout == data.layout
     split = data.split(domain)
     assert len(split.fit) == len(data.samples(domain, "train")) and split.test and split.val
@@ -127,20 +132,20 @@ def test_real_data_with_no_model_given_fine_tunes_the_papers_backbone(tmp_path: 
     """``--root`` alone must not fine-tune the tiny digits model on real images: ViT-B/32 with openai's weights."""
     root = _generated(tmp_path, "pacs")
     study = _study(root, tmp_path / "out", model_name="auto", pretrained="auto")
-    assert (study.model_name, study.pretrained) == ("ViT-B-32", "openai")
+    assert (study.config.model_name, study.config.pretrained) == ("ViT-B-32", "openai")
     # another architecture takes its openai weights; a value given wins, null (random weights) included
-    assert _study(root, tmp_path / "out", model_name="ViT-L-14", pretrained="auto").pretrained == "openai"
-    assert _study(root, tmp_path / "out", model_name="auto", pretrained=None).pretrained is None
+    assert _study(root, tmp_path / "out", model_name="ViT-L-14", pretrained="auto").config.pretrained == "openai"
+    assert _study(root, tmp_path / "out", model_name="auto", pretrained=None).config.pretrained is None
     weights = tmp_path / "mine.safetensors"
     weights.write_bytes(b"")
     given = _study(root, tmp_path / "out", model_name="ViT-B-16", pretrained=str(weights))
-    assert (given.model_name, given.pretrained) == ("ViT-B-16", str(weights))
+    assert (given.config.model_name, given.config.pretrained) == ("ViT-B-16", str(weights))
     # the built-in benchmark keeps its tiny CPU model and offline base
     builtin = _study(
         "builtin:digits", tmp_path / "out", domains=["rot0", "rot15"], model_name="auto", pretrained="auto"
     )
-    assert (builtin.model_name, builtin.pretrained) == ("tiny-ViT-W96-L3", "builtin:digits")
-    assert _study("builtin:digits", tmp_path / "out", model_name="ViT-B-32", pretrained="auto").pretrained == (
+    assert (builtin.config.model_name, builtin.config.pretrained) == ("tiny-ViT-W96-L3", "builtin:digits")
+    assert _study("builtin:digits", tmp_path / "out", model_name="ViT-B-32", pretrained="auto").config.pretrained == (
         "builtin:digits"
     )
     # an architecture without openai weights: one error naming the model and the fix, before any work
@@ -156,17 +161,18 @@ def test_given_settings_win_over_the_preset(tmp_path: Path) -> None:
     expert = ExpertSettings(lr=3e-5, max_epochs=2, batch_size=32)
     rows = [Row("SCORE /T", options={"divide_by_tasks": True}), Row("SCORE"), Row("TIES", method="ties")]
     study = _study(root, tmp_path / "out", templates="medical_skin", expert=expert, rows=rows)
-    assert study.templates == "medical_skin" and study.expert == expert
-    assert _score_options(study.rows) == [{"divide_by_tasks": True}, {"divide_by_tasks": False}]
+    assert study.config.templates == "medical_skin" and study.config.expert == expert
+    assert _score_options(study.config.rows) == [{"divide_by_tasks": True}, {"divide_by_tasks": False}]
     steps = ExpertSettings(max_steps=7)  # epochs unset but unused: kept unset
-    assert _study(root, tmp_path / "out", expert=steps).expert.max_epochs is None
+    assert _study(root, tmp_path / "out", expert=steps).config.expert.max_epochs is None
 
 
 def test_builtin_digits_keep_their_templates_and_schedule(tmp_path: Path) -> None:
     study = _study("builtin:digits", tmp_path / "out", domains=["rot0", "rot15"])
-    assert (study.dataset, study.preset, study.templates) == ("none", None, "digits")
-    assert (study.expert.max_steps, study.expert.lr, study.expert.batch_size) == (150, 1e-3, 64)
-    assert _score_options(study.rows)[0] == {}
+    assert (study.config.dataset, study.preset, study.config.templates) == ("none", None, "digits")
+    expert = study.config.expert
+    assert (expert.max_steps, expert.lr, expert.batch_size) == (150, 1e-3, 64)
+    assert _score_options(study.config.rows)[0] == {}
 
 
 def test_a_named_dataset_must_match_the_data(tmp_path: Path) -> None:
@@ -180,9 +186,11 @@ def test_a_named_dataset_must_match_the_data(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"Unknown dataset preset 'pcas'.*'pacs'"):
         _study(office, tmp_path / "out", dataset="pcas")
     # a forced preset that matches is used; "none" turns the preset off
-    assert _study(office, tmp_path / "out", dataset="office_home").templates == "imagenet"
+    assert _study(office, tmp_path / "out", dataset="office_home").config.templates == "imagenet"
     off = _study(office, tmp_path / "out", dataset="none")
-    assert off.dataset == "none" and off.expert.max_epochs == 10 and _score_options(off.rows)[0] == {}
+    assert (
+        off.config.dataset == "none" and off.config.expert.max_epochs == 10 and _score_options(off.config.rows)[0] == {}
+    )
     assert not (tmp_path / "out").exists()  # configuration only: nothing written
 
 
@@ -200,9 +208,9 @@ def test_an_end_to_end_study_merges_score_without_the_t_on_retina(
     merged: list[dict] = []
     original = study_runner.merge_module
 
-    def recorded(row: Row, *args: object, **kwargs: object) -> object:
-        module = original(row, *args, **kwargs)
-        merged.append({"row": row.name, "method": module.method, "options": dict(module.method_options)})
+    def recorded(entry: Entry, *args: object, **kwargs: object) -> object:
+        module = original(entry, *args, **kwargs)
+        merged.append({"row": entry.row.name, "method": module.method, "options": dict(module.method_options)})
         return module
 
     monkeypatch.setattr(study_runner, "merge_module", recorded)

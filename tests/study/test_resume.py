@@ -28,7 +28,7 @@ def test_interrupted_after_the_experts_a_rerun_reuses_them(
     assert len(experts) == 3 and not (tmp_path / "results").exists()
 
     fits: list[str] = []
-    monkeypatch.setattr("lightning_score.study.runner.fit_task_vector", lambda **kw: fits.append(kw["name"]))
+    monkeypatch.setattr("lightning_score.study.runner.fit_task_vector", lambda fit, *args: fits.append(fit.name))
     quick_study(tmp_path, mini_digits, quick_base, rows=TWO_ROWS, targets=["rot30"])
     assert fits == []  # every expert was reused, none fine-tuned again
     assert {p: p.stat().st_mtime_ns for p in experts} == experts

@@ -43,17 +43,17 @@ class Finished:
 def finished(mini_digits: Path, quick_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
     folder = tmp_path_factory.mktemp("study")
     seen = Finished(folder, [])
-    search_alpha, train_dataloader, merge = (
-        evaluation.search_alpha,
+    choose_alpha, train_dataloader, merge = (
+        MergeModule.choose_alpha,
         DomainDataModule.train_dataloader,
         MergeModule.merge,
     )
 
-    def watched_search(module: MergeModule) -> tuple[float, object]:
+    def watched_search(module: MergeModule) -> float:
         images = seen.searched.setdefault(module.trainer.datamodule.target, [])
         hook = module.image_encoder.register_forward_pre_hook(lambda _, args: images.extend(args[0].detach().cpu()))
         try:
-            return search_alpha(module)
+            return choose_alpha(module)
         finally:
             hook.remove()
 
@@ -67,7 +67,7 @@ def finished(mini_digits: Path, quick_base: Path, tmp_path_factory: pytest.TempP
         return merge(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "search_alpha", watched_search)
+        patch.setattr(MergeModule, "choose_alpha", watched_search)
         patch.setattr(DomainDataModule, "train_dataloader", watched_loader)
         patch.setattr(MergeModule, "merge", counted_merge)
         seen.records = quick_study(folder, mini_digits, quick_base, seeds=SEEDS)
@@ -205,14 +205,19 @@ def test_pooled_fine_tune_trains_on_the_union_of_the_sources_only(finished: Fini
 
 
 def test_seeded_merge_methods_follow_the_study_seed(finished: Finished, quick_base: Path) -> None:
-    from lightning_score.study import Row
+    from lightning_score.study import Row, StudyConfig
+    from lightning_score.study.config import table_entries
 
     tvs = [str(finished.folder / f"task_vectors/seed-0/{d}.safetensors") for d in ("rot0", "rot60")]
-    settings = dict(model_name=QUICK_BASE["model_name"], pretrained=str(quick_base), templates="digits",
-                    proxy_images=4, alpha_search="grid")  # fmt: skip
-    module = evaluation.merge_module(Row("DARE", method="dare_ties"), tvs, seed=3, **settings)
-    assert module.method_options["seed"] == 3
-    module = evaluation.merge_module(Row("DARE", method="dare_ties", options={"seed": 7}), tvs, seed=3, **settings)
-    assert module.method_options["seed"] == 7  # a row's own seed wins
-    module = evaluation.merge_module(Row("TIES", method="ties"), tvs, seed=3, **settings)
-    assert "seed" not in module.method_options
+    config = StudyConfig(model_name=QUICK_BASE["model_name"], pretrained=str(quick_base), templates="digits",
+                         proxy_images=4, alpha_search="grid")  # fmt: skip
+
+    def module(row: Row) -> MergeModule:
+        (entry,) = table_entries([row], tune_alpha=False)
+        return evaluation.merge_module(entry, tvs, config, seed=3)
+
+    assert module(Row("DARE", method="dare_ties")).method_options["seed"] == 3
+    assert module(Row("DARE", method="dare_ties", options={"seed": 7})).method_options["seed"] == 7  # the row's wins
+    assert "seed" not in module(Row("TIES", method="ties")).method_options
+    esm = module(Row("ESM", method="esm"))
+    assert (esm.proxy_images, esm.alpha_search, esm.model_name) == (4, "grid", QUICK_BASE["model_name"])  # the study's
