@@ -128,11 +128,16 @@ def unflatten(vector: Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str,
     return out
 
 
-def ties(task_vectors: list[dict[str, Tensor]], density: float = 0.2) -> dict[str, Tensor]:
-    """Yadav et al. 2023 as the authors' code ranks: threshold = the k-th smallest |τ_t|, k = P − int(P·K)."""
+def ties(
+    task_vectors: list[dict[str, Tensor]], density: float = 0.2, mask_rate: float | None = None
+) -> dict[str, Tensor]:
+    """Yadav et al. 2023 as the authors' code ranks: threshold = the k-th smallest |τ_t|, k = P − int(P·K).
+
+    With ``mask_rate`` m, MergeLM's ``ties_merging`` rank instead: k = int(P·m) (``mask_smallest_magnitude_param_values``).
+    """
     flat, layout = flatten(task_vectors)
     T, P = flat.shape
-    k = max(P - int(P * density), 1)  # density 1 would be k = 0: keep everything
+    k = max(P - int(P * density), 1) if mask_rate is None else max(int(P * mask_rate), 1)  # k = 0: keep everything
     trimmed = torch.zeros_like(flat)
     for t in range(T):
         threshold = sorted(abs(x) for x in flat[t].tolist())[k - 1]

@@ -1,9 +1,9 @@
-"""Float64 references of the baselines added after the SCORE paper's table, written from their papers.
-
-DARE (Yu et al. 2024), Model Breadcrumbs (Davari & Belilovsky 2024), RandMix (Marczak et al. 2024),
-Model Stock (Jang et al. 2024), CART (Choi et al. 2024), WUDI (Cheng et al. 2025), RegMean (Jin et al.
-2023) and Fisher merging (Matena & Raffel 2022). Plain loops, one task and one entry at a time, no code
-shared with the package. The seeded methods draw their randomness by the documented contract (one CPU
+"""Float64 references of the baselines added after the SCORE paper's table, written from the definitions of the
+implementations each method's docs cite (read there, never copied; see docs/methods.md for repositories and
+commits): DARE and DARE-TIES (MergeLM), Model Breadcrumbs (the authors' TaskVectorMiddleKeep), RandMix (the SCORE
+authors' merge_rnd_mix), Model Stock (FusionBench's model_stock), CART (the authors' StaticMergeModule), WUDI
+(the authors' decompose_task_vectors), RegMean (the authors' merger) and Fisher merging (Matena & Raffel's
+merging.py). Plain loops, one task and one entry at a time, no code shared with the package. The seeded methods draw their randomness by the documented contract (one CPU
 generator per (seed, key), seeded from BLAKE2b of "seed\\0key"; float32 uniforms for DARE, integers for
 RandMix), re-derived here from hashlib and torch.Generator.
 """
@@ -58,9 +58,15 @@ def dare_ta(task_vectors: list[dict[str, Tensor]], drop_rate: float = 0.9, seed:
 
 
 def dare_ties(
-    task_vectors: list[dict[str, Tensor]], drop_rate: float = 0.9, density: float = 0.2, seed: int = 0
+    task_vectors: list[dict[str, Tensor]],
+    drop_rate: float = 0.9,
+    density: float = 0.2,
+    seed: int = 0,
+    threshold: str = "mergelm",
 ) -> dict[str, Tensor]:
-    return reference.ties(dare_vectors(task_vectors, drop_rate, seed), density)
+    """MergeLM: TIES on the dropped vectors, keeping |x| ≥ the int(P·m)-th smallest magnitude, m = 1 − density."""
+    mask_rate = round(1 - density, 12) if threshold == "mergelm" else None
+    return reference.ties(dare_vectors(task_vectors, drop_rate, seed), density, mask_rate=mask_rate)
 
 
 # --- Model Breadcrumbs (Davari & Belilovsky, ECCV 2024) --------------------------------------------------
@@ -76,8 +82,9 @@ def _crumbs(values: list[float], keep: float, drop_top: float) -> list[float]:
 
 
 def breadcrumbs(
-    task_vectors: list[dict[str, Tensor]], keep: float = 0.15, drop_top: float = 0.006, granularity: str = "layer"
+    task_vectors: list[dict[str, Tensor]], keep: float = 0.15, drop_top: float = 0.006, granularity: str = "row"
 ) -> dict[str, Tensor]:
+    """The authors' TaskVectorMiddleKeep: per row of the last dimension, remove the top γ, keep the next β."""
     out = {}
     for key in task_vectors[0]:
         total = torch.zeros_like(task_vectors[0][key], dtype=torch.float64)
@@ -112,8 +119,11 @@ def randmix(task_vectors: list[dict[str, Tensor]], seed: int = 0) -> dict[str, T
 # --- Model Stock (Jang et al., ECCV 2024) --------------------------------------------------------------
 
 
-def model_stock(task_vectors: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Per key: t·mean with t = T·c/(1 + (T − 1)·c), c the mean pairwise cosine."""
+def model_stock(
+    task_vectors: list[dict[str, Tensor]], angle: str = "mean_angle", eps: float = 1e-8
+) -> dict[str, Tensor]:
+    """FusionBench: per key, t·mean with t = T·c/((T − 1)·c + 1 + ε), c = cos(mean pairwise angle in degrees),
+    each cosine ⟨a, b⟩/(‖a‖‖b‖ + ε) clamped to [−1, 1]; ``angle="mean_cosine"``: c = the mean pairwise cosine."""
     T = len(task_vectors)
     out = {}
     for key in task_vectors[0]:
@@ -126,10 +136,14 @@ def model_stock(task_vectors: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         for i in range(T):
             for j in range(i + 1, T):
                 dot = sum(a * b for a, b in zip(vectors[i], vectors[j], strict=True))
-                norms = math.sqrt(sum(a * a for a in vectors[i])) * math.sqrt(sum(b * b for b in vectors[j]))
+                norms = math.sqrt(sum(a * a for a in vectors[i])) * math.sqrt(sum(b * b for b in vectors[j])) + eps
                 cosines.append(dot / norms if norms > 0 else 0.0)
-        c = sum(cosines) / len(cosines)
-        denominator = 1 + (T - 1) * c
+        if angle == "mean_cosine":
+            c = sum(cosines) / len(cosines)
+        else:
+            degrees = [math.degrees(math.acos(min(1.0, max(-1.0, x)))) for x in cosines]
+            c = math.cos(math.radians(sum(degrees) / len(degrees)))
+        denominator = (T - 1) * c + 1 + eps
         t = T * c / denominator if denominator > 0 else 0.0
         out[key] = t * mean
     return out
@@ -183,15 +197,23 @@ def wudi_layer(slices: list[Tensor], iterations: int, lr: float) -> Tensor:
 
 
 def wudi(
-    task_vectors: list[dict[str, Tensor]], iterations: int = 300, lr: float = 1e-5, all_matrices: bool = False
+    task_vectors: list[dict[str, Tensor]],
+    iterations: int = 300,
+    lr: float = 1e-5,
+    all_matrices: bool = False,
+    other_keys: str = "zero",
 ) -> dict[str, Tensor]:
+    """The authors' decompose_task_vectors: the blocks' linear layers solved, every other key left at θ₀ (no
+    update); ``other_keys="mean"`` with ``all_matrices`` is FusionBench's wudi_merging."""
     out = {}
     for key in task_vectors[0]:
         slices = [tv[key].double() for tv in task_vectors]
         if is_matrix(key, slices[0]) and (all_matrices or is_block_linear(key)):
             out[key] = wudi_layer(slices, iterations, lr)
-        else:
+        elif other_keys == "mean":
             out[key] = sum(slices) / len(slices)
+        else:
+            out[key] = torch.zeros_like(slices[0])
     return out
 
 
@@ -225,18 +247,35 @@ def regmean(
 
 
 def fisher(
-    task_vectors: list[dict[str, Tensor]], fishers: list[dict[str, Tensor]], fisher_floor: float = 1e-6
+    task_vectors: list[dict[str, Tensor]],
+    fishers: list[dict[str, Tensor]],
+    fisher_floor: float = 1e-6,
+    normalize_fishers: bool = True,
+    favor_first_model: bool = True,
 ) -> dict[str, Tensor]:
-    """θ* = Σ_t F_t θ_t / Σ_t F_t entry by entry (F floored), minus θ₀ (θ₀ drawn at random here)."""
+    """Matena & Raffel's merging.py on the WEIGHTS θ_t = θ₀ + τ_t (θ₀ drawn at random here), minus θ₀:
+    θ* = Σ_t λ_t d_t θ_t / Σ_t λ_t d_t, d_t = max(F_t, floor) for the first model (every model without
+    favor_target_model), F_t otherwise; λ_t = 1/T, divided by the L2 norm of model t's whole Fisher when normalising."""
+    T = len(task_vectors)
+    coefficients = [1.0 / T] * T
+    if normalize_fishers:
+        for t in range(T):
+            norm = math.sqrt(sum(sum(f * f for f in fishers[t][k].double().flatten().tolist()) for k in fishers[t]))
+            if norm > 0:
+                coefficients[t] /= norm
     out = {}
     for key in task_vectors[0]:
         slices = [tv[key].double().flatten().tolist() for tv in task_vectors]
         shape = task_vectors[0][key].shape
         if key not in fishers[0]:
-            out[key] = sum(tv[key].double() for tv in task_vectors) / len(task_vectors)
+            out[key] = sum(tv[key].double() for tv in task_vectors) / T
             continue
         base = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64).flatten().tolist()
-        weights = [[max(f, fisher_floor) for f in task[key].double().flatten().tolist()] for task in fishers]
+        weights = []
+        for t, task in enumerate(fishers):
+            raw = task[key].double().flatten().tolist()
+            floored = [max(f, fisher_floor) for f in raw] if (t == 0 or not favor_first_model) else raw
+            weights.append([coefficients[t] * f for f in floored])
         merged = []
         for i in range(len(base)):
             numerator = sum(w[i] * (base[i] + s[i]) for w, s in zip(weights, slices, strict=True))

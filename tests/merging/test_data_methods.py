@@ -69,11 +69,13 @@ def test_regmean_matches_float64_reference(T: int, reduce_non_diagonal: float) -
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("fisher_floor", [1e-6, 0.5])
-def test_fisher_matches_float64_reference(T: int, fisher_floor: float) -> None:
+@pytest.mark.parametrize(("normalize", "favor_first"), [(True, True), (False, False), (True, False), (False, True)])
+def test_fisher_matches_float64_reference(T: int, fisher_floor: float, normalize: bool, favor_first: bool) -> None:
     tvs = [_model(s) for s in range(T)]
     fishers = _fishers(tvs)
-    merged = merge_task_vectors(tvs, "fisher", device="cpu", fishers=fishers, fisher_floor=fisher_floor)
-    _assert_matches(merged, reference.fisher(tvs, fishers, fisher_floor))
+    options = {"fisher_floor": fisher_floor, "normalize_fishers": normalize, "favor_first_model": favor_first}
+    merged = merge_task_vectors(tvs, "fisher", device="cpu", fishers=fishers, **options)
+    _assert_matches(merged, reference.fisher(tvs, fishers, fisher_floor, normalize, favor_first))
 
 
 def test_regmean_recovers_each_expert_on_its_own_inputs_when_inputs_are_disjoint() -> None:
@@ -96,8 +98,13 @@ def test_fisher_follows_the_confident_expert() -> None:
         {"w": torch.tensor([9.0, 0.0], dtype=torch.float64)},
         {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)},
     ]
-    merged = merge_task_vectors([{"w": a}, {"w": b}], "fisher", device="cpu", fishers=fishers)["w"]
+    plain = {"normalize_fishers": False, "favor_first_model": False}  # every Fisher floored, not normalised
+    merged = merge_task_vectors([{"w": a}, {"w": b}], "fisher", device="cpu", fishers=fishers, **plain)["w"]
     torch.testing.assert_close(merged, torch.tensor([1.2, 2.0], dtype=torch.float64))  # 0.9·1 + 0.1·3; floor: mean
+    # the reference's defaults: each weight divided by its whole Fisher's norm (9 and 1), so the two experts weigh
+    # the same on the first entry; only the first model is floored, so it alone defines the second entry
+    merged = merge_task_vectors([{"w": a}, {"w": b}], "fisher", device="cpu", fishers=fishers)["w"]
+    torch.testing.assert_close(merged, torch.tensor([2.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["regmean", "fisher"])

@@ -89,9 +89,19 @@ def test_options_match_reference(method: str) -> None:
     [
         ("breadcrumbs", {"granularity": "row"}),
         ("breadcrumbs", {"granularity": "row", "keep": 0.4, "drop_top": 0.2}),
+        ("breadcrumbs", {"granularity": "layer"}),
+        ("breadcrumbs", {"granularity": "layer", "keep": 0.4, "drop_top": 0.2}),
         ("cart", {"all_matrices": True}),
         ("wudi", {"all_matrices": True, "iterations": 20, "lr": 1e-2}),
+        ("wudi", {"other_keys": "mean", "iterations": 20, "lr": 1e-2}),
+        ("wudi", {"all_matrices": True, "other_keys": "mean", "iterations": 20, "lr": 1e-2}),  # FusionBench's
+        ("model_stock", {"angle": "mean_cosine", "eps": 0.0}),
+        ("model_stock", {"angle": "mean_cosine"}),
+        ("model_stock", {"eps": 0.0}),
         ("dare_ta", {"drop_rate": 0.0}),
+        ("dare_ties", {"threshold": "ties"}),
+        ("dare_ties", {"threshold": "ties", "drop_rate": 0.3, "density": 0.45}),
+        ("dare_ties", {"drop_rate": 0.3, "density": 0.45}),
     ],
 )
 def test_variants_match_reference(method: str, options: dict) -> None:
@@ -143,13 +153,16 @@ def test_identical_task_vectors_are_deterministic_and_finite(method: str) -> Non
 
 
 @pytest.mark.parametrize(
-    ("method", "factor"),
-    [("average", 1.0), ("task_arithmetic", 3.0), ("magmax", 1.0), ("iso_c", None), ("model_stock", 1.0),
-     ("cart", 1.0), ("randmix", 1.0), ("dare_ta", None)],
+    ("method", "factor", "options"),
+    [("average", 1.0, {}), ("task_arithmetic", 3.0, {}), ("magmax", 1.0, {}), ("iso_c", None, {}),
+     ("model_stock", 1.0, {"eps": 0.0}), ("model_stock", 1.0, {"eps": 0.0, "angle": "mean_cosine"}),
+     ("cart", 1.0, {}), ("randmix", 1.0, {}), ("dare_ta", None, {})],
 )  # fmt: skip
-def test_identical_task_vectors_known_answers(method: str, factor: float | None) -> None:
+def test_identical_task_vectors_known_answers(method: str, factor: float | None, options: dict) -> None:
+    """(Model Stock without its ε: with ε = 1e-8 the cosine of identical updates is a little below 1, see
+    test_model_stock_shrinks_tiny_updates_by_its_epsilon.)"""
     tv = _model(3)
-    merged = merge_task_vectors([tv, tv, tv], method, device="cpu")
+    merged = merge_task_vectors([tv, tv, tv], method, device="cpu", **options)
     if method == "iso_c":  # 3 copies: the copy's singular vectors with the mean of 3x its singular values
         U, S, Vh = torch.linalg.svd(tv["blocks.0.mlp.c_fc.weight"], full_matrices=False)
         torch.testing.assert_close(merged["blocks.0.mlp.c_fc.weight"], 3 * S.mean() * U @ Vh, rtol=0, atol=1e-10)
@@ -211,6 +224,10 @@ def test_bad_option_is_rejected_with_the_valid_ones(method: str) -> None:
         ("wudi", {"iterations": -1}, "iterations must be a non-negative integer"),
         ("wudi", {"iterations": 2.5}, "must be an integer"),
         ("wudi", {"lr": 0.0}, "lr must be positive"),
+        ("wudi", {"other_keys": "theta"}, r"other_keys='theta' is not valid .* \['zero', 'mean'\]"),
+        ("model_stock", {"angle": "median"}, r"angle='median' is not valid"),
+        ("model_stock", {"eps": -1.0}, "eps must be >= 0"),
+        ("dare_ties", {"threshold": "half"}, r"threshold='half' is not valid .* \['mergelm', 'ties'\]"),
     ],
 )
 def test_bad_option_values(method: str, options: dict, message: str) -> None:
@@ -272,11 +289,25 @@ def test_breadcrumbs_masks_outliers_and_negligible_entries() -> None:
 
 
 def test_model_stock_ratio_on_two_experts() -> None:
-    """Two updates at 60°: t = 2·0.5/(1 + 0.5) = 2/3 of their mean (the paper's two-model case)."""
+    """Two updates at 60°: t = 2·0.5/(1 + 0.5) = 2/3 of their mean (the paper's two-model case); with FusionBench's
+    ε the cosine is 0.5/(1 + ε) and the ratio's denominator gains ε."""
     a = torch.tensor([1.0, 0.0], dtype=torch.float64)
     b = torch.tensor([0.5, 3**0.5 / 2], dtype=torch.float64)
+    exact = merge_task_vectors([{"w": a}, {"w": b}], "model_stock", device="cpu", eps=0.0)["w"]
+    torch.testing.assert_close(exact, (2 / 3) * (a + b) / 2, rtol=0, atol=1e-15)
+    c = 0.5 / (1 + 1e-8)
     merged = merge_task_vectors([{"w": a}, {"w": b}], "model_stock", device="cpu")["w"]
-    torch.testing.assert_close(merged, (2 / 3) * (a + b) / 2, rtol=0, atol=1e-15)
+    torch.testing.assert_close(merged, 2 * c / (c + 1 + 1e-8) * (a + b) / 2, rtol=0, atol=1e-15)
+
+
+def test_model_stock_shrinks_tiny_updates_by_its_epsilon() -> None:
+    """FusionBench's ε = 1e-8 is comparable to ‖τ_i‖‖τ_j‖ for tiny updates: two equal updates of 1e-4 get
+    cos = 1e-8/(1e-8 + 1e-8) = 1/2 and t = 2/3 (without ε, t = 1: the update itself)."""
+    tv = {"w": torch.tensor([1e-4], dtype=torch.float64)}
+    merged = merge_task_vectors([tv, tv], "model_stock", device="cpu")["w"]
+    torch.testing.assert_close(merged, tv["w"] * 2 * 0.5 / (0.5 + 1 + 1e-8), rtol=1e-12, atol=0)
+    exact = merge_task_vectors([tv, tv], "model_stock", device="cpu", eps=0.0)["w"]
+    torch.testing.assert_close(exact, tv["w"], rtol=1e-12, atol=0)
 
 
 def test_wudi_lowers_the_interference_it_minimises() -> None:

@@ -1,16 +1,21 @@
-"""Model Breadcrumbs: mask each layer's outliers and negligible entries, then sum. Data-free.
+"""Model Breadcrumbs: mask each row's outliers and negligible entries, then sum. Data-free.
 
 Davari, Belilovsky. "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024,
 arXiv:2312.06795 (code: github.com/rezazzr/breadcrumbs).
 
-Per task and per layer (key), rank the entries of |τ_t| from the largest down. The largest
-int(n·``drop_top``) entries are outliers and are masked; of the rest, the next int(n·``keep``) are kept and
-everything smaller is masked as negligible. The masked task vectors are summed (Task Arithmetic):
-Δ* = Σ_t mask_t ⊙ τ_t. Equal magnitudes are ranked by position (a stable sort), so the masks are
-deterministic.
+Per task and per row of each key (along its last dimension, n entries), rank the entries of |τ_t| from the
+largest down. The largest int(n·``drop_top``) entries are outliers and are masked; of the rest, the next
+int(n·``keep``) are kept and everything smaller is masked as negligible. A 1-D key is one row; a 0-d key is
+left as it is. The masked task vectors are summed (Task Arithmetic): Δ* = Σ_t mask_t ⊙ τ_t. Equal
+magnitudes are ranked by position (a stable sort), so the masks are deterministic.
 
-``granularity="layer"`` ranks the whole key, as the paper describes; ``"row"`` ranks each row along the
-last dimension separately, as the authors' released code (and the SCORE authors' copy of it) does.
+Reference implementation: rezazzr/breadcrumbs (read at 4a183d6; the issue's f89fc66 computes the same),
+``src/task_vectors.py``, ``TaskVectorMiddleKeep`` (``mask_remove_top`` then ``mask_keep_top``, per row along
+the last dimension); the SCORE authors' copy (VirtualSpaceman/score_cvpr26@a75ee36,
+``src/merging/breadcumbs.py``) computes the same. ``granularity="row"`` (the default) is that rule;
+``"layer"`` ranks the whole key at once, as the paper's text describes it, which no released code computes.
+The one difference left on purpose: among equal non-zero magnitudes at a boundary, the reference's
+``torch.topk`` picks in its own order, ours the lowest positions.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ __all__ = ["breadcrumbs_mask", "breadcrumbs_merge"]
 GRANULARITIES: tuple[str, ...] = ("layer", "row")
 
 
-def breadcrumbs_mask(deltas: Tensor, keep: float, drop_top: float, granularity: str = "layer") -> Tensor:
-    """Boolean ``[T, *shape]`` mask: per task and layer (or row), the entries ranked after the outliers.
+def breadcrumbs_mask(deltas: Tensor, keep: float, drop_top: float, granularity: str = "row") -> Tensor:
+    """Boolean ``[T, *shape]`` mask: per task and row (or layer), the entries ranked after the outliers.
 
     Args:
         deltas: ``[T, *shape]`` the T slices of one key.
         keep: Fraction of the n entries kept (after the outliers).
         drop_top: Fraction of the n entries removed from the top as outliers.
-        granularity: ``"layer"`` (the whole key) or ``"row"`` (each row along the last dimension).
+        granularity: ``"row"`` (each row along the last dimension) or ``"layer"`` (the whole key).
     """
     num_tasks = deltas.shape[0]
     if granularity == "row" and deltas.ndim == 1:  # a 0-d key has no row: the authors' code leaves it as is
@@ -54,19 +59,20 @@ def breadcrumbs_mask(deltas: Tensor, keep: float, drop_top: float, granularity: 
     choices={"granularity": GRANULARITIES},
 )
 def breadcrumbs_merge(
-    deltas: Tensor, *, keep: float = 0.15, drop_top: float = 0.006, granularity: str = "layer"
+    deltas: Tensor, *, keep: float = 0.15, drop_top: float = 0.006, granularity: str = "row"
 ) -> Tensor:
-    """Mask each task's largest (outliers) and smallest (negligible) entries per layer, then sum the tasks.
+    """Mask each task's largest (outliers) and smallest (negligible) entries per row, then sum the tasks.
 
-    Defaults: keep 15 % after removing the top 0.6 %, the starting point of the hyperparameter search in the
-    authors' released code (the SCORE authors' code carries Breadcrumbs but never runs it with settings).
-    Cost: a sort of each task's |τ| per key, O(T·P log P); memory one key's T slices and their ranks.
+    Defaults: keep 15 % after removing the top 0.6 % (β = 0.15, γ = 0.006: the starting point listed in the
+    authors' ``find_best_hyperparam.py``; their class defaults 0, 0 keep nothing, and the SCORE authors' stored
+    scripts send ``breadcrumbs`` to a plain sum). Cost: a sort of each task's |τ| per row, O(T·P log n); memory
+    one key's T slices and their ranks.
 
     Args:
         deltas: ``[T, ...]`` the T slices of one key.
-        keep: Fraction of each layer's entries kept, counted after the outliers (0.15).
-        drop_top: Fraction of each layer's largest entries masked as outliers (0.006).
-        granularity: ``"layer"`` (default, the paper) or ``"row"`` (the authors' code).
+        keep: Fraction of each row's entries kept, counted after the outliers (0.15).
+        drop_top: Fraction of each row's largest entries masked as outliers (0.006).
+        granularity: ``"row"`` (default: the authors' code) or ``"layer"`` (the paper's text).
 
     Returns:
         Σ_t mask_t ⊙ τ_t for that key.

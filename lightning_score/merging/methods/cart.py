@@ -12,6 +12,10 @@ directions of each centred vector and adds them back with a coefficient λ. Per 
 SVD_k the best rank-k approximation (the k leading singular triplets). Every other key, including the
 matrix keys that are not block linear layers (``positional_embedding``, ``proj``), gets τ̄: the authors'
 code leaves those centred vectors whole, and Σ_t c_t = 0.
+
+Reference implementation: JH-GEECS/CART@37bb668, ``src/merging.py``, ``StaticMergeModule._merge_weights("CART")``
+with ``_get_truncated_task_vectors`` (the block linear layers are the keys with "attn" or "mlp" and neither "ln"
+nor "bias" in their name; k = max(1, int(rank_ratio · r))); this computes it exactly.
 """
 
 from __future__ import annotations

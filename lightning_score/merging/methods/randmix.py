@@ -6,6 +6,11 @@ CVPR 2026, arXiv:2603.05768): for every entry of every key, draw a task index
 uniformly from {0, …, T − 1} and take that task's value. The indices of a key come from a generator seeded
 by (``seed``, key name) on the CPU (:mod:`~lightning_score.merging.seeding`), so a merge is reproducible
 bit for bit whatever the key order, the device or the split of keys across processes.
+
+Reference implementation: VirtualSpaceman/score_cvpr26@a75ee36, ``src/merging/task_vectors.py``,
+``merge_rnd_mix``: the same rule, with its indices drawn by ``torch.randint(0, T, shape)`` from one global
+stream (seeded 5), so its draws depend on the key order and no seed here reproduces them bit for bit (the same
+distribution). The draws for a key depend on T (an index in {0, …, T − 1} per entry).
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ Gram matrices (biases, norms, embeddings, the 4-D patch embedding) gets the mean
 authors' code. The system is solved through a Cholesky factorisation of Σ_t G̃_t (never an explicit
 inverse); a Gram sum that is not positive definite is an error that names the layer.
 
+Reference implementation: bloomberg/dataless-model-merging@92247ae (the merger's RegMean path with
+``regmean_reduce_nondiag``, ``src/configs/defaults.yaml`` and the ``exps/**/*regmean*.yaml`` configurations);
+with the same Gram matrices it computes this exactly.
+
 The statistics come as one option (the core never runs a model)::
 
     grams = [  # one mapping per task, in the task vectors' order
@@ -84,8 +88,10 @@ class RegMeanMerge(KeyMerger):
         grams: One mapping per task, weight key → Gram matrix ``[n, n]`` of that layer's inputs on the task's
             proxy images. Required.
         reduce_non_diagonal: The paper's regulariser a: off-diagonal Gram entries are multiplied by it (1.0:
-            the plain closed form; the authors' released configurations use 1.0 for RoBERTa and 0.1 for
-            DeBERTa). Values below 1 also make a rank-deficient Gram sum solvable.
+            the plain closed form, which is the authors' code's default, ``regmean_reduce_nondiag: -1``, i.e.
+            off). Their released configurations set it per benchmark: unset (1.0) on GLUE; 0.1 for RoBERTa-base
+            on emotion and NER, for DeBERTa-v3-large on emotion and for T5-v1.1-base; 0.9 for DeBERTa-v3-large
+            on out-of-domain NER. Values below 1 also make a rank-deficient Gram sum solvable.
     """
 
     def __init__(

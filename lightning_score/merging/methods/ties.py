@@ -81,9 +81,13 @@ class TiesMerge(KeyMerger):
             raise ValueError(f"ties: density must lie in (0, 1], got {density}.")
         self.density = density
 
+    def threshold_rank(self, total: int) -> int:
+        """The 1-indexed rank of each task's trim threshold among its ``total`` magnitudes (:func:`threshold_rank`)."""
+        return threshold_rank(total, self.density)
+
     def prepare(self, stream: KeyStream) -> None:
         """Find each task's magnitude threshold over all keys, then the majority sign."""
-        ranks = torch.full((stream.num_tasks, 1), threshold_rank(stream.numel(), self.density))
+        ranks = torch.full((stream.num_tasks, 1), self.threshold_rank(stream.numel()))
         self.thresholds = kth_smallest(lambda: stream.flat(torch.abs), ranks).squeeze(1)
         sign_sum = torch.zeros((), dtype=torch.float64)
         for _, deltas in stream:
