@@ -287,6 +287,21 @@ class Entry:
         return self.method is not None and self.method.needs_data
 
     @property
+    def method_options(self) -> dict[str, Any]:
+        """The options the row's merge runs with: the method's defaults under the row's own.
+
+        A seeded method's ``seed`` is the study's, recorded on its own; statistics, which the study collects (their
+        default is None), are left out. A result file records them, so that a kept result made with other defaults
+        (an earlier release's) is not reused.
+        """
+        if self.method is None:
+            return {}
+        options = {**self.method.defaults, **self.row.options}
+        if self.seeded and "seed" not in self.row.options:
+            options.pop("seed")
+        return {k: v for k, v in options.items() if isinstance(v, bool | int | float | str)}
+
+    @property
     def seeded(self) -> bool:
         """Whether the row's merge method takes a ``seed`` (DARE, RandMix...)."""
         return self.method is not None and "seed" in self.method.defaults

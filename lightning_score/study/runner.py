@@ -292,6 +292,8 @@ class Study:
             "val_fraction": config.val_fraction,
             "precision": config.expert.precision,
         }
+        if entry.method is not None:
+            record["method_options"] = entry.method_options
         if entry.needs_data:
             record["proxy_images"] = config.proxy_images
         if entry.tuned or row.alpha == "auto":

@@ -45,3 +45,16 @@ def test_the_record_is_what_the_study_is_in_plain_values() -> None:
     assert record["expert"] == dataclasses.asdict(expert)
     assert record["rows"] == [dataclasses.asdict(Row("S")), dataclasses.asdict(Row("Z", mode="zeroshot"))]
     assert all(not isinstance(value, tuple) for value in record.values())  # yaml.safe_dump and json read it as is
+
+
+def test_an_entry_records_the_options_its_merge_runs_with_so_new_defaults_are_not_reused() -> None:
+    from lightning_score.study.config import table_entries
+
+    rows = [Row("B", method="breadcrumbs", options={"keep": 0.3}), Row("D", method="dare_ta"),
+            Row("D7", method="dare_ta", options={"seed": 7}), Row("F", method="fisher"), Row("Z", mode="zeroshot")]  # fmt: skip
+    options = {entry.row.name: entry.method_options for entry in table_entries(rows, tune_alpha=False)}
+    assert options["B"] == {"keep": 0.3, "drop_top": 0.006, "granularity": "row"}  # the default under the row's own
+    assert options["D"] == {"drop_rate": 0.9}  # the seed is the study's, recorded beside it
+    assert options["D7"] == {"drop_rate": 0.9, "seed": 7}
+    assert options["F"] == {"fisher_floor": 1e-6, "normalize_fishers": True, "favor_first_model": True}  # no statistics
+    assert options["Z"] == {}
