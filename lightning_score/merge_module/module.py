@@ -40,7 +40,7 @@ from lightning_score.merge_module.passes import ready_for_passes, validation_acc
 from lightning_score.merge_module.records import CHECKPOINT_KEY, PreparedRecord, merged_file_header
 from lightning_score.merge_module.sharding import merge_on_ranks
 from lightning_score.merge_module.statistics import STATISTICS, collect_statistics
-from lightning_score.merging import FactorCache, MethodSpec
+from lightning_score.merging import FactorCache
 from lightning_score.models import save_clip_weights
 from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.profiling import Measure
@@ -119,10 +119,8 @@ class MergeModule(CLIPClassifier):
         check_count(mode, len(task_vectors or []))
         self.method = method
         self.method_options = dict(method_options or {})
-        # the method resolved once, here (mode "merge"): its registration, options (defaults filled), statistics
-        self.method_spec: MethodSpec | None = resolved.spec if resolved else None
-        self.resolved_options: dict[str, Any] = resolved.options if resolved else {}
-        self.statistic_names: tuple[str, ...] = resolved.statistics if resolved else ()
+        #: The method, resolved once, here: registration, options (defaults filled), statistics (None: not "merge").
+        self.resolved_method = resolved  # an inputs.ResolvedMethod
         super().__init__(model_name, pretrained, templates, classnames, head_cache)
         self.mode = mode
         self.alpha = alpha
@@ -209,7 +207,7 @@ class MergeModule(CLIPClassifier):
         Returns:
             τ* on CPU. :attr:`merge_seconds` and :attr:`merge_peak_bytes` record the cost.
         """
-        if self.method_spec is None:
+        if self.resolved_method is None:
             raise ValueError(f"merge applies to mode='merge', not mode='{self.mode}'.")
         task_vectors = self._inputs().task_vectors
         device = self._compute_device()
@@ -218,8 +216,8 @@ class MergeModule(CLIPClassifier):
         with Measure(device) as measure:
             merged = merge_on_ranks(
                 task_vectors,
-                self.method_spec,
-                self.resolved_options,
+                self.resolved_method.spec,
+                self.resolved_method.options,
                 device,
                 strategy,
                 self.collect_statistics,
@@ -236,9 +234,10 @@ class MergeModule(CLIPClassifier):
         return merged
 
     def _statistics_note(self) -> str:
-        if not self.statistic_names:
+        names = self.resolved_method.statistics if self.resolved_method else ()
+        if not names:
             return ""
-        return f"; {' and '.join(self.statistic_names)} from {self.proxy_images} proxy images per source domain"
+        return f"; {' and '.join(names)} from {self.proxy_images} proxy images per source domain"
 
     def merged_weights(self, alpha: float) -> dict[str, Tensor]:
         """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is), in θ₀'s dtype."""
@@ -320,7 +319,7 @@ class MergeModule(CLIPClassifier):
         inputs = self._inputs()
         return collect_statistics(
             self.method,
-            self.statistic_names,
+            self.resolved_method.statistics if self.resolved_method else (),
             inputs.task_vectors,
             self.image_encoder,
             inputs.pretrained,

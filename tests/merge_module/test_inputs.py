@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,14 @@ def test_merge_mode_resolves_the_method_and_its_options_once() -> None:
     assert resolved.statistics == ()
     for method, statistic in (("esm", "activations"), ("regmean", "grams"), ("fisher", "fishers")):
         assert check_arguments("merge", "auto", "golden", method, {}).statistics == (statistic,)
+
+
+def test_a_resolved_method_pickles_by_name() -> None:
+    """ddp_spawn pickles the module: the registration (which holds a closure) travels by its name."""
+    resolved = check_arguments("merge", 1.0, "grid", "regmean", {"reduce_non_diagonal": 0.5})
+    for again in (pickle.loads(pickle.dumps(resolved)), copy.deepcopy(resolved)):
+        assert again == resolved and again.spec is get_method("regmean")
+        assert again.options["reduce_non_diagonal"] == 0.5 and again.statistics == ("grams",)
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "merge"])
