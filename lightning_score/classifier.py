@@ -9,6 +9,12 @@ and reuses the test loop unchanged.
 Override points, in the order Lightning meets them: :meth:`CLIPClassifier.configure_clip` (``__init__``:
 the model and transforms), :meth:`CLIPClassifier.setup` (head; call ``super().setup(stage)`` first), and
 :meth:`CLIPClassifier.build_head`.
+
+What it reads from the datamodule is stated by :mod:`lightning_score.data.protocols`: the class names
+(:class:`~lightning_score.data.ClassNames`, unless ``classnames=`` is given) and, from a
+:class:`~lightning_score.data.SourceDomains`, its own template set, its domains and the test domains' names. A
+datamodule that is not a ``SourceDomains`` gets the defaults: the ``imagenet`` templates, test dataloaders named
+``domain0``, ``domain1``...
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
+from lightning_score.data.protocols import ClassNames, SourceDomains
 from lightning_score.models import build_clip, build_zero_shot_head, guess_template_set, load_templates
 from lightning_score.models.templates import templates_naming_domains
 from lightning_score.models.zero_shot import ZeroShotHead
@@ -91,12 +99,14 @@ class BalancedAccuracy(Metric):
         self.add_state("correct", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
+    @override
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch: ``preds`` as logits ``[N, C]`` or labels ``[N]``; ``target`` labels ``[N]``."""
         correct, total = per_class_counts(preds, target, self.num_classes)
         self.correct += correct
         self.total += total
 
+    @override
     def compute(self) -> Tensor:
         """The balanced accuracy in [0, 1]."""
         return balanced_accuracy(self.correct, self.total)
@@ -196,16 +206,20 @@ class CLIPClassifier(LightningModule):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
+    def _source_domains(self) -> SourceDomains | None:
+        datamodule = self._datamodule()
+        return datamodule if isinstance(datamodule, SourceDomains) else None
+
     def resolve_templates(self) -> str:
         """The template set to use: ``templates`` unless it is ``"auto"`` (see the class docstring)."""
         if self.templates != "auto":
             return self.templates
-        datamodule = self._datamodule()
+        datamodule = self._source_domains()
         if datamodule is not None:
-            own = getattr(datamodule, "default_templates", None)
+            own = datamodule.default_templates
             if own:
                 return own
-            domains = getattr(datamodule, "domains", None)
+            domains = datamodule.domains
             guessed = guess_template_set(list(domains)) if domains else None
             if guessed:
                 return guessed
@@ -241,11 +255,11 @@ class CLIPClassifier(LightningModule):
         The datamodule's own default set is exempt: the paper's sets use words such as "photo" or "painting"
         that are also domain names, on purpose.
         """
-        datamodule = self._datamodule()
-        if datamodule is None or name == getattr(datamodule, "default_templates", None):
+        datamodule = self._source_domains()
+        if datamodule is None or name == datamodule.default_templates:
             return
-        train = set(getattr(datamodule, "train_domains", None) or [])
-        held = [d for d in getattr(datamodule, "test_domains", None) or [] if d not in train]
+        train = set(datamodule.train_domains or [])
+        held = [d for d in datamodule.test_domains or [] if d not in train]
         named = templates_naming_domains(templates, held)
         if named:
             example, domains = next(iter(named.items()))
@@ -256,10 +270,11 @@ class CLIPClassifier(LightningModule):
                 "templates='auto' gives the authors' set for a known dataset."
             )
 
+    @override
     def setup(self, stage: str) -> None:
         """Build the zero-shot head from the datamodule's class names (unless it exists and they agree)."""
         datamodule = self._datamodule()
-        classnames = getattr(datamodule, "classnames", None)
+        classnames = datamodule.classnames if isinstance(datamodule, ClassNames) else None
         if classnames is None:
             if self.head is None:
                 raise ValueError(
@@ -277,6 +292,7 @@ class CLIPClassifier(LightningModule):
 
     # --- inference -----------------------------------------------------------------------------
 
+    @override
     def forward(self, images: Tensor) -> Tensor:
         """Logits: L2-normalised image features times the head (``logit_scale · cos``)."""
         if self.head is None:
@@ -291,10 +307,12 @@ class CLIPClassifier(LightningModule):
         assert self.head is not None
         return self.head.num_classes
 
+    @override
     def on_validation_epoch_start(self) -> None:
         """Create the validation metrics for this Trainer's processes."""
         self.val_metrics = _metrics(self._num_classes(), self.trainer.world_size > 1).to(self.device)
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Update ``val/acc`` and ``val/balanced_acc``; log ``val/loss``."""
         images, labels = batch
@@ -305,6 +323,7 @@ class CLIPClassifier(LightningModule):
         self.log("val/loss", loss, on_epoch=True, batch_size=len(labels), add_dataloader_idx=False, sync_dist=True)
         return loss
 
+    @override
     def on_validation_epoch_end(self) -> None:
         """Log ``val/acc`` and ``val/balanced_acc`` over the whole validation set."""
         if self.val_metrics is None or not all(m.update_called for m in self.val_metrics.values()):
@@ -314,9 +333,11 @@ class CLIPClassifier(LightningModule):
         self.val_metrics.reset()
 
     def _test_domains(self, count: int) -> list[str]:
-        names = list(getattr(self._datamodule(), "test_domains", None) or [])
+        datamodule = self._source_domains()
+        names = list((datamodule.test_domains if datamodule is not None else None) or [])
         return names if len(names) == count else [f"domain{i}" for i in range(count)]
 
+    @override
     def on_test_epoch_start(self) -> None:
         """Name the test dataloaders after the datamodule's ``test_domains`` and create fresh metrics for each."""
         counts = self.trainer.num_test_batches
@@ -326,11 +347,13 @@ class CLIPClassifier(LightningModule):
             self.device
         )
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Update the metrics of this batch's domain (one dataloader per domain)."""
         images, labels = batch
         self.test_metrics[str(dataloader_idx)].update(self(images), labels)
 
+    @override
     def on_test_epoch_end(self) -> None:
         """Log ``test/<domain>/acc`` and ``test/<domain>/balanced_acc`` for every test domain."""
         for index, domain in enumerate(self.test_domain_names):
@@ -339,6 +362,7 @@ class CLIPClassifier(LightningModule):
                 self.log(f"test/{domain}/{name}", value, add_dataloader_idx=False, sync_dist=True)
             metrics.reset()
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Class probabilities and predictions (and the labels, when the batch has them)."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
@@ -350,6 +374,7 @@ class CLIPClassifier(LightningModule):
 
     # --- checkpoints ---------------------------------------------------------------------------
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the base model, its fingerprint and the head's classes and templates."""
         checkpoint[_CHECKPOINT_KEY] = {
@@ -360,6 +385,7 @@ class CLIPClassifier(LightningModule):
             "template_set": self.template_set,
         }
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Recreate the head from the checkpoint so ``load_from_checkpoint`` works without a datamodule."""
         record = checkpoint.get(_CHECKPOINT_KEY) or {}

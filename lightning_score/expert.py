@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_score.classifier import CLIPClassifier
 from lightning_score.models.schedule import warmup_cosine
@@ -79,12 +80,14 @@ class CLIPExpert(CLIPClassifier):
         if gradient_checkpointing:
             self.image_encoder.set_grad_checkpointing(True)
 
+    @override
     def configure_model(self) -> None:
         """Compile the image encoder in place when ``compile_image_encoder`` is set."""
         if self.compile_image_encoder and not self._compiled:
             self.image_encoder.compile()
             self._compiled = True
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy of the head's logits; logs ``train/loss`` and ``train/acc``."""
         images, labels = batch
@@ -94,6 +97,7 @@ class CLIPExpert(CLIPClassifier):
         self.log("train/acc", (logits.argmax(dim=-1) == labels).float().mean(), batch_size=len(labels))
         return loss
 
+    @override
     def configure_optimizers(self) -> Any:
         """AdamW over the image encoder's parameters, stepped by a per-step warm-up + cosine schedule."""
         params = [p for p in self.image_encoder.parameters() if p.requires_grad]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ALPHA_SEARCHES", "AlphaSearchResult", "golden_section_search", "grid_search"]
+__all__ = ["ALPHA_SEARCHES", "AlphaSearchResult", "golden_section_search", "grid_search", "search_alpha"]
 
 ALPHA_SEARCHES = ("grid", "golden")
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618..., the bracket's shrink factor per step
@@ -64,6 +64,16 @@ class AlphaSearchResult:
         if self.low > 0 and self.selected <= self.low + self.margin:
             return "lower"
         return None
+
+    def summary(self) -> str:
+        """One line for the log: every α evaluated with its accuracy, and the choice.
+
+        Example:
+            >>> grid_search(lambda a: a / 2, [0.5, 1.0]).summary()
+            'α search (grid) on the source validation data (0.5: 0.250, 1: 0.500); chose α = 1.'
+        """
+        table = ", ".join(f"{a:.3g}: {acc:.3f}" for a, acc in self.evaluated)
+        return f"α search ({self.method}) on the source validation data ({table}); chose α = {self.selected:.3g}."
 
     def edge_warning(self) -> str | None:
         """One sentence for a warning when :meth:`edge` is not None."""
@@ -173,3 +183,17 @@ def golden_section_search(
         if abs(b - a) < tolerance:
             break
     return AlphaSearchResult("golden", evaluated, _best(evaluated), float(low), float(high), 2 * tolerance)
+
+
+def search_alpha(accuracy: Callable[[float], float], search: str, grid: Sequence[float]) -> AlphaSearchResult:
+    """The search named ``search`` (one of :data:`ALPHA_SEARCHES`) over ``accuracy``.
+
+    ``"golden"``: :func:`golden_section_search` with its defaults; otherwise :func:`grid_search` over ``grid``.
+
+    Example:
+        >>> search_alpha(lambda a: -((a - 0.6) ** 2), "grid", [0.2, 0.6, 1.0]).method
+        'grid'
+    """
+    if search == "golden":
+        return golden_section_search(accuracy)
+    return grid_search(accuracy, grid)

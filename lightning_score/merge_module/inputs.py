@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_score.merge_module.alpha import ALPHA_SEARCHES
-from lightning_score.merge_module.statistics import statistic_options
-from lightning_score.merging import get_method
+from lightning_score.merge_module.statistics import statistic_names
+from lightning_score.merging import MethodSpec, get_method
 from lightning_score.task_vector import TaskVector
 
-__all__ = ["MODES", "Mode", "check_arguments", "check_base", "load_task_vectors"]
+__all__ = [
+    "MODES",
+    "MergeInputs",
+    "Mode",
+    "ResolvedMethod",
+    "check_arguments",
+    "check_base",
+    "check_count",
+    "load_task_vectors",
+    "read_inputs",
+]
 
 Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
 """What MergeModule builds: a merge, θ₀ as it is, the experts' logit ensemble, or one expert (θ₀ + α·τ)."""
@@ -23,11 +34,42 @@ MODES: tuple[str, ...] = get_args(Mode)
 _COUNTS = {"merge": (1, None), "ensemble": (1, None), "expert": (1, 1), "zeroshot": (0, None)}
 
 
-def check_arguments(mode: str, alpha: Any, alpha_search: str, method: str, options: Mapping[str, Any]) -> None:
+class ResolvedMethod(NamedTuple):
+    """A merge method as :func:`check_arguments` resolved it, once: what the merge then uses as it is."""
+
+    spec: MethodSpec
+    """Its registration (:func:`~lightning_score.merging.get_method`)."""
+    options: dict[str, Any]
+    """Its options, defaults filled in and checked."""
+    statistics: tuple[str, ...]
+    """The options MergeModule fills with statistics (:func:`~.statistics.statistic_names`; empty: data-free)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # a MethodSpec holds its registration's factory (a closure): pickled by name (ddp_spawn pickles the module)
+        return _by_name, (self.spec.name, self.options, self.statistics)
+
+
+def _by_name(name: str, options: dict[str, Any], statistics: tuple[str, ...]) -> ResolvedMethod:
+    return ResolvedMethod(get_method(name), options, statistics)
+
+
+def check_arguments(
+    mode: str, alpha: Any, alpha_search: str, method: str, options: Mapping[str, Any]
+) -> ResolvedMethod | None:
     """MergeModule's arguments, before anything is loaded: mode, α, α search, method and its options.
 
     In ``merge`` mode the method must be known, its options valid, and a data-using method's statistics
     (collected by MergeModule, see :mod:`lightning_score.merge_module.statistics`) not given as options.
+
+    Returns:
+        The method looked up and its options resolved, once; None in another mode (no method runs there).
+
+    Example:
+        >>> spec, options, statistics = check_arguments("merge", 1.0, "grid", "score", {"variant": "diagonal"})
+        >>> spec.name, options["variant"], options["z"], statistics
+        ('score', 'diagonal', 1.96, ())
+        >>> check_arguments("zeroshot", 1.0, "grid", "no such method", {}) is None
+        True
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {list(MODES)}.")
@@ -36,29 +78,73 @@ def check_arguments(mode: str, alpha: Any, alpha_search: str, method: str, optio
     if alpha_search not in ALPHA_SEARCHES:
         raise ValueError(f"alpha_search={alpha_search!r} is not one of {list(ALPHA_SEARCHES)}.")
     if mode != "merge":
-        return
+        return None
     spec = get_method(method)  # unknown method: a clear error before loading anything
-    given = sorted(set(statistic_options(method)) & set(options))  # a data method MergeModule cannot feed: refused
+    statistics = statistic_names(spec)
+    given = sorted(set(statistics) & set(options))  # a data method MergeModule cannot feed: refused
     if given:
         raise ValueError(
             f"method_options[{given[0]!r}]: MergeModule collects '{method}'s {given[0]} itself, from proxy_images "
             "unlabelled images of each source domain; drop it (to merge with statistics of your own, call "
             "lightning_score.merging.merge_task_vectors)."
         )
-    spec.resolve_options(options)
+    return ResolvedMethod(spec, spec.resolve_options(options), statistics)
+
+
+def check_count(mode: str, count: int) -> None:
+    """Refuse a number of task vectors that ``mode`` cannot use.
+
+    ``expert`` takes exactly one, ``merge`` and ``ensemble`` one or more, ``zeroshot`` any number (and ignores them).
+
+    Example:
+        >>> check_count("expert", 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: MergeModule(mode='expert') needs exactly one task vector; got 2: pass task_vectors=[...].
+    """
+    low, high = _COUNTS[mode]
+    if count < low or (high is not None and count > high):
+        wanted = "exactly one task vector" if mode == "expert" else "at least one task vector"
+        raise ValueError(f"MergeModule(mode='{mode}') needs {wanted}; got {count}: pass task_vectors=[...].")
 
 
 def load_task_vectors(paths: Sequence[Path], mode: str) -> list[TaskVector]:
     """The task vectors a mode needs (``zeroshot``: none), loaded lazily; a clear error for a wrong count or file."""
-    low, high = _COUNTS[mode]
-    count = len(paths)
-    if count < low or (high is not None and count > high):
-        wanted = "exactly one task vector" if mode == "expert" else "at least one task vector"
-        raise ValueError(f"MergeModule(mode='{mode}') needs {wanted}; got {count}: pass task_vectors=[...].")
-    if mode == "zeroshot" and count:
+    check_count(mode, len(paths))
+    if mode == "zeroshot" and paths:
         rank_zero_info("MergeModule(mode='zeroshot') ignores its task vectors.")
         return []
     return [TaskVector.load(path) for path in paths]  # missing / not a task vector: clear errors
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What MergeModule reads in ``setup``: the task vectors and θ₀.
+
+    Attributes:
+        task_vectors: The task vectors the mode needs (lazy: each key is read when used), checked against θ₀.
+        pretrained: θ₀: a copy of the image encoder's state on CPU, taken before anything changed it.
+    """
+
+    task_vectors: list[TaskVector]
+    pretrained: dict[str, Tensor]
+
+
+def read_inputs(paths: Sequence[Path], mode: str, encoder: nn.Module, base_model: str, fingerprint: str) -> MergeInputs:
+    """:func:`load_task_vectors`, each checked with :func:`check_base` against ``encoder``, and a copy of θ₀.
+
+    Args:
+        paths: The task-vector files.
+        mode: MergeModule's mode (how many it needs; ``zeroshot``: none are read).
+        encoder: The image encoder, holding θ₀.
+        base_model: Its label, e.g. ``"ViT-B-32/openai"``.
+        fingerprint: Its fingerprint (``state_dict_fingerprint``).
+    """
+    task_vectors = load_task_vectors(paths, mode)
+    state = encoder.state_dict()
+    for tv in task_vectors:
+        check_base(tv, state, base_model, fingerprint)
+    return MergeInputs(task_vectors, {k: v.detach().to("cpu", copy=True) for k, v in state.items()})
 
 
 def check_base(tv: TaskVector, encoder: Mapping[str, Tensor], base_model: str, fingerprint: str) -> None:

@@ -21,25 +21,25 @@ never a test loader.
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_score.classifier import CLIPClassifier
-from lightning_score.merge_module.alpha import AlphaSearchResult, golden_section_search, grid_search
-from lightning_score.merge_module.inputs import Mode, check_arguments, check_base, load_task_vectors
-from lightning_score.merge_module.passes import validation_accuracy
+from lightning_score.merge_module.alpha import AlphaSearchResult, search_alpha
+from lightning_score.merge_module.ensemble import ensemble_logits, expert_encoders
+from lightning_score.merge_module.inputs import MergeInputs, Mode, check_arguments, check_count, read_inputs
+from lightning_score.merge_module.passes import ready_for_passes, validation_accuracy
+from lightning_score.merge_module.records import CHECKPOINT_KEY, PreparedRecord, merged_file_header
 from lightning_score.merge_module.sharding import merge_on_ranks
-from lightning_score.merge_module.statistics import STATISTICS, collect_statistics, statistic_options
+from lightning_score.merge_module.statistics import STATISTICS, collect_statistics
 from lightning_score.merging import FactorCache
 from lightning_score.models import save_clip_weights
 from lightning_score.task_vector import TaskVector
@@ -51,8 +51,6 @@ __all__ = ["MergeModule", "describe_options"]
 log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
-_CHECKPOINT_KEY = "lightning_score_merge"
-_RESTORING = contextvars.ContextVar("lightning_score_merge_restoring", default=False)
 
 
 def describe_options(options: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
@@ -92,6 +90,9 @@ class MergeModule(CLIPClassifier):
             (e.g. every row and target of a leave-one-domain-out study): the SVD-based methods (SCORE, TSV-M,
             Iso-CTS, ESM's TSV layers) then compute each expert's factorizations once. The merge is
             bit-identical with and without it on one device. Not a hyperparameter: checkpoints do not keep it.
+
+    The arguments are checked here; the task-vector files are read in ``setup``, first. ``load_from_checkpoint``
+    restores the merged weights without them (the files need not exist any more), but not τ* (no :meth:`use_alpha`).
     """
 
     _NOT_HYPERPARAMETERS = ("factors",)
@@ -114,9 +115,12 @@ class MergeModule(CLIPClassifier):
         head_cache: bool = True,
         factors: FactorCache | None = None,
     ) -> None:
-        check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
+        resolved = check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
+        check_count(mode, len(task_vectors or []))
         self.method = method
         self.method_options = dict(method_options or {})
+        #: The method, resolved once, here: registration, options (defaults filled), statistics (None: not "merge").
+        self.resolved_method = resolved  # an inputs.ResolvedMethod
         super().__init__(model_name, pretrained, templates, classnames, head_cache)
         self.mode = mode
         self.alpha = alpha
@@ -126,9 +130,7 @@ class MergeModule(CLIPClassifier):
         self.merge_device = merge_device
         self.factors = factors
         self.task_vector_paths = [Path(p) for p in task_vectors or []]
-        # load_from_checkpoint restores the prepared weights: the task-vector files are not read again
-        self._task_vectors = [] if _RESTORING.get() else self._load_task_vectors()
-        self._pretrained_state = {k: v.detach().clone() for k, v in self.image_encoder.state_dict().items()}
+        self._read: MergeInputs | None = None  # the task vectors and θ₀, read in setup
         self.experts = nn.ModuleList()
         self.merged: TaskVector | None = None  #: τ* at α = 1 (mode ``merge``), on CPU.
         self.current_alpha: float | None = None  #: The α of the weights now in the image encoder.
@@ -139,43 +141,38 @@ class MergeModule(CLIPClassifier):
         self._merge_record: dict[str, Any] | None = None  # the merge's provenance, kept when τ* is not
         self._prepared = False
 
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MergeModule:  # type: ignore[override]
-        """Restore a tested MergeModule with its merged weights as they were saved: nothing is merged again.
-
-        The task-vector files need not exist any more; τ* itself is not in the checkpoint, so
-        :meth:`use_alpha` is unavailable on the restored module. Arguments as
-        :meth:`lightning.pytorch.LightningModule.load_from_checkpoint`.
-        """
-        token = _RESTORING.set(True)
-        try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-        finally:
-            _RESTORING.reset(token)
-
-    # --- inputs, checked before any long work ----------------------------------------------------
-
-    def _load_task_vectors(self) -> list[TaskVector]:
-        tvs = load_task_vectors(self.task_vector_paths, self.mode)
-        for tv in tvs:
-            check_base(tv, self.image_encoder.state_dict(), self.base_model, self.pretrained_fingerprint)
-        return tvs
+    def _inputs(self) -> MergeInputs:
+        if self._read is None:
+            raise RuntimeError(
+                "MergeModule has not read its task vectors yet: run it through a Trainer (trainer.test / validate / "
+                "predict) or call setup() first. A module restored with load_from_checkpoint never reads them."
+            )
+        return self._read
 
     # --- setup: build the weights once ------------------------------------------------------------
 
+    @override
     def setup(self, stage: str) -> None:
-        """Build the head (see :class:`CLIPClassifier`), then the weights of the chosen mode, once."""
+        """Read the task vectors, build the head (see :class:`CLIPClassifier`), then the mode's weights, once.
+
+        A prepared module (set up before, or restored from a checkpoint) only checks its head.
+        """
         trainer = self._trainer
         if trainer is not None:
             check_strategy(trainer.strategy, "MergeModule")
+        if not self._prepared and self._read is None:  # a missing or mismatched file fails before the head is built
+            paths, encoder = self.task_vector_paths, self.image_encoder
+            self._read = read_inputs(paths, self.mode, encoder, self.base_model, self.pretrained_fingerprint)
         super().setup(stage)
         if self._prepared:
             return
-        self._ready_for_passes()
+        inputs = self._inputs()
+        ready_for_passes(self, self._trainer)
         if self.mode == "expert":
-            self._load_encoder(self._task_vectors[0].apply_to(self._pretrained_state, alpha=self._numeric_alpha()))
+            self._load_encoder(inputs.task_vectors[0].apply_to(inputs.pretrained, alpha=self._numeric_alpha()))
         elif self.mode == "ensemble":
-            self._build_ensemble()
+            alpha = self._numeric_alpha()
+            self.experts = expert_encoders(self.image_encoder, inputs.task_vectors, inputs.pretrained, alpha)
         elif self.mode == "merge":
             self.merged = self.merge()
             if self.alpha == "auto":
@@ -183,17 +180,6 @@ class MergeModule(CLIPClassifier):
             else:
                 self.use_alpha(float(self.alpha))
         self._prepared = True
-
-    def _ready_for_passes(self) -> None:
-        """Put the module on the Trainer's device and precision now, as the strategy is about to.
-
-        The forward passes of ``setup`` (α search, ESM's activations) then run exactly as the test will.
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return
-        trainer.precision_plugin.convert_module(self)  # in place; the strategy's own conversion is then a no-op
-        self.to(trainer.strategy.root_device)
 
     def _numeric_alpha(self) -> float:
         if self.alpha == "auto":
@@ -221,14 +207,17 @@ class MergeModule(CLIPClassifier):
         Returns:
             τ* on CPU. :attr:`merge_seconds` and :attr:`merge_peak_bytes` record the cost.
         """
+        if self.resolved_method is None:
+            raise ValueError(f"merge applies to mode='merge', not mode='{self.mode}'.")
+        task_vectors = self._inputs().task_vectors
         device = self._compute_device()
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
         with Measure(device) as measure:
             merged = merge_on_ranks(
-                self._task_vectors,
-                self.method,
-                self.method_options,
+                task_vectors,
+                self.resolved_method.spec,
+                self.resolved_method.options,
                 device,
                 strategy,
                 self.collect_statistics,
@@ -237,7 +226,7 @@ class MergeModule(CLIPClassifier):
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
         rank_zero_info(
-            f"MergeModule: merged {len(self._task_vectors)} task vectors with '{self.method}' "
+            f"MergeModule: merged {len(task_vectors)} task vectors with '{self.method}' "
             f"({describe_options(self._merge_record.get('options', {}), skip=list(STATISTICS))}"
             f"{self._statistics_note()}) on {device} in {measure.seconds:.1f} s "
             f"(peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
@@ -245,7 +234,7 @@ class MergeModule(CLIPClassifier):
         return merged
 
     def _statistics_note(self) -> str:
-        names = statistic_options(self.method)
+        names = self.resolved_method.statistics if self.resolved_method else ()
         if not names:
             return ""
         return f"; {' and '.join(names)} from {self.proxy_images} proxy images per source domain"
@@ -257,13 +246,8 @@ class MergeModule(CLIPClassifier):
                 "MergeModule has no merge yet: run it through a Trainer (trainer.test / validate / predict) or call "
                 "setup() first. A module restored with load_from_checkpoint keeps its merged weights but not τ*."
             )
-        exempt = set(self.merged.metadata.get("merge", {}).get("alpha_exempt_keys", []))
-        out = dict(self._pretrained_state)
-        for key in self.merged:
-            base = self._pretrained_state[key]
-            scale = 1.0 if key in exempt else alpha
-            out[key] = (base.double() + scale * self.merged[key].double()).to(base.dtype)
-        return out
+        exempt = self.merged.metadata.get("merge", {}).get("alpha_exempt_keys", [])
+        return self.merged.apply_to(self._inputs().pretrained, alpha=alpha, exempt=exempt)  # type: ignore[return-value]
 
     def use_alpha(self, alpha: float) -> None:
         """Load θ₀ + α·τ* into the image encoder, from the merge already computed (nothing is merged again).
@@ -308,17 +292,10 @@ class MergeModule(CLIPClassifier):
             self.use_alpha(alpha)
             return validation_accuracy(self.image_encoder, self.head, loaders, self._trainer, device)
 
-        if self.alpha_search == "golden":
-            result = golden_section_search(accuracy)
-        else:
-            result = grid_search(accuracy, self.alpha_grid)
+        result = search_alpha(accuracy, self.alpha_search, self.alpha_grid)
         self.alpha_search_result = result
         self.use_alpha(result.selected)
-        table = ", ".join(f"{a:.3g}: {acc:.3f}" for a, acc in result.evaluated)
-        rank_zero_info(
-            f"MergeModule: α search ({result.method}) on the source validation data ({table}); "
-            f"chose α = {result.selected:.3g}."
-        )
+        rank_zero_info(f"MergeModule: {result.summary()}")
         warning = result.edge_warning()
         if warning is not None:
             rank_zero_warn(f"MergeModule: {warning}")
@@ -339,81 +316,69 @@ class MergeModule(CLIPClassifier):
         Returns:
             Option name → one mapping per task vector (CPU tensors); empty for a data-free method.
         """
+        inputs = self._inputs()
         return collect_statistics(
             self.method,
-            self._task_vectors,
+            self.resolved_method.statistics if self.resolved_method else (),
+            inputs.task_vectors,
             self.image_encoder,
-            self._pretrained_state,
+            inputs.pretrained,
             self.head,
             self._datamodule(),
-            self.proxy_images,
-            self._trainer,
-            device or self._compute_device(),
+            num_images=self.proxy_images,
+            trainer=self._trainer,
+            device=device or self._compute_device(),
         )
 
-    # --- the logit ensemble ------------------------------------------------------------------------
+    # --- test ------------------------------------------------------------------------------------------
 
-    def _build_ensemble(self) -> None:
-        experts = []
-        for tv in self._task_vectors:  # one after another: each expert's weights are read once
-            expert = copy.deepcopy(self.image_encoder)
-            expert.load_state_dict(tv.apply_to(self._pretrained_state, alpha=self._numeric_alpha()))
-            experts.append(expert)
-        self.experts = nn.ModuleList(experts)
-
+    @override
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the merged (or zero-shot, or expert) model; in ``ensemble`` mode the experts' mean logits."""
         if self.mode != "ensemble" or len(self.experts) == 0:
             return super().forward(images)
         assert self.head is not None
-        logits = [self.head(F.normalize(expert(images), dim=-1)) for expert in self.experts]
-        return torch.stack(logits).mean(dim=0)
+        return ensemble_logits(self.experts, self.head, images)
 
+    @override
     def on_test_epoch_end(self) -> None:
         """Log the per-domain metrics, and α when it was searched."""
         super().on_test_epoch_end()
         if self.alpha_search_result is not None and self.current_alpha is not None:
             self.log("alpha", self.current_alpha, sync_dist=False)
 
-    # --- checkpoints -------------------------------------------------------------------------------
+    # --- checkpoints and output ---------------------------------------------------------------------
 
+    def _record(self) -> PreparedRecord:
+        return PreparedRecord(
+            self.mode, self.current_alpha, self.alpha_search_result, self._merge_record, len(self.experts)
+        )
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the prepared state (mode, α, the merge's provenance) next to the merged weights."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[_CHECKPOINT_KEY] = {
-            "prepared": self._prepared,
-            "mode": self.mode,
-            "current_alpha": self.current_alpha,
-            "alpha_search": self.alpha_search_result.state_dict() if self.alpha_search_result is not None else None,
-            "merge": self._merge_record,
-            "experts": len(self.experts),
-        }
+        checkpoint[CHECKPOINT_KEY] = self._record().checkpoint_entry(self._prepared)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the checkpoint's prepared weights as they are: ``setup`` does not merge again."""
+        """Take the checkpoint's prepared weights as they are: ``setup`` neither reads task vectors nor merges."""
         super().on_load_checkpoint(checkpoint)
-        record = checkpoint.get(_CHECKPOINT_KEY) or {}
-        if not record.get("prepared"):
+        record = PreparedRecord.from_checkpoint(checkpoint, self.mode)
+        if record is None:
             return
-        if record.get("mode") != self.mode:
-            raise ValueError(
-                f"The checkpoint holds a MergeModule prepared in mode '{record.get('mode')}', not '{self.mode}'."
-            )
-        if self.mode == "ensemble" and len(self.experts) != record["experts"]:
-            self.experts = nn.ModuleList(copy.deepcopy(self.image_encoder) for _ in range(record["experts"]))
-        self.current_alpha = record.get("current_alpha")
-        self._merge_record = record.get("merge")
-        search = record.get("alpha_search")
-        self.alpha_search_result = AlphaSearchResult.from_state_dict(search) if search is not None else None
+        if self.mode == "ensemble" and len(self.experts) != record.experts:
+            self.experts = nn.ModuleList(copy.deepcopy(self.image_encoder) for _ in range(record.experts))
+        self.current_alpha, self._merge_record = record.current_alpha, record.merge
+        self.alpha_search_result = record.alpha_search
         self.merged = None  # the weights are the checkpoint's; a τ* computed here would not describe them
         self._prepared = True
-
-    # --- output ------------------------------------------------------------------------------------
 
     def save_merged(self, path: str | Path) -> Path:
         """Write the whole CLIP model with its merged image encoder, loadable as ``pretrained=path``.
 
-        The header records the merge (method, options, α, inputs) as JSON under ``lightning_score_merge``.
+        The header records the merge (method, options, α, inputs) as JSON under ``lightning_score_merge``
+        (:func:`~lightning_score.merge_module.records.merged_file_header`).
 
         Raises:
             ValueError: ``mode="ensemble"`` (T models, not one set of weights).
@@ -427,14 +392,6 @@ class MergeModule(CLIPClassifier):
                 "pre-trained weights: run it through a Trainer (trainer.test, or `lightning-score merge`) or call "
                 "setup() before save_merged()."
             )
-        record: dict[str, Any] = {"mode": self.mode, "base_model": self.base_model, "alpha": self.current_alpha}
-        if self.mode == "expert":
-            record["alpha"] = self._numeric_alpha()
-        if self.alpha_search_result is not None:
-            record["alpha_search"] = self.alpha_search_result.to_dict()
-        if self._merge_record is not None:
-            record["merge"] = self._merge_record
-        record["task_vectors"] = [str(p) for p in self.task_vector_paths]
-        return save_clip_weights(
-            self.clip, path, model_name=self.model_name, metadata={"lightning_score_merge": json.dumps(record)}
-        )
+        alpha = self._numeric_alpha() if self.mode == "expert" else self.current_alpha
+        header = merged_file_header(self._record(), self.base_model, alpha, self.task_vector_paths)
+        return save_clip_weights(self.clip, path, model_name=self.model_name, metadata=header)

@@ -22,7 +22,27 @@ from torch import Tensor, nn
 from lightning_score.merge_module.layer_inputs import record_layer_inputs
 from lightning_score.utilities.ranks import rank_share
 
-__all__ = ["gradient_pass", "images_and_labels", "inference_pass", "layer_grams", "layer_inputs", "validation_accuracy"]
+__all__ = [
+    "gradient_pass",
+    "images_and_labels",
+    "inference_pass",
+    "layer_grams",
+    "layer_inputs",
+    "ready_for_passes",
+    "validation_accuracy",
+]
+
+
+def ready_for_passes(module: nn.Module, trainer: pl.Trainer | None) -> None:
+    """Put ``module`` on the Trainer's device and precision now, as its strategy is about to (no Trainer: nothing).
+
+    The forward passes of a merge's ``setup`` (α search, the statistics) then run exactly as the test will; the
+    conversion is in place, so the strategy's own conversion is then a no-op.
+    """
+    if trainer is None:
+        return
+    trainer.precision_plugin.convert_module(module)
+    module.to(trainer.strategy.root_device)
 
 
 @contextlib.contextmanager

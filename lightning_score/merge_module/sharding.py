@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
-from lightning_score.merging import FactorCache, get_method, merge_task_vectors
+from lightning_score.merging import FactorCache, MethodSpec, merge_task_vectors
 from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.ranks import gather_outcomes, on_rank_zero
 
@@ -62,7 +62,7 @@ def _portable(merged: TaskVector) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def merge_on_ranks(
     task_vectors: Sequence[TaskVector],
-    method: str,
+    spec: MethodSpec,
     options: Mapping[str, Any],
     device: torch.device,
     strategy: Strategy | None,
@@ -73,8 +73,8 @@ def merge_on_ranks(
 
     Args:
         task_vectors: The experts' task vectors.
-        method: The merge method's name.
-        options: Its options.
+        spec: The merge method's registration (:func:`~lightning_score.merging.get_method`).
+        options: Its options (resolved or not: :func:`~lightning_score.merging.merge_task_vectors` checks them).
         device: Where each rank computes.
         strategy: The Trainer's strategy (``None``: this process alone).
         statistics: For data methods: computes their statistics options (``{"grams": [...]}``...) on the
@@ -84,17 +84,16 @@ def merge_on_ranks(
     Returns:
         τ* on CPU; under a sharded merge its metadata records ``sharded_over_ranks``.
     """
-    spec = get_method(method)
 
     def merge(keys: list[str] | None) -> TaskVector:
         kwargs = dict(options)
         if spec.needs_data:
             if statistics is None:
-                raise ValueError(f"Method '{method}' needs data: give it its statistics.")
+                raise ValueError(f"Method '{spec.name}' needs data: give it its statistics.")
             kwargs.update(statistics(device))
         if keys is not None:
             kwargs["keys"] = keys
-        return merge_task_vectors(task_vectors, method, device=device, factors=factors, **kwargs)
+        return merge_task_vectors(task_vectors, spec.name, device=device, factors=factors, **kwargs)
 
     if strategy is None or strategy.world_size == 1:
         return merge(None)

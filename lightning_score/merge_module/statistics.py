@@ -16,8 +16,8 @@ name says which statistic it is, and :data:`STATISTICS` says how MergeModule col
 Expert t is θ₀ + τ_t, run on ``datamodule.proxy_dataloader(domain_t, proxy_images)``: unlabelled images
 of its own domain's validation data, never an image it trained on and never a test (target) domain, in
 eval mode under the Trainer's precision (:mod:`lightning_score.merge_module.passes`). A method's needs are read
-from its registered options (:func:`statistic_options`), so a new data method that takes ``grams`` is
-collected for without any change here.
+from its registered options (:func:`statistic_names`), so a new data method that takes ``grams`` is
+collected for without any change here. The datamodule is a :class:`~lightning_score.data.SourceDomains`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_score.data.protocols import SourceDomains
 from lightning_score.merge_module.passes import gradient_pass, images_and_labels, layer_grams, layer_inputs
-from lightning_score.merging import get_method
+from lightning_score.merging import MethodSpec, get_method
 from lightning_score.merging.keys import is_block_linear
 from lightning_score.merging.methods.esm import ESM_TARGETS
 from lightning_score.task_vector import TaskVector
@@ -44,6 +45,7 @@ __all__ = [
     "Statistic",
     "collect_statistics",
     "diagonal_fisher",
+    "statistic_names",
     "statistic_options",
 ]
 
@@ -115,32 +117,46 @@ STATISTICS: dict[str, Statistic] = {
 """The statistics MergeModule collects, by the option name a merge method takes them under."""
 
 
-def statistic_options(method: str) -> tuple[str, ...]:
-    """The options of ``method`` that MergeModule fills with statistics (empty for a data-free method).
+def statistic_names(spec: MethodSpec) -> tuple[str, ...]:
+    """The options of the method ``spec`` registers that MergeModule fills with statistics (empty: a data-free one).
 
     Raises:
-        ValueError: The method is unknown, or needs data but takes none of :data:`STATISTICS`.
+        ValueError: The method needs data but takes none of :data:`STATISTICS`.
+
+    Example:
+        >>> from lightning_score.merging import get_method
+        >>> statistic_names(get_method("regmean")), statistic_names(get_method("score"))
+        (('grams',), ())
     """
-    spec = get_method(method)
     if not spec.needs_data:
         return ()
     names = tuple(option for option in spec.defaults if option in STATISTICS)
     if not names:
         raise ValueError(
-            f"Merge method '{method}' needs data, but none of its options ({', '.join(spec.defaults) or 'none'}) is "
-            f"a statistic MergeModule collects ({', '.join(STATISTICS)}): call merge_task_vectors with its "
+            f"Merge method '{spec.name}' needs data, but none of its options ({', '.join(spec.defaults) or 'none'}) "
+            f"is a statistic MergeModule collects ({', '.join(STATISTICS)}): call merge_task_vectors with its "
             "statistics yourself."
         )
     return names
 
 
-def _check_sources(task_vectors: Sequence[TaskVector], datamodule: Any, method: str) -> None:
-    if datamodule is None or not hasattr(datamodule, "proxy_dataloader"):
+def statistic_options(method: str) -> tuple[str, ...]:
+    """:func:`statistic_names` of the method registered as ``method``.
+
+    Raises:
+        ValueError: The method is unknown, or needs data but takes none of :data:`STATISTICS`.
+    """
+    return statistic_names(get_method(method))
+
+
+def _check_sources(task_vectors: Sequence[TaskVector], datamodule: Any, method: str) -> SourceDomains:
+    if not isinstance(datamodule, SourceDomains):
         raise ValueError(
             f"Method '{method}' needs unlabelled images of the source domains: test with a DomainDataModule (or "
-            "a datamodule with proxy_dataloader(domain, num_images))."
+            "a datamodule with proxy_dataloader(domain, num_images) and the rest of "
+            "lightning_score.data.SourceDomains)."
         )
-    test_domains = set(getattr(datamodule, "test_domains", []) or [])
+    test_domains = set(datamodule.test_domains or [])
     for tv in task_vectors:
         if not tv.domain:
             raise ValueError(f"{tv.describe()} records no domain, which '{method}' needs to draw proxy images.")
@@ -149,28 +165,33 @@ def _check_sources(task_vectors: Sequence[TaskVector], datamodule: Any, method: 
                 f"{tv.describe()} is the expert of '{tv.domain}', a test domain: '{method}' never uses "
                 "target-domain images. Merge only source-domain experts."
             )
+    return datamodule
 
 
 def collect_statistics(
     method: str,
+    names: Sequence[str],
     task_vectors: Sequence[TaskVector],
     encoder: nn.Module,
     pretrained: Mapping[str, Tensor],
     head: nn.Module | None,
     datamodule: Any,
+    *,
     num_images: int,
     trainer: pl.Trainer | None,
     device: torch.device,
 ) -> dict[str, list[dict[str, Tensor]]]:
-    """Run each expert θ₀ + τ_t on ``num_images`` proxy images of its own domain; collect what ``method`` takes.
+    """Run each expert θ₀ + τ_t on ``num_images`` proxy images of its own domain; collect the statistics ``names``.
 
     Args:
-        method: The merge method (its statistic options are :func:`statistic_options`).
+        method: The merge method's name (for messages).
+        names: The statistics it takes (:func:`statistic_names` of its registration); empty: nothing is run.
         task_vectors: The experts' task vectors; each records its (source) domain.
         encoder: The image encoder (θ₀ loaded or not: each expert's weights are loaded into a copy).
         pretrained: θ₀, the encoder's pre-trained state.
         head: The zero-shot head (for the Fisher's log-likelihood).
-        datamodule: Gives ``proxy_dataloader(domain, num_images)`` and ``test_domains``.
+        datamodule: A :class:`~lightning_score.data.SourceDomains`: ``proxy_dataloader(domain, num_images)`` and
+            ``test_domains``.
         num_images: Proxy images per source domain.
         trainer: The Trainer (precision), or None.
         device: Where the experts run.
@@ -182,17 +203,16 @@ def collect_statistics(
     Raises:
         ValueError: A task vector has no domain or is a test domain's expert, or there is no proxy data.
     """
-    options = statistic_options(method)
-    if not options:
+    if not names:
         return {}
-    _check_sources(task_vectors, datamodule, method)
-    collected: dict[str, list[dict[str, Tensor]]] = {name: [] for name in options}
+    sources = _check_sources(task_vectors, datamodule, method)
+    collected: dict[str, list[dict[str, Tensor]]] = {name: [] for name in names}
     for tv in task_vectors:  # one expert at a time: one extra copy of the encoder in memory
         expert = copy.deepcopy(encoder).to(device)
         expert.load_state_dict(tv.apply_to(pretrained))
-        loader = datamodule.proxy_dataloader(tv.domain, num_images)
+        loader = sources.proxy_dataloader(tv.domain, num_images)
         run = ProxyPass(expert, loader, list(tv), head, trainer, device)
-        for name in options:
+        for name in names:
             collected[name].append(STATISTICS[name].collect(run))
         del expert, run
     return collected

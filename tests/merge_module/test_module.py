@@ -10,6 +10,7 @@ import torch
 
 from lightning_score import MergeModule, TaskVector
 from lightning_score.classifier import CLIPClassifier
+from lightning_score.merge_module.alpha import AlphaSearchResult
 from lightning_score.merging import merge_task_vectors
 from lightning_score.models import build_clip
 from tests.experts import MODEL, QUIET, digits
@@ -94,7 +95,11 @@ def test_alpha_auto_picks_from_the_grid_on_source_validation(quick_base: Path, e
     tvs = _sources(expert_task_vectors, "rot0", "rot60")
     module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="tsv", alpha="auto", alpha_grid=[0.0, 0.5, 1.0],
                          templates="digits")  # fmt: skip
+    assert module.alpha_search == module.hparams.alpha_search == "grid"  # the setting, one meaning
+    assert module.alpha_search_result is None
     results = _test(module, train_domains=["rot0", "rot60"], test_domains=["rot30"])
+    assert isinstance(module.alpha_search_result, AlphaSearchResult)  # the search, as the object
+    assert module.alpha_search == module.hparams.alpha_search == "grid"
     search = module.alpha_search_result.to_dict()
     assert search["method"] == "grid" and search["alphas"] == [0.0, 0.5, 1.0] and len(search["val_acc"]) == 3
     assert search["selected"] == search["alphas"][max(range(3), key=lambda i: search["val_acc"][i])]
@@ -128,22 +133,35 @@ def test_saved_merge_loads_through_the_model_factory(
     assert again.pretrained_fingerprint != MergeModule(MODEL, str(quick_base), mode="zeroshot").pretrained_fingerprint
 
 
-def test_bad_inputs_fail_before_any_work(quick_base: Path, expert_task_vectors: dict, tmp_path: Path) -> None:
+def test_bad_task_vectors_fail_when_the_trainer_sets_up_before_any_work(
+    quick_base: Path, expert_task_vectors: dict, tmp_path: Path
+) -> None:
+    """The files are read first thing in setup: the errors come before the head is built or anything merged."""
+    data = {"train_domains": ["rot0", "rot60"], "test_domains": ["rot30"]}
     tvs = _sources(expert_task_vectors, "rot0", "rot60")
+    missing = MergeModule(MODEL, str(quick_base), task_vectors=[str(tmp_path / "missing.safetensors")])
     with pytest.raises(FileNotFoundError, match="missing.safetensors' does not exist"):
-        MergeModule(MODEL, str(quick_base), task_vectors=[str(tmp_path / "missing.safetensors")])
+        _test(missing, **data)
     base = TaskVector.load(tvs[0]).base_model
     assert base.startswith(f"{MODEL}/")
+    other_weights = MergeModule(MODEL, None, task_vectors=tvs)  # a randomly initialised model is not their base
     with pytest.raises(ValueError, match="was made from different pre-trained weights than") as error:
-        MergeModule(MODEL, None, task_vectors=tvs)  # a randomly initialised model is not their base
+        _test(other_weights, **data)
     assert f"(fine-tuned from {base})" in str(error.value) and f"than {MODEL}/random, of the same architecture" in str(
         error.value
     )
+    other_architecture = MergeModule("tiny-ViT-W96-L3", None, task_vectors=tvs)
     with pytest.raises(ValueError, match="different architecture") as error:
-        MergeModule("tiny-ViT-W96-L3", None, task_vectors=tvs)
+        _test(other_architecture, **data)
     message = str(error.value)
     assert f"(fine-tuned from {base}) is of a different architecture than tiny-ViT-W96-L3/random" in message
     assert "has shape [64] there and [96] here" in message and "set model_name and pretrained to theirs" in message
+    for module in (missing, other_weights, other_architecture):
+        assert module.head is None and module.merged is None
+
+
+def test_bad_arguments_fail_when_the_module_is_made(quick_base: Path, expert_task_vectors: dict) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot60")
     with pytest.raises(ValueError, match="Unknown merge method 'scor'"):
         MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="scor")
     with pytest.raises(ValueError, match="Unknown option"):
