@@ -11,10 +11,10 @@ the model and transforms), :meth:`CLIPClassifier.setup` (head; call ``super().se
 :meth:`CLIPClassifier.build_head`.
 
 What it reads from the datamodule is stated by :mod:`lightning_score.data.protocols`: the class names
-(:class:`~lightning_score.data.ClassNames`, unless ``classnames=`` is given) and, from a
-:class:`~lightning_score.data.SourceDomains`, its own template set, its domains and the test domains' names. A
-datamodule that is not a ``SourceDomains`` gets the defaults: the ``imagenet`` templates, test dataloaders named
-``domain0``, ``domain1``...
+(:class:`~lightning_score.data.ClassNames`, unless ``classnames=`` is given), the test domains' names
+(:class:`~lightning_score.data.TestDomains`) and, from a :class:`~lightning_score.data.DomainNames`, its own
+template set and its domains. A datamodule without them gets the defaults: the ``imagenet`` templates, test
+dataloaders named ``domain0``, ``domain1``...
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_score.data.protocols import ClassNames, SourceDomains
+from lightning_score.data.protocols import ClassNames, DomainNames, TestDomains
 from lightning_score.models import build_clip, build_zero_shot_head, guess_template_set, load_templates
 from lightning_score.models.templates import templates_naming_domains
 from lightning_score.models.zero_shot import ZeroShotHead
@@ -206,15 +206,15 @@ class CLIPClassifier(LightningModule):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
-    def _source_domains(self) -> SourceDomains | None:
+    def _domain_names(self) -> DomainNames | None:
         datamodule = self._datamodule()
-        return datamodule if isinstance(datamodule, SourceDomains) else None
+        return datamodule if isinstance(datamodule, DomainNames) else None
 
     def resolve_templates(self) -> str:
         """The template set to use: ``templates`` unless it is ``"auto"`` (see the class docstring)."""
         if self.templates != "auto":
             return self.templates
-        datamodule = self._source_domains()
+        datamodule = self._domain_names()
         if datamodule is not None:
             own = datamodule.default_templates
             if own:
@@ -255,7 +255,7 @@ class CLIPClassifier(LightningModule):
         The datamodule's own default set is exempt: the paper's sets use words such as "photo" or "painting"
         that are also domain names, on purpose.
         """
-        datamodule = self._source_domains()
+        datamodule = self._domain_names()
         if datamodule is None or name == datamodule.default_templates:
             return
         train = set(datamodule.train_domains or [])
@@ -333,8 +333,8 @@ class CLIPClassifier(LightningModule):
         self.val_metrics.reset()
 
     def _test_domains(self, count: int) -> list[str]:
-        datamodule = self._source_domains()
-        names = list((datamodule.test_domains if datamodule is not None else None) or [])
+        datamodule = self._datamodule()
+        names = list((datamodule.test_domains if isinstance(datamodule, TestDomains) else None) or [])
         return names if len(names) == count else [f"domain{i}" for i in range(count)]
 
     @override

@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_score.classifier import BalancedAccuracy, CLIPClassifier, balanced_accuracy, per_class_counts
-from lightning_score.data import ClassNames, SourceDomains
+from lightning_score.data import ClassNames, DomainNames, SourceDomains, TestDomains
 from tests.experts import MODEL, QUIET, digits
 
 CLASSES = [str(i) for i in range(10)]
@@ -27,6 +27,12 @@ class OnlyClassNames(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         return DataLoader(TensorDataset(images, torch.arange(6) % 10), batch_size=3)
+
+
+class NamedTestDomain(OnlyClassNames):
+    """A user's datamodule that names its test domain, and nothing else of SourceDomains."""
+
+    test_domains = ("mine",)
 
 
 class Domains(L.LightningDataModule):
@@ -53,6 +59,14 @@ def test_a_datamodule_with_only_class_names_gets_the_defaults(quick_base: Path) 
     assert module.head is not None and list(module.head.classnames) == CLASSES
     assert module.template_set == "imagenet"  # no template set or domains to choose one from
     assert set(results) == {"test/domain0/acc", "test/domain0/balanced_acc"}  # no test_domains to name it
+
+
+def test_a_datamodule_naming_its_test_domain_names_the_metrics(quick_base: Path) -> None:
+    assert isinstance(NamedTestDomain(), TestDomains) and not isinstance(NamedTestDomain(), DomainNames)
+    module = CLIPClassifier(MODEL, str(quick_base))
+    results = L.Trainer(**QUIET).test(module, datamodule=NamedTestDomain(), verbose=False)[0]
+    assert set(results) == {"test/mine/acc", "test/mine/balanced_acc"}
+    assert module.template_set == "imagenet"  # no domains or template set of its own
 
 
 def test_class_names_given_need_no_datamodule(quick_base: Path) -> None:

@@ -13,17 +13,19 @@ from lightning_score.data.domain_datamodule import DomainDataModule, DomainSplit
 from lightning_score.data.index import DatasetIndex, DomainSamples
 from lightning_score.data.layouts import detect_layout, read_dataset
 from lightning_score.data.presets import DatasetPreset, detect_preset, get_preset, list_presets
-from lightning_score.data.protocols import ClassNames, SourceDomains
+from lightning_score.data.protocols import ClassNames, DomainNames, SourceDomains, TestDomains
 
 __all__ = [
     "ClassNames",
     "DatasetIndex",
     "DatasetPreset",
     "DomainDataModule",
+    "DomainNames",
     "DomainSamples",
     "DomainSplit",
     "ImageListDataset",
     "SourceDomains",
+    "TestDomains",
     "detect_layout",
     "detect_preset",
     "get_preset",

@@ -4,7 +4,9 @@
 :class:`~lightning_score.MergeModule`) builds its zero-shot head from the class names, picks the prompt set and
 names its test dataloaders from the domains, and a merge that uses data draws the sources' proxy images.
 :class:`~lightning_score.DomainDataModule` provides all of it, and so does the study's ``FoldData``; a datamodule of
-your own needs ``classnames`` (or ``classnames=`` on the model), and the rest for what uses it.
+your own needs ``classnames`` (or ``classnames=`` on the model), and the rest for what uses it: ``test_domains``
+names the test metrics (:class:`TestDomains`), the domain names pick the prompt set (:class:`DomainNames`), the
+loaders feed the α search and the data-using merges (:class:`SourceDomains`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ClassNames", "SourceDomains"]
+__all__ = ["ClassNames", "DomainNames", "SourceDomains", "TestDomains"]
 
 
 @runtime_checkable
@@ -26,8 +28,18 @@ class ClassNames(Protocol):
 
 
 @runtime_checkable
-class SourceDomains(ClassNames, Protocol):
-    """A leave-one-domain-out datamodule: classes, domains, the sources' validation data and their proxy images."""
+class TestDomains(Protocol):
+    """A datamodule that names its test dataloaders' domains: what the test metrics are named after."""
+
+    @property
+    def test_domains(self) -> Sequence[str]:
+        """The target domains, in test-dataloader order (``test/<domain>/...`` metric names use them)."""
+        ...
+
+
+@runtime_checkable
+class DomainNames(TestDomains, Protocol):
+    """A datamodule that names its domains and prompt set: what picks the templates and spots held-out names."""
 
     @property
     def domains(self) -> Sequence[str]:
@@ -40,14 +52,14 @@ class SourceDomains(ClassNames, Protocol):
         ...
 
     @property
-    def test_domains(self) -> Sequence[str]:
-        """The target domains, in test-dataloader order (``test/<domain>/...`` metric names use them)."""
-        ...
-
-    @property
     def default_templates(self) -> str | None:
         """The dataset's own prompt-template set (the authors'), if it has one."""
         ...
+
+
+@runtime_checkable
+class SourceDomains(ClassNames, DomainNames, Protocol):
+    """A leave-one-domain-out datamodule: classes, domains, the sources' validation data and their proxy images."""
 
     def val_dataloader(self) -> Any:
         """The source domains' validation data (never a target's)."""

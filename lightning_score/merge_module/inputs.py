@@ -44,14 +44,6 @@ class ResolvedMethod(NamedTuple):
     statistics: tuple[str, ...]
     """The options MergeModule fills with statistics (:func:`~.statistics.statistic_names`; empty: data-free)."""
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # a MethodSpec holds its registration's factory (a closure): pickled by name (ddp_spawn pickles the module)
-        return _by_name, (self.spec.name, self.options, self.statistics)
-
-
-def _by_name(name: str, options: dict[str, Any], statistics: tuple[str, ...]) -> ResolvedMethod:
-    return ResolvedMethod(get_method(name), options, statistics)
-
 
 def check_arguments(
     mode: str, alpha: Any, alpha_search: str, method: str, options: Mapping[str, Any]

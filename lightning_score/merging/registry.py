@@ -174,6 +174,10 @@ class MethodSpec:
     shardable: bool = True
     _factory: Callable[[dict[str, Any]], KeyMerger] | None = field(default=None, repr=False, compare=False)
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled by name: the registration holds a factory closure (a spawned process looks the method up)."""
+        return get_method, (self.name,)
+
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults and reject unknown options, values of the wrong type or outside an option's choices.
 

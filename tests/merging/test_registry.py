@@ -237,3 +237,11 @@ def test_key_stream_reads_each_key_again_on_every_pass() -> None:
     assert [tuple(chunk.shape) for chunk in flat] == [(2, 3), (2, 4)] and torch.equal(flat[1][1], -torch.arange(4.0, 8))
     doubled = stream.map(lambda key, deltas: deltas * 2)
     assert torch.equal(dict(iter(doubled))["b"], tensors["b"] * 2) and doubled.shapes == stream.shapes
+
+
+def test_a_method_spec_pickles_by_name_to_the_registered_one() -> None:
+    """ddp_spawn pickles a MergeModule with its resolved method: the spec (whose factory is a closure) travels by name."""
+    import pickle
+
+    for name in list_methods():
+        assert pickle.loads(pickle.dumps(get_method(name))) is get_method(name)
