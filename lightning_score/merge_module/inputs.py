@@ -37,7 +37,7 @@ _COUNTS = {"merge": (1, None), "ensemble": (1, None), "expert": (1, 1), "zerosho
 class ResolvedMethod(NamedTuple):
     """A merge method as :func:`check_arguments` resolved it, once: what the merge then uses as it is."""
 
-    spec: MethodSpec
+    method: MethodSpec
     """Its registration (:func:`~lightning_score.merging.get_method`)."""
     options: dict[str, Any]
     """Its options, defaults filled in and checked."""
@@ -57,8 +57,8 @@ def check_arguments(
         The method looked up and its options resolved, once; None in another mode (no method runs there).
 
     Example:
-        >>> spec, options, statistics = check_arguments("merge", 1.0, "grid", "score", {"variant": "diagonal"})
-        >>> spec.name, options["variant"], options["z"], statistics
+        >>> method, options, statistics = check_arguments("merge", 1.0, "grid", "score", {"variant": "diagonal"})
+        >>> method.name, options["variant"], options["z"], statistics
         ('score', 'diagonal', 1.96, ())
         >>> check_arguments("zeroshot", 1.0, "grid", "no such method", {}) is None
         True

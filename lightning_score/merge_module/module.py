@@ -216,7 +216,7 @@ class MergeModule(CLIPClassifier):
         with Measure(device) as measure:
             merged = merge_on_ranks(
                 task_vectors,
-                self.resolved_method.spec,
+                self.resolved_method.method,
                 self.resolved_method.options,
                 device,
                 strategy,

@@ -62,7 +62,7 @@ def _portable(merged: TaskVector) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def merge_on_ranks(
     task_vectors: Sequence[TaskVector],
-    spec: MethodSpec,
+    method: MethodSpec,
     options: Mapping[str, Any],
     device: torch.device,
     strategy: Strategy | None,
@@ -73,7 +73,7 @@ def merge_on_ranks(
 
     Args:
         task_vectors: The experts' task vectors.
-        spec: The merge method's registration (:func:`~lightning_score.merging.get_method`).
+        method: The merge method's registration (:func:`~lightning_score.merging.get_method`).
         options: Its options (resolved or not: :func:`~lightning_score.merging.merge_task_vectors` checks them).
         device: Where each rank computes.
         strategy: The Trainer's strategy (``None``: this process alone).
@@ -87,17 +87,17 @@ def merge_on_ranks(
 
     def merge(keys: list[str] | None) -> TaskVector:
         kwargs = dict(options)
-        if spec.needs_data:
+        if method.needs_data:
             if statistics is None:
-                raise ValueError(f"Method '{spec.name}' needs data: give it its statistics.")
+                raise ValueError(f"Method '{method.name}' needs data: give it its statistics.")
             kwargs.update(statistics(device))
         if keys is not None:
             kwargs["keys"] = keys
-        return merge_task_vectors(task_vectors, spec.name, device=device, factors=factors, **kwargs)
+        return merge_task_vectors(task_vectors, method.name, device=device, factors=factors, **kwargs)
 
     if strategy is None or strategy.world_size == 1:
         return merge(None)
-    if not spec.shardable or spec.needs_data:
+    if not method.shardable or method.needs_data:
         return TaskVector(*on_rank_zero(strategy, lambda: _portable(merge(None))))
     shapes = {k: task_vectors[0].tensor_spec(k)[0] for k in task_vectors[0]}
     share = shard_keys(shapes, strategy.world_size)[strategy.global_rank]

@@ -117,8 +117,8 @@ STATISTICS: dict[str, Statistic] = {
 """The statistics MergeModule collects, by the option name a merge method takes them under."""
 
 
-def statistic_names(spec: MethodSpec) -> tuple[str, ...]:
-    """The options of the method ``spec`` registers that MergeModule fills with statistics (empty: a data-free one).
+def statistic_names(registration: MethodSpec) -> tuple[str, ...]:
+    """The options of a registered method that MergeModule fills with statistics (empty: a data-free one).
 
     Raises:
         ValueError: The method needs data but takes none of :data:`STATISTICS`.
@@ -128,13 +128,14 @@ def statistic_names(spec: MethodSpec) -> tuple[str, ...]:
         >>> statistic_names(get_method("regmean")), statistic_names(get_method("score"))
         (('grams',), ())
     """
-    if not spec.needs_data:
+    if not registration.needs_data:
         return ()
-    names = tuple(option for option in spec.defaults if option in STATISTICS)
+    names = tuple(option for option in registration.defaults if option in STATISTICS)
     if not names:
         raise ValueError(
-            f"Merge method '{spec.name}' needs data, but none of its options ({', '.join(spec.defaults) or 'none'}) "
-            f"is a statistic MergeModule collects ({', '.join(STATISTICS)}): call merge_task_vectors with its "
+            f"Merge method '{registration.name}' needs data, but none of its options "
+            f"({', '.join(registration.defaults) or 'none'}) is a statistic MergeModule collects "
+            f"({', '.join(STATISTICS)}): call merge_task_vectors with its "
             "statistics yourself."
         )
     return names

@@ -216,8 +216,8 @@ class MethodSpec:
 
         Example:
             >>> from lightning_score.merging import get_method
-            >>> spec = get_method("tsv")
-            >>> merger = spec.build(spec.resolve_options({}))
+            >>> tsv = get_method("tsv")
+            >>> merger = tsv.build(tsv.resolve_options({}))
             >>> merger.factorized_keys(["w"])
             ['w']
         """

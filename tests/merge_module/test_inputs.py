@@ -45,7 +45,7 @@ def _files(folder: Path, count: int) -> list[Path]:
 def test_merge_mode_resolves_the_method_and_its_options_once() -> None:
     resolved = check_arguments("merge", 1.0, "grid", "score", {"variant": "diagonal"})
     assert isinstance(resolved, ResolvedMethod)
-    assert resolved.spec is get_method("score")
+    assert resolved.method is get_method("score")
     assert resolved.options == {**get_method("score").defaults, "variant": "diagonal"}  # defaults filled in
     assert resolved.statistics == ()
     for method, statistic in (("esm", "activations"), ("regmean", "grams"), ("fisher", "fishers")):
@@ -56,7 +56,7 @@ def test_a_resolved_method_pickles_by_name() -> None:
     """ddp_spawn pickles the module: the registration (which holds a closure) travels by its name."""
     resolved = check_arguments("merge", 1.0, "grid", "regmean", {"reduce_non_diagonal": 0.5})
     for again in (pickle.loads(pickle.dumps(resolved)), copy.deepcopy(resolved)):
-        assert again == resolved and again.spec is get_method("regmean")
+        assert again == resolved and again.method is get_method("regmean")
         assert again.options["reduce_non_diagonal"] == 0.5 and again.statistics == ("grams",)
 
 
