@@ -1,5 +1,7 @@
-"""What ScoreMergeCallback keeps between the events of a fit (where θ₀ is, a receipt of what it wrote), and helpers.
+"""What ScoreMergeCallback keeps between the events of a fit (what it snapshots, where θ₀ is, what it wrote).
 
+* :class:`Selection`: the submodule whose weights the task vector covers and the keys chosen, made once in
+  ``setup``; :meth:`Selection.live_state` reads the live tensors whenever they are needed.
 * :class:`Snapshot`: the submodule's state-dict prefix, the θ₀ file (:mod:`lightning_score.callback.snapshot`) and its
   fingerprint: all that a checkpoint carries.
 * :class:`Receipt`: a small JSON file in the temporary folder, named after one callback instance, listing the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.utilities.files import atomic_write_text
 
 __all__ = [
     "Receipt",
+    "Selection",
     "Snapshot",
+    "check_metadata",
     "clean_key",
     "compare_with_snapshot",
     "expected_fingerprint",
@@ -34,6 +40,13 @@ __all__ = [
 ]
 
 _COMPILED = re.compile(r"(^|\.)_orig_mod\.")
+
+RESERVED_METADATA = frozenset(
+    {"name", "module", "domain", "train_domains", "base_model", "base_fingerprint", "global_step", "precision"}
+)
+"""The metadata fields :func:`task_vector_metadata` (and the snapshot's fingerprint) fill."""
+
+_ARGUMENT_NAMES = frozenset({"cls", "pretrained", "finetuned", "keys"})  # TaskVector.from_state_dicts's own
 
 
 def clean_key(key: str) -> str:
@@ -44,6 +57,95 @@ def clean_key(key: str) -> str:
         ('head.0.weight', 'proj')
     """
     return _COMPILED.sub(r"\1", key)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the task vector covers, chosen once (in ``setup``): a submodule and some of its state-dict entries.
+
+    The tensors themselves are not kept: :meth:`live_state` reads them from the submodule when they are needed,
+    since they change during fitting and lazy parameters are materialised, precision plugins convert and
+    strategies move them after ``setup``.
+
+    Attributes:
+        submodule: The module whose state dict holds the weights.
+        prefix: Its name in the LightningModule's state dict, ``_orig_mod.`` removed (``""`` for the module itself).
+        keys: The selected entries, as the task vector names them (``_orig_mod.`` removed).
+        raw_keys: The same entries as ``submodule.state_dict()`` named them when selected (same order).
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> selection = Selection.of(model, model[1])
+        >>> selection.prefix, selection.keys  # floating-point entries only: num_batches_tracked is left out
+        ('1', ('bias', 'running_mean', 'running_var', 'weight'))
+        >>> selection.live_state()["weight"] is model[1].weight
+        True
+    """
+
+    submodule: nn.Module
+    prefix: str
+    keys: tuple[str, ...]
+    raw_keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pl_module: nn.Module, submodule: nn.Module, keys: Sequence[str] | None = None) -> Selection:
+        """Select ``keys`` of ``submodule`` (default: its floating-point entries, lazy ones included).
+
+        Args:
+            pl_module: The module being fitted; ``submodule`` must be part of it (its prefix is found by identity).
+            submodule: The module whose weights the task vector covers.
+            keys: Entries of ``submodule.state_dict()``; default every floating-point (or not yet materialised) one.
+
+        Raises:
+            ValueError: ``submodule`` is not part of ``pl_module``, a key is not one of its floating-point entries, or
+                nothing is selected.
+        """
+        prefix = state_prefix(pl_module, submodule)
+        full = submodule.state_dict(keep_vars=True)
+        if keys is None:
+            chosen = [key for key, value in full.items() if is_lazy(value) or value.is_floating_point()]
+        else:
+            chosen = list(keys)
+            for key in chosen:
+                if key not in full:
+                    raise ValueError(
+                        f"ScoreMergeCallback.select_module chose '{key}', which {type(submodule).__name__} does not "
+                        f"have (its state-dict keys are e.g. {sorted(full)[:3]}). Return keys of the submodule itself."
+                    )
+                if not (is_lazy(full[key]) or full[key].is_floating_point()):
+                    raise ValueError(
+                        f"ScoreMergeCallback.select_module chose '{key}', which is not floating point "
+                        f"({full[key].dtype}): task vectors hold floating-point entries only. Leave it out."
+                    )
+        raw = {clean_key(key): key for key in sorted(chosen)}
+        if not raw:
+            raise ValueError(
+                f"The module selected for the task vector ({type(submodule).__name__}) has no floating-point weights."
+            )
+        return cls(submodule, prefix, tuple(raw), tuple(raw.values()))
+
+    def belongs_to(self, pl_module: nn.Module) -> bool:
+        """Whether the submodule is still part of ``pl_module`` (not replaced, e.g. in ``configure_model``)."""
+        return any(module is self.submodule for module in pl_module.modules())
+
+    def live_state(self) -> dict[str, Tensor]:
+        """The selected tensors as they are now, by task-vector key (the live objects: not detached, not copied).
+
+        Raises:
+            RuntimeError: An entry is gone from the submodule's state dict.
+        """
+        full = self.submodule.state_dict(keep_vars=True)
+        if all(raw in full for raw in self.raw_keys):
+            return {key: full[raw] for key, raw in zip(self.keys, self.raw_keys, strict=True)}
+        by_key = {clean_key(raw): value for raw, value in full.items()}  # torch.compile wrapped a part since then
+        missing = [key for key in self.keys if key not in by_key]
+        if missing:
+            raise RuntimeError(
+                f"ScoreMergeCallback: the module's keys changed during fitting ({type(self.submodule).__name__} "
+                f"no longer has e.g. {missing[:3]})."
+            )
+        return {key: by_key[key] for key in self.keys}
 
 
 @dataclass(frozen=True)
@@ -112,6 +214,38 @@ def expected_fingerprint(pl_module: nn.Module, submodule: nn.Module) -> str | No
     if isinstance(fingerprint, str) and getattr(pl_module, "image_encoder", None) is submodule:
         return fingerprint
     return None
+
+
+def check_metadata(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Check the provenance given as ``ScoreMergeCallback(metadata=...)`` and return a copy of it.
+
+    Raises:
+        ValueError: A field is one the callback records itself (:data:`RESERVED_METADATA`) or an argument name of
+            :meth:`~lightning_score.TaskVector.from_state_dicts`, or a value is not JSON-serialisable.
+
+    Example:
+        >>> check_metadata({"seed": 0})
+        {'seed': 0}
+        >>> check_metadata({"name": "art"})
+        Traceback (most recent call last):
+        ...
+        ValueError: ScoreMergeCallback(metadata=...): ['name'] are recorded by the callback itself.
+    """
+    metadata = dict(extra or {})
+    reserved = sorted(set(metadata) & RESERVED_METADATA)
+    if reserved:
+        raise ValueError(f"ScoreMergeCallback(metadata=...): {reserved} are recorded by the callback itself.")
+    arguments = sorted(set(metadata) & _ARGUMENT_NAMES)
+    if arguments:
+        raise ValueError(
+            f"ScoreMergeCallback(metadata=...): {arguments} are argument names of TaskVector.from_state_dicts, "
+            "which records the metadata: rename them."
+        )
+    try:
+        json.dumps(metadata)
+    except TypeError as error:
+        raise ValueError(f"ScoreMergeCallback(metadata=...) must be JSON-serialisable: {error}") from None
+    return metadata
 
 
 def task_vector_metadata(

@@ -1,8 +1,10 @@
 """ScoreMergeCallback: snapshot the pre-trained weights before fitting, write the task vector when training ends.
 
-A sibling of Lightning's ``WeightAveraging`` callbacks: settings in ``__init__``, one override point
-(:meth:`ScoreMergeCallback.select_module`), rank-zero work whose outcome every rank learns, and a
-``state_dict()`` holding only what a resumed fit needs.
+A sibling of Lightning's ``WeightAveraging`` callbacks: settings in ``__init__``, what to snapshot chosen once in
+``setup`` through one override point (:meth:`ScoreMergeCallback.select_module`) and kept as a
+:class:`~lightning_score.callback.records.Selection`, rank-zero work whose outcome every rank learns, and a
+``state_dict()`` holding only what a resumed fit needs. The ``merge_with`` steps are in
+:mod:`lightning_score.callback.merge_with`.
 
 When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
 
@@ -22,7 +24,6 @@ When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
 
 from __future__ import annotations
 
-import json
 import operator
 import uuid
 from collections.abc import Sequence
@@ -35,27 +36,25 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+from typing_extensions import override
 
+from lightning_score.callback.merge_with import check_experts, check_same_base, find_merge, merge_expert, swap_in
 from lightning_score.callback.records import (
     Receipt,
+    Selection,
     Snapshot,
-    clean_key,
+    check_metadata,
     compare_with_snapshot,
     expected_fingerprint,
-    state_prefix,
     task_vector_metadata,
 )
 from lightning_score.callback.snapshot import read_snapshot, write_snapshot
-from lightning_score.merging import get_method, merge_task_vectors
+from lightning_score.merging import get_method
 from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.ranks import on_rank_zero
 from lightning_score.utilities.strategies import check_strategy
 
 __all__ = ["ScoreMergeCallback"]
-
-_RESERVED_METADATA = frozenset(
-    {"name", "module", "domain", "train_domains", "base_model", "base_fingerprint", "global_step", "precision"}
-)
 
 
 class ScoreMergeCallback(Callback):
@@ -113,17 +112,11 @@ class ScoreMergeCallback(Callback):
         self.method = method
         self.alpha = alpha
         self.merge_options = dict(merge_options or {})
-        self.metadata = dict(metadata or {})
-        reserved = sorted(set(self.metadata) & _RESERVED_METADATA)
-        if reserved:
-            raise ValueError(f"ScoreMergeCallback(metadata=...): {reserved} are recorded by the callback itself.")
-        try:
-            json.dumps(self.metadata)
-        except TypeError as error:
-            raise ValueError(f"ScoreMergeCallback(metadata=...) must be JSON-serialisable: {error}") from None
+        self.metadata = check_metadata(metadata)
         if self.merge_with:
             get_method(method).resolve_options(self.merge_options)  # an unknown method/option fails now
         self._receipt = Receipt(uuid.uuid4().hex)  # travels with the callback to spawned workers
+        self._selection: Selection | None = None  # what is snapshotted, chosen in setup (fit; test with merge_with)
         self._snapshot: Snapshot | None = None  # θ₀ of the fit in progress (or the last one)
         self._restored: Snapshot | None = None  # set by load_state_dict while this fit restores a checkpoint
         self._deferred = False  # lazy parameters: snapshot at the first backward
@@ -131,6 +124,7 @@ class ScoreMergeCallback(Callback):
         self._expert_state: dict[str, Tensor] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         """Distinct per snapshotted submodule, stable across a resume even when the output folder changes."""
         return f"{type(self).__qualname__}{{'module': {self.module!r}}}"
@@ -138,13 +132,13 @@ class ScoreMergeCallback(Callback):
     @property
     def task_vector_path(self) -> Path | None:
         """The task vector the last fit wrote (also in the main process of ``ddp_spawn``), else None."""
-        outputs = self._outputs or self._receipt.read()
+        outputs = self._recorded()
         return Path(outputs["task_vector"]) if outputs else None
 
     @property
     def merged_path(self) -> Path | None:
         """The merged task vector of the last fit with ``merge_with``, else None."""
-        outputs = self._outputs or self._receipt.read()
+        outputs = self._recorded()
         return Path(outputs["merged"]) if outputs and outputs.get("merged") else None
 
     # --- the override point -----------------------------------------------------------------------
@@ -179,49 +173,54 @@ class ScoreMergeCallback(Callback):
             )
         return pl_module, trainable
 
-    def _selected(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str, dict[str, Tensor], dict[str, str]]:
-        """The submodule, its state-dict prefix, its selected live tensors by clean key, and clean → raw keys."""
-        submodule, keys = self.select_module(pl_module)
-        prefix = state_prefix(pl_module, submodule)
-        full = submodule.state_dict(keep_vars=True)
-        chosen = keys if keys is not None else [k for k, v in full.items() if is_lazy(v) or v.is_floating_point()]
-        raw = {clean_key(k): k for k in sorted(chosen)}
-        if not raw:
-            raise ValueError(
-                f"The module selected for the task vector ({type(submodule).__name__}) has no floating-point weights."
-            )
-        return submodule, prefix, {k: full[r] for k, r in raw.items()}, raw
+    def _select(self, pl_module: pl.LightningModule) -> Selection:
+        return Selection.of(pl_module, *self.select_module(pl_module))
+
+    def _follow(self, pl_module: pl.LightningModule) -> Selection:
+        """The selection kept since ``setup``, made again if ``configure_model`` replaced its submodule."""
+        if self._selection is None or not self._selection.belongs_to(pl_module):
+            self._selection = self._select(pl_module)
+        return self._selection
+
+    def _live_state(self) -> dict[str, Tensor]:
+        """The selected weights as they are now (live tensors, by task-vector key)."""
+        if self._selection is None:
+            raise RuntimeError("ScoreMergeCallback: no module is selected yet (`setup` selects it).")
+        return self._selection.live_state()
 
     # --- fit ---------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse unsupported strategies, check ``merge_with``, and snapshot θ₀ before the strategy converts it."""
+        """Refuse unsupported strategies, check ``merge_with``, select what to snapshot and snapshot θ₀ (fit)."""
         if stage != "fit":
             if self.merge_with and stage == "test":
                 check_strategy(trainer.strategy, "ScoreMergeCallback")
+                self._selection = self._select(pl_module)
             return
         check_strategy(trainer.strategy, "ScoreMergeCallback")
         self._snapshot, self._restored, self._deferred, self._outputs = None, None, False, None
         on_rank_zero(trainer.strategy, self._receipt.forget)
         if self.merge_with:  # FileNotFoundError / ValueError naming the file and the fix, before any training
-            on_rank_zero(trainer.strategy, lambda: [TaskVector.load(path) for path in self.merge_with] and None)
-        _, _, state, _ = self._selected(pl_module)
-        if any(is_lazy(value) for value in state.values()):
+            on_rank_zero(trainer.strategy, lambda: check_experts(self.merge_with))
+        self._selection = self._select(pl_module)
+        if any(is_lazy(value) for value in self._live_state().values()):
             self._deferred = True
             rank_zero_info("ScoreMergeCallback: lazy parameters; θ₀ is snapshotted once they are materialised.")
             return
         self._snapshot = self._take_snapshot(trainer, pl_module)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A resumed fit takes θ₀ from the checkpoint; a fresh one checks the module still holds the snapshot."""
+        self._follow(pl_module)
         if trainer.ckpt_path:
             self._snapshot = self._resume_snapshot(trainer, pl_module)
             rank_zero_info(f"ScoreMergeCallback: resuming; θ₀ is {self._snapshot.path} (from the checkpoint).")
             return
         if self._deferred or self._snapshot is None:
             return
-        snapshot = self._snapshot
-        _, _, state, _ = self._selected(pl_module)
+        snapshot, state = self._snapshot, self._live_state()
         verdict = on_rank_zero(trainer.strategy, lambda: compare_with_snapshot(snapshot, state))
         if verdict == "changed":  # configure_model changed the weights, in their own precision: θ₀ is now
             self._snapshot = self._take_snapshot(trainer, pl_module)
@@ -233,12 +232,14 @@ class ScoreMergeCallback(Callback):
                 "configure_model, or fit in 32-true / *-mixed precision."
             )
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Lazy modules: snapshot θ₀ once materialised (the first forward), before the first optimiser step."""
         if self._deferred:
             self._deferred = False
             self._snapshot = self._take_snapshot(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write τ = θ − θ₀ (rank zero, atomically) and merge with ``merge_with``, on the module's device."""
         snapshot = self._snapshot
@@ -247,43 +248,38 @@ class ScoreMergeCallback(Callback):
                 "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
                 "has lazy parameters), so there is no task vector to write."
             )
-        _, _, state, _ = self._selected(pl_module)
+        state = self._live_state()
         metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
         device = pl_module.device  # still the training device: the strategy has not torn down yet
         folder = self._folder(trainer)
         outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))
         self._outputs = outputs
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Forget the state restored from a checkpoint: it belongs to the fit that just ended."""
         self._restored = None
 
     # --- test: the merged weights in place ---------------------------------------------------------
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With ``merge_with``: swap the merged weights in (raise if no fit produced a merge)."""
+        """With ``merge_with``: swap the merged weights θ₀ + τ* in (raise if no fit produced a merge)."""
         if not self.merge_with:
             return
-        outputs = on_rank_zero(trainer.strategy, self._find_merge)
-        submodule, _, state, _ = self._selected(pl_module)
-        pretrained = read_snapshot(outputs["pretrained"], outputs["fingerprint"])
-        merged = TaskVector.load(outputs["merged"])
-        self._expert_state = {k: v.detach().to("cpu", copy=True) for k, v in submodule.state_dict().items()}
-        with torch.no_grad():
-            for key, live in state.items():
-                base = pretrained[key]
-                value = base.double() + merged[key].double() if key in merged else base
-                live.copy_(value.to(base.dtype))
+        outputs = on_rank_zero(trainer.strategy, lambda: find_merge(self._recorded(), self.merge_with))
+        self._expert_state = swap_in(self._follow(pl_module), outputs)
         rank_zero_info("ScoreMergeCallback: testing the merged model; the expert's weights come back after the test.")
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the expert's own weights after testing the merged ones."""
-        if self._expert_state is None:
+        if self._expert_state is None or self._selection is None:
             return
-        submodule, _, _, _ = self._selected(pl_module)
-        submodule.load_state_dict(self._expert_state)
+        self._selection.submodule.load_state_dict(self._expert_state)
         self._expert_state = None
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Never leave the merged weights in the module, nor a checkpoint's θ₀ for the next fit."""
         self._restored = None
@@ -291,6 +287,7 @@ class ScoreMergeCallback(Callback):
 
     # --- checkpointing ----------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Where θ₀ is (the snapshot file and its fingerprint), so a resumed fit still subtracts θ₀."""
         if self._snapshot is None:
@@ -301,6 +298,7 @@ class ScoreMergeCallback(Callback):
             "pretrained_fingerprint": self._snapshot.fingerprint,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore where θ₀ is, for the fit resuming from this checkpoint (checked in ``on_fit_start``)."""
         if "pretrained" in state_dict:
@@ -319,23 +317,22 @@ class ScoreMergeCallback(Callback):
         return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "task_vectors"
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
-        submodule, prefix, state, _ = self._selected(pl_module)
-        folder = self._folder(trainer)
+        selection, state, folder = self._follow(pl_module), self._live_state(), self._folder(trainer)
 
         def write() -> tuple[str, str]:
             path, fingerprint = write_snapshot(state, folder)
-            self._check_merge_with(fingerprint, getattr(pl_module, "base_model", None))
+            check_same_base(self.merge_with, fingerprint, getattr(pl_module, "base_model", None))
             return str(path), fingerprint
 
         path, fingerprint = on_rank_zero(trainer.strategy, write)
-        expected = expected_fingerprint(pl_module, submodule)
+        expected = expected_fingerprint(pl_module, selection.submodule)
         if expected is not None and expected != fingerprint:
             rank_zero_warn(
                 f"ScoreMergeCallback: {type(pl_module).__name__}.image_encoder no longer holds the pre-trained "
                 "weights it was built with when fitting starts, so the task vector is measured from these weights "
                 "and will not merge with experts of the original base."
             )
-        return Snapshot(prefix, Path(path), fingerprint)
+        return Snapshot(selection.prefix, Path(path), fingerprint)
 
     def _resume_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
         restored = self._restored
@@ -347,13 +344,13 @@ class ScoreMergeCallback(Callback):
                 "checkpoint was written; or, to measure from these weights, load them into the module and fit "
                 "without ckpt_path."
             )
-        submodule, prefix, _, _ = self._selected(pl_module)
-        if restored.module != prefix:
+        selection = self._follow(pl_module)
+        if restored.module != selection.prefix:
             raise ValueError(
                 f"ScoreMergeCallback: the checkpoint's θ₀ is of '{restored.module}', but this fit snapshots "
-                f"'{prefix}'. Resume with the same module selection."
+                f"'{selection.prefix}'. Resume with the same module selection."
             )
-        expected = expected_fingerprint(pl_module, submodule)
+        expected = expected_fingerprint(pl_module, selection.submodule)
 
         def check() -> None:
             read_snapshot(restored.path, restored.fingerprint, verify=True)
@@ -363,22 +360,10 @@ class ScoreMergeCallback(Callback):
                     f"{type(pl_module).__name__} ({expected[:20]}… vs {restored.fingerprint[:20]}…): the checkpoint "
                     "comes from a fit of another base model."
                 )
-            self._check_merge_with(restored.fingerprint, getattr(pl_module, "base_model", None))
+            check_same_base(self.merge_with, restored.fingerprint, getattr(pl_module, "base_model", None))
 
         on_rank_zero(trainer.strategy, check)
         return restored
-
-    def _check_merge_with(self, fingerprint: str, base_model: str | None = None) -> None:
-        for other in self.merge_with:
-            tv = TaskVector.load(other)
-            other_fp = tv.base_fingerprint
-            if other_fp and other_fp != fingerprint:
-                raise ValueError(
-                    f"'{other}' was made from different pre-trained weights than the model being fitted: it was "
-                    f"fine-tuned from {tv.base_model or 'an unrecorded base model'}, this fit starts from "
-                    f"{base_model or 'other weights'} (base fingerprints {other_fp[:20]}… vs {fingerprint[:20]}…). "
-                    "merge_with takes experts fine-tuned from the same base model."
-                )
 
     def _write_outputs(
         self,
@@ -392,33 +377,19 @@ class ScoreMergeCallback(Callback):
         if set(pretrained) != set(state):
             only = sorted(set(pretrained) ^ set(state))[:3]
             raise RuntimeError(f"ScoreMergeCallback: the module's keys changed during fitting (e.g. {only}).")
-        tensors = {}
-        for key in sorted(state):  # τ = θ_T − θ₀ in float64, one key at a time, stored in θ₀'s dtype
-            base, live = pretrained[key], state[key].detach()
-            if base.shape != live.shape:
-                raise RuntimeError(
-                    f"ScoreMergeCallback: '{key}' changed shape during fitting ({base.shape} → {live.shape})."
-                )
-            tensors[key] = (live.to("cpu", torch.float64) - base.to(torch.float64)).to(base.dtype).contiguous()
-        tv = TaskVector(tensors, {**metadata, "base_fingerprint": snapshot.fingerprint})
+        # τ = θ_T − θ₀ (in float64, stored in θ₀'s dtype); θ₀'s fingerprint is the snapshot's, not hashed again
+        fingerprint = snapshot.fingerprint  # recorded after the other fields, as before
+        tv = TaskVector.from_state_dicts(pretrained, state, sorted(state), **metadata, base_fingerprint=fingerprint)
         path = tv.save(folder / (self.filename or f"{tv.name}.safetensors"))
         rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {path}")
         outputs: dict[str, Any] = {"task_vector": str(path), "merged": None, "pretrained": str(snapshot.path),
                                    "fingerprint": snapshot.fingerprint, "module": snapshot.module}  # fmt: skip
         if self.merge_with:
-            inputs = [TaskVector.load(path), *(TaskVector.load(p) for p in self.merge_with)]
-            merged = merge_task_vectors(inputs, self.method, alpha=self.alpha, device=device, **self.merge_options)
-            outputs["merged"] = str(merged.save(path.with_name(f"merged-{self.method}.safetensors")))
-            rank_zero_info(f"ScoreMergeCallback: merged {len(inputs)} experts with '{self.method}' on {device}")
+            merged = merge_expert(path, self.merge_with, self.method, self.alpha, self.merge_options, device)
+            outputs["merged"] = str(merged)
         self._receipt.write(outputs)
         return outputs
 
-    def _find_merge(self) -> dict[str, Any]:
-        outputs = self._outputs or self._receipt.read()
-        if not outputs or not outputs.get("merged"):
-            raise ValueError(
-                f"ScoreMergeCallback(merge_with=[...]) has no merge to test: no fit with this callback has finished "
-                f"(merge_with: {[str(p) for p in self.merge_with]}). Fit first; to test the expert alone, test "
-                "without a merge_with callback."
-            )
-        return outputs
+    def _recorded(self) -> dict[str, Any] | None:
+        """What the last fit wrote: this process's record, else the receipt (the main process of ``ddp_spawn``)."""
+        return self._outputs or self._receipt.read()

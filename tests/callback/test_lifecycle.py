@@ -213,3 +213,49 @@ def test_testing_with_merge_with_before_any_fit_raises(tmp_path: Path) -> None:
     callback = ScoreMergeCallback(dirpath=tmp_path, name="b", merge_with=[tmp_path / "a.safetensors"])
     with pytest.raises(ValueError, match="has no merge to test"):
         trainer(tmp_path, [callback]).test(Regressor(), data(), verbose=False)
+
+
+# --- the selection: made once, in setup ----------------------------------------------------------------------------
+
+
+class CountingCallback(ScoreMergeCallback):
+    """Counts how often the override point is asked."""
+
+    calls = 0
+
+    def select_module(self, pl_module: pl.LightningModule) -> tuple[torch.nn.Module, list[str] | None]:
+        self.calls += 1
+        return super().select_module(pl_module)
+
+
+def test_what_to_snapshot_is_selected_once_per_fit_and_once_per_test(tmp_path: Path) -> None:
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="a")]).fit(Regressor(), data())
+    callback = CountingCallback(dirpath=tmp_path, name="b", merge_with=[tmp_path / "a.safetensors"], method="average")
+    fit = trainer(tmp_path, [callback])
+    fit.fit(Regressor(), data())
+    assert callback.calls == 1  # setup; on_fit_start, on_train_end and the snapshot reuse it
+    fit.test(Regressor(), data(), verbose=False)
+    assert callback.calls == 2  # the test's setup selects in the module it tests
+
+
+class ReplacingRegressor(Regressor):
+    """``configure_model`` replaces the head by one of other weights, after the callback's ``setup``."""
+
+    def configure_model(self) -> None:
+        if not getattr(self, "replaced", False):
+            torch.manual_seed(7)
+            self.head = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1))
+            self.replaced = True
+            self.start = head_state(self)
+
+
+def test_a_submodule_replaced_in_configure_model_is_followed(tmp_path: Path) -> None:
+    model = ReplacingRegressor()
+    callback = CountingCallback(dirpath=tmp_path, name="r", module="head")
+    trainer(tmp_path, [callback]).fit(model, data())
+    assert callback.calls == 2  # setup, then once more at the start of fitting: the head kept is gone
+    tv, end = _tv(tmp_path, "r"), head_state(model)
+    for key in tv:
+        torch.testing.assert_close(tv[key], end[f"head.{key}"] - model.start[f"head.{key}"], rtol=0, atol=0)
+        assert tv[key].abs().sum() > 0
+    assert tv.base_fingerprint == state_dict_fingerprint({k[5:]: v for k, v in model.start.items()})
