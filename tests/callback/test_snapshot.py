@@ -128,7 +128,7 @@ def test_files_that_are_not_a_snapshot_say_what_they_are(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="is a folder, not a pre-trained snapshot"):
         read_snapshot(tmp_path)
     (tmp_path / "notes.safetensors").write_text("not tensors")
-    with pytest.raises(ValueError, match=r"is not a safetensors file .*\(never pickles\)\. It cannot serve as θ₀"):
+    with pytest.raises(ValueError, match=r"is not a safetensors file .*\(never pickles\); it cannot serve as θ₀"):
         read_snapshot(tmp_path / "notes.safetensors")
     task_vector = TaskVector({"w": torch.zeros(2)}, {"name": "x"}).save(tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="is a safetensors file but not a lightning-score pre-trained snapshot"):
