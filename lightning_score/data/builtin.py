@@ -66,7 +66,8 @@ def get_builtin(value: str) -> Builtin:
     Raises:
         ValueError: No built-in has that name; the message lists them.
     """
-    name = builtin_name(value) or value
+    named = builtin_name(value)
+    name = value if named is None else named
     if name not in _BUILTINS:
         raise ValueError(f"Unknown built-in {BUILTIN_PREFIX + name!r}; available: {list_builtins()}.")
     return _BUILTINS[name]

@@ -57,6 +57,8 @@ LAYOUTS: Mapping[str, str] = {
 
 def index_of(root: Path, layout: str, classes: Sequence[str], splits: Mapping[str, tuple[list, list]]) -> DatasetIndex:
     """Build a :class:`DatasetIndex`, refusing a domain with an empty train or test split."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"index_of: layout {layout!r} is not one of {list(LAYOUTS)}.")
     domains = {}
     for domain in sorted(splits):
         train, test = splits[domain]

@@ -92,6 +92,8 @@ def split_domain(part: DomainSamples, val_fraction: float, split_seed: int) -> D
         >>> split_domain(part, 0.0, 17)
         DomainSplit(fit=[0, 1], val=[3], test=[2, 3])
     """
+    if not 0.0 <= val_fraction < 1.0:  # NaN included
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction} (0: validate on the test splits).")
     n_train = len(part.train)
     test = list(range(n_train, n_train + len(part.test)))
     if val_fraction > 0:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from lightning.pytorch.strategies import Strategy
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
 __all__ = ["RankError", "gather_outcomes", "on_rank_zero", "rank_share"]
 
@@ -107,13 +107,23 @@ def _strided_batches(loader: Iterable[Any], rank: int, world_size: int) -> Itera
 def rank_share(loader: Any, rank: int, world_size: int) -> Iterable[Any]:
     """This rank's part of an evaluation loader: every ``world_size``-th sample from ``rank`` on.
 
-    A map-style dataset is split by sample, so each rank reads only its own images; any other iterable
-    falls back to every ``world_size``-th batch. The parts are disjoint and together cover the loader once.
+    A loader over a map-style dataset in order (its default sequential sampler, every batch kept) is split by
+    sample, so each rank reads only its own images; any other loader (a sampler of its own, ``drop_last``, an
+    iterable dataset) or iterable falls back to every ``world_size``-th batch of what it yields. The parts are
+    disjoint and together cover what the loader yields, once.
     """
     if world_size == 1:
         return loader
     dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(dataset, "__len__"):
+    in_order = (
+        isinstance(loader, DataLoader)
+        and loader.batch_size is not None
+        and not loader.drop_last
+        and isinstance(loader.sampler, SequentialSampler)
+        and not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__len__")
+    )
+    if in_order:
         part = Subset(dataset, range(rank, len(dataset), world_size))
         return DataLoader(
             part,

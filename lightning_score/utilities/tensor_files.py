@@ -94,7 +94,13 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
             f"'{path}' is a safetensors file but not a lightning-score {kind.what} (its metadata has no "
             f"'{FORMAT_KEY}': '{kind.format}'). {kind.make}"
         )
-    version = int(header.get(VERSION_KEY, "0"))
+    try:
+        version = int(header.get(VERSION_KEY, "0"))
+    except ValueError:
+        raise ValueError(
+            f"'{path}' records format version {header[VERSION_KEY]!r}, which is not a number: the file is damaged or "
+            f"not written by lightning-score. {kind.make}"
+        ) from None
     if version > kind.version:
         raise ValueError(
             f"'{path}' was written in {kind.what} format version {version}, newer than this lightning-score reads "
@@ -134,8 +140,13 @@ class LazySafetensors(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, key: object) -> bool:  # from the key list: Mapping's default would read the tensor
+        return key in self._keys
+
     def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of one entry, read from the file header without loading the tensor."""
+        if key not in self._keys:
+            raise KeyError(key)
         view = self._open().get_slice(key)
         return tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()]
 
