@@ -99,6 +99,7 @@ def test_a_dataset_in_a_paper_layout_gets_its_preset_without_a_warning(tmp_path:
         assert dm.preset is get_preset(name) and dm.default_templates == get_preset(name).templates
     # templates="auto" resolves to the authors' set through the datamodule (the classifier's own code path)
     fake = SimpleNamespace(templates="auto", _datamodule=lambda: dm)
+    fake._domain_names = lambda: CLIPClassifier._domain_names(fake)  # type: ignore[arg-type]
     assert CLIPClassifier.resolve_templates(fake) == get_preset(name).templates
 
 
