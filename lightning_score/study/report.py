@@ -11,10 +11,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_score.analysis import subspace_alignment
 from lightning_score.study.config import Entry
 from lightning_score.study.figures import accuracy_figure_inputs
 from lightning_score.study.summary import MEAN, Summary, summarize
 from lightning_score.study.tables import markdown_report, significance
+from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.files import atomic_write_text
 
 __all__ = ["FIELDS", "write_report"]
@@ -139,9 +141,6 @@ def write_report(
             title="Mean accuracy over held-out domains",  # the legend says what the error bars are
         )
     if experts:
-        from lightning_score.analysis import subspace_alignment
-        from lightning_score.task_vector import TaskVector
-
         sar = subspace_alignment([TaskVector.load(p) for p in experts.values()], device=device)
         written["sar.json"] = atomic_write_text(output_dir / "sar.json", json.dumps(sar.to_dict(), indent=2) + "\n")
         written["sar.png"] = plot_subspace_alignment(sar, output_dir / "sar.png")
