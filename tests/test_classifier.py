@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,51 @@ def test_balanced_accuracy_is_sklearns_on_random_inputs(seed: int) -> None:
     for part in range(0, len(target), 17):  # over batches, the same
         metric.update(preds[part : part + 17], target[part : part + 17])
     assert float(metric.compute()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_balanced_accuracy_leaves_out_absent_classes_and_counts_never_predicted_ones() -> None:
+    # class 0: 2 of 3 right; class 1: present, never predicted (0 of 2); class 2: predicted, never a target;
+    # class 3: neither.
+    target = torch.tensor([0, 0, 0, 1, 1])
+    preds = torch.tensor([0, 0, 2, 2, 0])
+    correct, total = per_class_counts(preds, target, num_classes=4)
+    assert correct.tolist() == [2, 0, 0, 0] and total.tolist() == [3, 2, 0, 0]
+    value = float(balanced_accuracy(correct, total))
+    assert value == pytest.approx((2 / 3 + 0 / 2) / 2)  # the mean over the two classes present, not over four
+    assert value == pytest.approx(balanced_accuracy_score(target.numpy(), preds.numpy()))
+    metric = BalancedAccuracy(num_classes=4)
+    metric.update(preds[:2], target[:2])
+    metric.update(preds[2:], target[2:])
+    assert float(metric.compute()) == pytest.approx(value)
+
+
+def test_test_dataloaders_are_named_after_a_source_domains_test_domains(
+    quick_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = CLIPClassifier(MODEL, str(quick_base), templates="digits", classnames=CLASSES)
+    for datamodule, count, expected in [
+        (Domains(None, ["a", "b", "c"]), 1, ["c"]),
+        (Domains(None, ["a", "b", "c"]), 2, ["domain0", "domain1"]),  # not one name per dataloader: the defaults
+        (OnlyClassNames(), 1, ["domain0"]),  # no test_domains
+        (None, 2, ["domain0", "domain1"]),
+    ]:
+        monkeypatch.setattr(module, "_datamodule", lambda datamodule=datamodule: datamodule)
+        assert module._test_domains(count) == expected, datamodule
+
+
+def test_templates_naming_a_held_out_domain_warn_unless_they_are_the_datasets_own(
+    quick_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = CLIPClassifier(MODEL, str(quick_base))
+    templates = ["a photo of a {}.", "a sketch of a {}."]
+    monkeypatch.setattr(module, "_datamodule", lambda: Domains(None, ["photo", "sketch"]))  # sketch is held out
+    with pytest.warns(UserWarning, match=r"Template set 'mine' names the held-out domain\(s\) \['sketch'\]"):
+        module._warn_if_templates_name_held_out_domains("mine", templates)
+    monkeypatch.setattr(module, "_datamodule", lambda: Domains("mine", ["photo", "sketch"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._warn_if_templates_name_held_out_domains("mine", templates)  # the dataset's own set: exempt
+        for datamodule in (OnlyClassNames(), None):  # no domains known: nothing to warn about
+            monkeypatch.setattr(module, "_datamodule", lambda datamodule=datamodule: datamodule)
+            module._warn_if_templates_name_held_out_domains("mine", templates)

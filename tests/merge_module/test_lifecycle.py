@@ -185,5 +185,10 @@ def test_load_from_checkpoint_restores_the_merge_without_merging_again(
         path.unlink()  # the task-vector files are not needed to restore the merged weights
     again = MergeModule.load_from_checkpoint(tmp_path / "merge.ckpt")
     assert all(torch.equal(v, merged_weights[k]) for k, v in again.image_encoder.state_dict().items())
+    third = L.Trainer(**QUIET).test(again, datamodule=digits(**SOURCES), verbose=False)[0]  # setup reads no file
+    assert third == pytest.approx(first)
+    assert all(torch.equal(v, merged_weights[k]) for k, v in again.image_encoder.state_dict().items())
+    with pytest.raises(RuntimeError, match="keeps its merged weights but not τ"):
+        again.use_alpha(0.6)  # τ* is not in the checkpoint
     path = again.save_merged(tmp_path / "restored.safetensors")
     assert path.exists()
