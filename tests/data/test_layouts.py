@@ -255,3 +255,29 @@ def test_a_file_without_a_domain_prefix_is_named(tmp_path: Path, build: Callable
         read_dataset(root)
     assert f"Image '{bad}'" in str(caught.value)
     assert "<class>/<domain>_<n>.jpg" in str(caught.value) and "Rename it" in str(caught.value)
+
+
+def test_unsplit_domains_with_different_class_folders_are_refused_naming_both(tmp_path: Path) -> None:
+    root = domainbed(tmp_path / "data", {"alpha": {"cat": 2, "dog": 2}, "beta": {"cat": 2, "owl": 2}})
+    with pytest.raises(ValueError, match=r"^Class folders differ between domains") as caught:
+        read_dataset(root)
+    message = str(caught.value)
+    assert f"'{root / 'beta'}' has ['owl'] that '{root / 'alpha'}' lacks, and lacks ['dog']" in message
+    assert "create the missing ones, even empty" in message
+
+
+def test_an_unsplit_domain_folder_without_images_is_named(tmp_path: Path) -> None:
+    root = domainbed(tmp_path / "data", {"alpha": {"cat": 3}})
+    (root / "beta" / "cat").mkdir(parents=True)
+    (root / "beta" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"Domain folder '.*beta' has no images: expected <class>/<image>"):
+        read_dataset(root)
+
+
+def test_a_presplit_folder_with_domains_in_one_split_only_names_them(tmp_path: Path) -> None:
+    root = _presplit(tmp_path / "data")
+    domainbed(root / "test", {"gamma": {"cat": 1}})
+    with pytest.raises(
+        ValueError, match=r"different domains in train/ .*none only in train/, \['gamma'\] only in test/"
+    ):
+        read_dataset(root)
