@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -77,7 +79,8 @@ def test_a_fold_offers_the_target_to_predict_and_only_the_sources_to_alpha_and_p
 
 def _protocol_members(protocol: type) -> set[str]:
     """The names a Protocol declares (its own and its parents'), without Protocol's machinery."""
-    return {name for cls in protocol.__mro__[:-1] if ClassNames in cls.__mro__ for name in vars(cls) if name[0] != "_"}
+    protocols = [cls for cls in protocol.__mro__ if getattr(cls, "_is_protocol", False) and cls is not Protocol]
+    return {name for cls in protocols for name in vars(cls) if name[0] != "_"}
 
 
 def test_a_fold_is_the_source_domains_merge_module_reads() -> None:
