@@ -1,0 +1,221 @@
+"""A PEFT-adapted module read as the weights it computes with: the base model's keys, LoRA updates applied.
+
+A task vector must hold the update of each *weight* (what ``merge_and_unload()`` would write into the base
+model), keyed by the base model's own names, never the adapter's parameters: ΔW = s·B·A is not linear in
+(A, B), so merging the factors' deltas is not merging the updates. :func:`effective_state` reads a module that
+holds PEFT layers exactly so:
+
+* every state-dict key is renamed as the base model names it: the wrappers PEFT inserts (``base_model.model.``
+  of a ``PeftModel``, ``base_layer.`` of a tuner layer, ``modules_to_save.<adapter>.`` of a saved module) are
+  removed, and the copies nothing computes with (``original_module.`` of a saved module, other adapters' saved
+  copies) are left out;
+* a LoRA layer's weight is its base weight plus each active adapter's update, computed by PEFT's own
+  ``get_delta_weight`` in the order ``merge()`` adds them, so the result is ``merge_and_unload()``'s weights;
+* adapter parameters (``lora_A``, ``lora_B``, ...) are never entries.
+
+Only adapters whose effect is such a weight update are read (:data:`SUPPORTED`); any other tuner layer, a
+prompt-learning model, a LoRA variant (DoRA, ...), a quantized base layer or an adapter already merged into its
+base weights is refused with one message naming it. PEFT is imported only when the module holds its layers (a
+module with PEFT layers has imported PEFT already).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["SUPPORTED", "UnsupportedAdapterError", "adapted_keys", "effective_state", "holds_adapters"]
+
+SUPPORTED = (
+    "LoRA (peft.LoraConfig, rsLoRA included) on Linear, Embedding, Conv1d/2d/3d and MultiheadAttention layers, "
+    "fan_in_fan_out, lora_bias, several active adapters, and modules_to_save"
+)
+"""What :func:`effective_state` reads, in words (for messages and docs)."""
+
+_LORA_CLASSES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
+# The layers whose merge() rounds each update to the base weight's dtype before adding it; the others add the update
+# in its own dtype (float32 adapters on a bf16 base: the sum is rounded once). Followed so that the weights are
+# merge_and_unload()'s bit for bit (tests/callback/test_adapters.py checks it per layer type, in bf16).
+_CAST_FIRST = ("Embedding", "MultiheadAttention")
+
+
+class UnsupportedAdapterError(ValueError):
+    """A module holds an adapter whose effect lightning-score cannot write as a weight update."""
+
+
+def holds_adapters(module: nn.Module) -> bool:
+    """Whether ``module`` holds PEFT tuner layers, saved-module wrappers or is a PEFT model.
+
+    Example:
+        >>> from torch import nn
+        >>> holds_adapters(nn.Linear(2, 2))
+        False
+    """
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return any(isinstance(sub, BaseTunerLayer | AuxiliaryTrainingWrapper | peft.PeftModel) for sub in module.modules())
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One state-dict entry of an adapted module: its base-model key, or None for what is not a weight."""
+
+    raw: str
+    key: str | None
+
+
+def _rename(root: nn.Module, segments: list[str]) -> list[str] | None:
+    """The base model's name of the submodule ``root.<segments>``; None inside an adapter or an unused copy."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    node, kept, index = root, [], 0
+    while index < len(segments):
+        segment = segments[index]
+        if isinstance(node, peft.PeftModel) and segment == "base_model":
+            node = node.base_model
+        elif isinstance(node, BaseTuner) and segment == "model":
+            node = node.model
+        elif isinstance(node, BaseTunerLayer) and segment == "base_layer":
+            node = node.base_layer
+        elif isinstance(node, BaseTunerLayer) and segment in (*node.adapter_layer_names, *node.other_param_names):
+            return None
+        elif isinstance(node, ModulesToSaveWrapper) and segment == "modules_to_save":
+            adapter = segments[index + 1] if index + 1 < len(segments) else None
+            if adapter not in node.active_adapters:
+                return None  # another adapter's saved copy
+            node, index = node.modules_to_save[adapter], index + 1
+        elif isinstance(node, ModulesToSaveWrapper) and segment == "original_module":
+            return None  # θ₀'s copy: the saved module's weights at the start hold the same values
+        elif isinstance(node, AuxiliaryTrainingWrapper):
+            raise UnsupportedAdapterError(
+                f"'{'.'.join(kept) or type(root).__name__}' is a PEFT {type(node).__name__}, which lightning-score "
+                f"does not read as a weight update. Supported: {SUPPORTED}."
+            )
+        else:
+            node = node.get_submodule(segment)
+            kept.append(segment)
+        index += 1
+    return kept
+
+
+def _walk(module: nn.Module) -> Iterator[_Entry]:
+    """Each floating-point state-dict entry of ``module`` with the key the base model gives it."""
+    for raw, value in module.state_dict(keep_vars=True).items():
+        if not value.is_floating_point():
+            continue
+        segments = raw.split(".")
+        kept = _rename(module, segments[:-1])
+        yield _Entry(raw, ".".join([*kept, segments[-1]]) if kept is not None else None)
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    """Refuse a tuner layer whose adapters are not plain LoRA updates of a plain base layer (``name``: base name)."""
+    from peft.tuners.lora import LoraLayer
+
+    kind = type(layer)
+    if (
+        not isinstance(layer, LoraLayer)
+        or kind.__module__ != "peft.tuners.lora.layer"
+        or kind.__name__ not in _LORA_CLASSES
+    ):
+        family = kind.__module__.split(".")[2].upper() if kind.__module__.startswith("peft.tuners.") else "tuner"
+        raise UnsupportedAdapterError(
+            f"'{name}' is a PEFT {family} layer ({kind.__module__}.{kind.__name__}), whose effect lightning-score "
+            "cannot write as a weight update (its parameters must never be merged as if they were weights). "
+            f"Supported: {SUPPORTED}."
+        )
+    variants = [adapter for adapter in layer.active_adapters if adapter in getattr(layer, "lora_variant", {})]
+    if variants:
+        raise UnsupportedAdapterError(
+            f"'{name}' uses a LoRA variant for adapter(s) {variants} (DoRA, aLoRA, ...): its update is not s·B·A. "
+            f"Supported: {SUPPORTED}."
+        )
+    if layer.merged:
+        raise UnsupportedAdapterError(
+            f"'{name}' has adapter(s) {layer.merged_adapters} merged into its base weights, so the base weights are "
+            "no longer θ₀. Call unmerge_adapter() (or snapshot the model before merging)."
+        )
+
+
+def _lora_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every tuner layer of ``module`` with its name, each checked by :func:`_check_layer`."""
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, sub in module.named_modules():
+        if isinstance(sub, peft.PeftModel) and sub.peft_config[sub.active_adapter].is_prompt_learning:
+            kind = sub.peft_config[sub.active_adapter].peft_type
+            raise UnsupportedAdapterError(
+                f"'{name or type(sub).__name__}' is a prompt-learning PEFT model ({kind}): it learns inputs, not "
+                f"weights, so it has no task vector. Supported: {SUPPORTED}."
+            )
+        if isinstance(sub, BaseTunerLayer):
+            _check_layer(".".join(_rename(module, name.split(".")) or [name]), sub)
+            yield name, sub
+
+
+def adapted_keys(module: nn.Module) -> dict[str, str]:
+    """The base-model key of each floating-point entry that is a weight: ``{key: raw state-dict key}``.
+
+    Adapter parameters and copies nothing computes with are left out; see the module docstring.
+
+    Raises:
+        UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
+    """
+    for _ in _lora_layers(module):
+        pass
+    return {entry.key: entry.raw for entry in _walk(module) if entry.key is not None}
+
+
+def effective_state(module: nn.Module) -> dict[str, Tensor]:
+    """The weights ``module`` computes with, by base-model key: ``merge_and_unload()``'s, without changing it.
+
+    Entries of LoRA layers are new tensors (base weight plus the active adapters' updates, detached); every other
+    entry is the live tensor itself.
+
+    Raises:
+        UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
+    """
+    layers = dict(_lora_layers(module))
+    keys = {entry.raw: entry.key for entry in _walk(module) if entry.key is not None}
+    full = module.state_dict(keep_vars=True)
+    state = {key: full[raw] for raw, key in keys.items()}
+    for name, layer in layers.items():
+        prefix = f"{name}.base_layer." if name else "base_layer."
+        if type(layer).__name__ == "MultiheadAttention":
+            # PEFT's MultiheadAttention.merge() (and so its forward and merge_and_unload) adds out_proj's update once
+            # itself and once more through out_proj's own LoRA Linear, which is read as a layer of its own below.
+            targets = {
+                "in_proj_weight": layer.get_delta_weight,
+                "out_proj.base_layer.weight": layer.base_layer.out_proj.get_delta_weight,
+            }
+            bias_of = None
+        else:
+            targets = {"weight": layer.get_delta_weight}
+            bias_of = "bias"
+        cast_first = type(layer).__name__ in _CAST_FIRST
+        for attribute, delta_of in targets.items():
+            key = keys[prefix + attribute]
+            merged = state[key].detach().clone()
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+                    delta = delta_of(adapter).detach()
+                    merged += delta.to(merged.dtype) if cast_first else delta
+            state[key] = merged
+        if bias_of is not None and any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):
+            raw = prefix + bias_of
+            bias = state[keys[raw]].detach().clone()
+            for adapter in layer.active_adapters:
+                if layer.lora_bias.get(adapter):
+                    bias += (layer.lora_B[adapter].bias * layer.scaling[adapter]).detach().to(bias.dtype)
+            state[keys[raw]] = bias
+    return state

@@ -1,0 +1,209 @@
+"""callback.adapters: a PEFT-adapted module read as the weights it computes with (merge_and_unload's), by base key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+
+from lightning_score.callback.adapters import (  # noqa: E402
+    UnsupportedAdapterError,
+    adapted_keys,
+    effective_state,
+    holds_adapters,
+)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.fc1 = nn.Linear(8, 16)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc2 = nn.Linear(16, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens, image):
+        x = self.emb(tokens)  # [L, 8]
+        x = self.attn(x[:, None], x[:, None], x[:, None])[0][:, 0] + self.conv(image).mean((-1, -2))
+        return self.head(self.fc2(torch.relu(self.fc1(x))))
+
+
+TARGETS = ["fc1", "fc2", "emb", "attn", "conv"]
+
+
+def _trained(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Every adapter and saved-module parameter moved, as training would (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g).to(param.dtype))
+    return model
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, 10, (5,), generator=g), torch.randn(5, 3, 6, 6, generator=g)
+
+
+def _assert_is_merge_and_unload(model: nn.Module, atol: float = 0.0) -> dict[str, torch.Tensor]:
+    state = effective_state(model)
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert sorted(state) == sorted(merged)
+    for key, value in merged.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=atol, msg=key)
+    return state
+
+
+def test_every_lora_layer_type_reads_as_merge_and_unloads_weights_under_the_base_models_keys():
+    torch.manual_seed(0)
+    net = Net()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["head"])
+    model = _trained(peft.get_peft_model(copy.deepcopy(net), config))
+    state = _assert_is_merge_and_unload(model)
+    assert sorted(state) == sorted(net.state_dict())  # the keys a full fine-tune of the same net gives
+    assert not any("lora_" in key or "base_layer" in key or "modules_to_save" in key for key in state)
+    # the weights are what the adapted model computes with
+    plain = copy.deepcopy(net)
+    plain.load_state_dict(state)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(*_inputs()), model(*_inputs()), rtol=1e-5, atol=1e-5)
+    # each adapted weight moved by its update, the frozen rest did not
+    for key in ("fc1.weight", "fc2.weight", "emb.weight", "attn.in_proj_weight", "attn.out_proj.weight", "conv.weight"):
+        assert not torch.equal(state[key], net.state_dict()[key]), key
+    for key in ("fc1.bias", "attn.in_proj_bias"):
+        assert torch.equal(state[key], net.state_dict()[key]), key
+
+
+def test_untrained_adapters_read_as_the_base_weights_themselves():
+    net = Net()
+    model = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=TARGETS))
+    state = effective_state(model)
+    for key, value in net.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+def test_rslora_lora_bias_and_several_active_adapters():
+    net = Net()
+    config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, lora_bias=True, target_modules=["fc1", "fc2"])
+    model = peft.get_peft_model(copy.deepcopy(net), config)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
+    model.base_model.set_adapter(["default", "other"])
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    _trained(model)
+    fc1 = model.base_model.model.fc1
+    assert fc1.scaling["default"] == pytest.approx(16 / 4**0.5)
+    state = _assert_is_merge_and_unload(model, atol=1e-6)
+    assert not torch.equal(state["fc1.bias"], net.fc1.bias)  # lora_bias moves the base bias
+
+
+def test_fan_in_fan_out_layers_read_in_the_base_weights_layout():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class GPTLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = Conv1D(12, 4)  # weight [in=4, out=12]
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    net = GPTLike()
+    model = _trained(
+        peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    )
+    state = _assert_is_merge_and_unload(model)
+    assert state["c_attn.weight"].shape == (4, 12)
+
+
+def test_adapters_injected_without_a_peft_model_and_a_peft_model_inside_another_module():
+    net = Net()
+    injected = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["fc1"]), copy.deepcopy(net))
+    _trained(injected)
+    state = effective_state(injected)
+    assert sorted(state) == sorted(net.state_dict())
+    assert not torch.equal(state["fc1.weight"], net.fc1.weight)
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = _trained(
+                peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["fc2"]))
+            )
+            self.extra = nn.Linear(2, 2)
+
+    holder = Holder()
+    keys = adapted_keys(holder)
+    assert (
+        "backbone.fc2.weight" in keys
+        and keys["backbone.fc2.weight"] == "backbone.base_model.model.fc2.base_layer.weight"
+    )
+    assert "extra.weight" in keys and not any("lora_" in raw for raw in keys.values())
+    torch.testing.assert_close(
+        effective_state(holder)["backbone.fc2.weight"],
+        copy.deepcopy(holder.backbone).merge_and_unload().fc2.weight,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_bf16_adapted_weights_read_exactly_as_peft_merges_them():
+    # PEFT keeps the adapters in float32 on a bf16 base; each layer type rounds the update its own way
+    model = _trained(peft.get_peft_model(Net().to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=TARGETS)))
+    assert model.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
+    state = _assert_is_merge_and_unload(model)
+    assert all(value.dtype == torch.bfloat16 for value in state.values())
+
+
+def test_the_live_tensors_are_read_for_entries_without_adapters_and_the_module_is_not_changed():
+    model = _trained(peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["fc1"])))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    state = effective_state(model)
+    assert state["fc2.weight"] is model.base_model.model.fc2.weight
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (
+            lambda: peft.IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"]),
+            r"'fc1' is a PEFT IA3 layer \(peft\.tuners\.ia3",
+        ),
+        (lambda: peft.LoraConfig(r=2, target_modules=["fc1"], use_dora=True), r"'fc1' uses a LoRA variant.*DoRA"),
+        (lambda: peft.LoHaConfig(r=2, target_modules=["fc1"]), r"'fc1' is a PEFT LOHA layer"),
+    ],
+)
+def test_adapters_that_are_not_lora_updates_are_refused_naming_the_layer(config, match):
+    model = peft.get_peft_model(Net(), config())
+    with pytest.raises(UnsupportedAdapterError, match=match):
+        effective_state(model)
+    with pytest.raises(UnsupportedAdapterError, match=match):
+        adapted_keys(model)
+
+
+def test_an_adapter_merged_into_its_base_weights_is_refused():
+    model = _trained(peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["fc1"])))
+    model.merge_adapter()
+    with pytest.raises(UnsupportedAdapterError, match=r"'fc1' has adapter\(s\) \['default'\] merged.*unmerge_adapter"):
+        effective_state(model)
+
+
+def test_holds_adapters():
+    net = Net()
+    assert not holds_adapters(net)
+    assert holds_adapters(peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["fc1"])))
+    assert holds_adapters(
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["fc1"]), copy.deepcopy(net))
+    )
