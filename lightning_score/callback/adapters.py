@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["SUPPORTED", "UnsupportedAdapterError", "adapted_keys", "effective_state", "holds_adapters"]
+__all__ = [
+    "SUPPORTED",
+    "UnsupportedAdapterError",
+    "adapted_keys",
+    "adapter_targets",
+    "effective_state",
+    "holds_adapters",
+]
 
 SUPPORTED = (
     "LoRA (peft.LoraConfig, rsLoRA included) on Linear, Embedding, Conv1d/2d/3d and MultiheadAttention layers, "
@@ -219,3 +226,34 @@ def effective_state(module: nn.Module) -> dict[str, Tensor]:
                     bias += (layer.lora_B[adapter].bias * layer.scaling[adapter]).detach().to(bias.dtype)
             state[keys[raw]] = bias
     return state
+
+
+def adapter_targets(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Which weights each adapter parameter updates: ``{raw adapter key: (base-model keys, ...)}``.
+
+    A LoRA layer's ``lora_A``/``lora_B`` entries update its base weight (and its bias with ``lora_bias``); those of
+    a ``MultiheadAttention`` layer update ``in_proj_weight`` and ``out_proj.weight``. So a selection of trainable
+    parameters (the adapters) becomes a selection of the weights they change.
+
+    Raises:
+        UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
+    """
+    layers = dict(_lora_layers(module))
+    keys = {entry.raw: entry.key for entry in _walk(module) if entry.key is not None}
+    targets: dict[str, tuple[str, ...]] = {}
+    for entry in _walk(module):
+        if entry.key is not None:
+            continue
+        owners = [name for name in layers if entry.raw.startswith(f"{name}." if name else "")]
+        if not owners:
+            continue  # a saved module's original copy, another adapter's saved copy
+        name = max(owners, key=len)  # the innermost layer (out_proj's own LoRA inside a MultiheadAttention)
+        layer, prefix = layers[name], f"{name}.base_layer." if name else "base_layer."
+        if type(layer).__name__ == "MultiheadAttention":
+            updated = [prefix + "in_proj_weight", prefix + "out_proj.base_layer.weight"]
+        else:
+            updated = [prefix + "weight"]
+            if any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):
+                updated.append(prefix + "bias")
+        targets[entry.raw] = tuple(keys[raw] for raw in updated)
+    return targets

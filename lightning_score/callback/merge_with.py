@@ -128,6 +128,12 @@ def swap_in(selection: Selection, outputs: dict[str, Any]) -> dict[str, Tensor]:
     Returns:
         The submodule's own state dict as it was (a copy on CPU), to load back after the test.
     """
+    if selection.adapted:
+        raise ValueError(
+            "ScoreMergeCallback(merge_with=...) cannot test the merge inside a PEFT-adapted module yet (its weights "
+            "are computed from the adapters, not held). Test the merged task vector the callback wrote "
+            "(callback.merged_path) with MergeModule or `lightning-score test` on the base model."
+        )
     weights = merged_weights(outputs)
     own = {key: value.detach().to("cpu", copy=True) for key, value in selection.submodule.state_dict().items()}
     with torch.no_grad():

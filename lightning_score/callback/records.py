@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from lightning_score.callback.adapters import adapted_keys, adapter_targets, effective_state, holds_adapters
 from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.utilities.files import atomic_write_text
 
@@ -72,6 +73,9 @@ class Selection:
         prefix: Its name in the LightningModule's state dict, ``_orig_mod.`` removed (``""`` for the module itself).
         keys: The selected entries, as the task vector names them (``_orig_mod.`` removed).
         raw_keys: The same entries as ``submodule.state_dict()`` named them when selected (same order).
+        adapted: Whether the submodule holds PEFT adapters: then ``keys`` are the base model's weights the adapters
+            update (:mod:`lightning_score.callback.adapters`), never the adapters' own parameters, and
+            :meth:`live_state` computes those weights as ``merge_and_unload()`` would.
 
     Example:
         >>> from torch import nn
@@ -87,6 +91,7 @@ class Selection:
     prefix: str
     keys: tuple[str, ...]
     raw_keys: tuple[str, ...]
+    adapted: bool = False
 
     @classmethod
     def of(cls, pl_module: nn.Module, submodule: nn.Module, keys: Sequence[str] | None = None) -> Selection:
@@ -102,6 +107,8 @@ class Selection:
                 nothing is selected.
         """
         prefix = state_prefix(pl_module, submodule)
+        if holds_adapters(submodule):
+            return cls._of_adapted(submodule, prefix, keys)
         full = submodule.state_dict(keep_vars=True)
         if keys is None:
             chosen = [key for key, value in full.items() if is_lazy(value) or value.is_floating_point()]
@@ -125,6 +132,32 @@ class Selection:
             )
         return cls(submodule, prefix, tuple(raw), tuple(raw.values()))
 
+    @classmethod
+    def _of_adapted(cls, submodule: nn.Module, prefix: str, keys: Sequence[str] | None) -> Selection:
+        """The weights of a PEFT-adapted ``submodule``: ``keys`` (raw, adapters' included) become what they update."""
+        weights = adapted_keys(submodule)  # base-model key -> raw key
+        if keys is None:
+            chosen = set(weights)
+        else:
+            targets, by_raw = adapter_targets(submodule), {raw: key for key, raw in weights.items()}
+            chosen = set()
+            for raw in keys:
+                if raw in targets:
+                    chosen.update(targets[raw])
+                elif raw in by_raw:
+                    chosen.add(by_raw[raw])
+                else:
+                    raise ValueError(
+                        f"ScoreMergeCallback.select_module chose '{raw}', which is neither a weight nor an adapter "
+                        f"parameter of {type(submodule).__name__} (e.g. {sorted(weights)[:3]})."
+                    )
+        raw = {clean_key(key): weights[key] for key in sorted(chosen)}
+        if not raw:
+            raise ValueError(
+                f"The adapted module selected for the task vector ({type(submodule).__name__}) has no weights."
+            )
+        return cls(submodule, prefix, tuple(raw), tuple(raw.values()), adapted=True)
+
     def belongs_to(self, pl_module: nn.Module) -> bool:
         """Whether the submodule is still part of ``pl_module`` (not replaced, e.g. in ``configure_model``)."""
         return any(module is self.submodule for module in pl_module.modules())
@@ -135,6 +168,9 @@ class Selection:
         Raises:
             RuntimeError: An entry is gone from the submodule's state dict.
         """
+        if self.adapted:  # computed weights (new tensors where an adapter changes them), by base-model key
+            state = {clean_key(key): value for key, value in effective_state(self.submodule).items()}
+            return {key: state[key] for key in self.keys}
         full = self.submodule.state_dict(keep_vars=True)
         if all(raw in full for raw in self.raw_keys):
             return {key: full[raw] for key, raw in zip(self.keys, self.raw_keys, strict=True)}

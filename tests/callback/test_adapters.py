@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 from lightning_score.callback.adapters import (  # noqa: E402
     UnsupportedAdapterError,
     adapted_keys,
+    adapter_targets,
     effective_state,
     holds_adapters,
 )
@@ -207,3 +208,16 @@ def test_holds_adapters():
     assert holds_adapters(
         peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["fc1"]), copy.deepcopy(net))
     )
+
+
+def test_each_adapter_parameter_names_the_weights_it_updates():
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["fc1", "attn"], lora_bias=False))
+    targets = adapter_targets(model)
+    assert targets["base_model.model.fc1.lora_A.default.weight"] == ("fc1.weight",)
+    assert targets["base_model.model.fc1.lora_B.default.weight"] == ("fc1.weight",)
+    assert targets["base_model.model.attn.lora_A.default.weight"] == ("attn.in_proj_weight", "attn.out_proj.weight")
+    assert targets["base_model.model.attn.base_layer.out_proj.lora_B.default.weight"] == ("attn.out_proj.weight",)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable <= set(targets)
+    with_bias = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["fc2"], lora_bias=True))
+    assert adapter_targets(with_bias)["base_model.model.fc2.lora_B.default.bias"] == ("fc2.weight", "fc2.bias")

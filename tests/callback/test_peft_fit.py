@@ -1,0 +1,121 @@
+"""ScoreMergeCallback on a Trainer fine-tuning a PEFT-LoRA model: the task vector of the weight updates, base keys."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_score import ScoreMergeCallback, TaskVector
+from lightning_score.merging import merge_task_vectors
+from tests.modules import data, trainer
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.fc2 = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))[:, None]
+        return self.fc2(self.attn(h, h, h)[0][:, 0])
+
+
+class LoraRegressor(pl.LightningModule):
+    """A Trainer's module as people write it: a PEFT model inside, adapters trainable, the base frozen."""
+
+    def __init__(self, net: nn.Module, lora: bool = True, encoder_attr: bool = False) -> None:
+        super().__init__()
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "attn"], modules_to_save=["fc2"])
+        self.net = peft.get_peft_model(net, config) if lora else net
+        if encoder_attr:
+            self.image_encoder = self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/mse", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+
+def _expected(module: LoraRegressor, base: nn.Module) -> dict[str, torch.Tensor]:
+    """merge_and_unload()'s weights minus the base weights, per base key (prefixed as in the LightningModule)."""
+    merged = copy.deepcopy(module.net).merge_and_unload().state_dict()
+    return {f"net.{key}": merged[key].double() - value.double() for key, value in base.state_dict().items()}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_the_task_vector_of_a_lora_fit_is_merge_and_unloads_update_under_the_base_keys(
+    tmp_path: Path, precision: str
+) -> None:
+    torch.manual_seed(0)
+    base = Net()
+    module = LoraRegressor(copy.deepcopy(base))
+    callback = ScoreMergeCallback(dirpath=tmp_path / "tvs", name="lora")
+    trainer(tmp_path, [callback], precision=precision).fit(module, data())
+    tv = TaskVector.load(tmp_path / "tvs" / "lora.safetensors")
+    # the trainable parameters were the adapters and the saved fc2: the task vector holds the weights they change
+    assert sorted(tv) == [
+        "net.attn.in_proj_weight",
+        "net.attn.out_proj.weight",
+        "net.fc1.weight",
+        "net.fc2.bias",
+        "net.fc2.weight",
+    ]
+    # θ₀ is the base as given (float32, before the precision plugin converts the module), as for any expert
+    expected = _expected(module, base)
+    for key in tv:
+        torch.testing.assert_close(tv[key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
+        assert tv[key].abs().sum() > 0, key
+
+
+def test_lora_and_full_fine_tune_experts_of_one_base_merge_together(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = Net()
+    lora = LoraRegressor(copy.deepcopy(base), encoder_attr=True)
+    full = LoraRegressor(copy.deepcopy(base), lora=False, encoder_attr=True)
+    for name, module in (("lora", lora), ("full", full)):
+        trainer(tmp_path / name, [ScoreMergeCallback(dirpath=tmp_path / "tvs", name=name)]).fit(module, data())
+    tvs = [TaskVector.load(tmp_path / "tvs" / f"{name}.safetensors") for name in ("lora", "full")]
+    assert sorted(tvs[0]) == sorted(tvs[1]) == sorted(base.state_dict())  # the whole encoder, by the base's keys
+    assert tvs[0].base_fingerprint == tvs[1].base_fingerprint
+    expected = {key.removeprefix("net."): value for key, value in _expected(lora, base).items()}
+    for key in tvs[0]:
+        torch.testing.assert_close(tvs[0][key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
+    assert torch.count_nonzero(tvs[0]["fc1.bias"]) == 0  # frozen under LoRA: a zero update
+    merged = merge_task_vectors(tvs, "score")
+    assert sorted(merged) == sorted(base.state_dict())
+    assert all(torch.isfinite(value).all() for value in merged.values())
+    # an element-wise method on these experts is their average, key by key
+    average = merge_task_vectors(tvs, "average")
+    torch.testing.assert_close(average["fc1.weight"], (tvs[0]["fc1.weight"] + tvs[1]["fc1.weight"]) / 2)
+
+
+def test_merge_with_inside_an_adapted_module_is_refused_not_tested_silently(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = Net()
+    first = LoraRegressor(copy.deepcopy(base), encoder_attr=True)
+    trainer(tmp_path / "a", [ScoreMergeCallback(dirpath=tmp_path / "tvs", name="a")]).fit(first, data())
+    second = LoraRegressor(copy.deepcopy(base), encoder_attr=True)
+    callback = ScoreMergeCallback(dirpath=tmp_path / "tvs", name="b", merge_with=[tmp_path / "tvs" / "a.safetensors"])
+    fitter = trainer(tmp_path / "b", [callback], limit_test_batches=1)
+    fitter.fit(second, data())
+
+    with pytest.raises(ValueError, match=r"PEFT-adapted module.*merged_path"):
+        fitter.test(second, data())
