@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_score.utilities.files import atomic_write
+from lightning_score.utilities.files import atomic_write, lock_holder
 
 __all__ = ["FORMAT", "FactorFile", "FactorStore", "device_tag", "factor_lock", "factor_path", "write_factor_file"]
 
@@ -149,7 +149,8 @@ def factor_lock(path: Path, timeout: float) -> Iterator[None]:
     """Hold the inter-process lock of a factor file (``<file>.lock`` beside it) while computing and writing it.
 
     Raises:
-        TimeoutError: Another process held the lock longer than ``timeout`` seconds; the message names the lock.
+        TimeoutError: Another process held the lock longer than ``timeout`` seconds; the message names the lock
+            and its holder (:func:`~lightning_score.utilities.files.lock_holder`).
     """
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +159,10 @@ def factor_lock(path: Path, timeout: float) -> Iterator[None]:
         lock.acquire()
     except filelock.Timeout:
         raise TimeoutError(
-            f"Waited {timeout:.0f} s for '{lock_path}', held by another process computing the same factors. If no "
-            "such process is running, delete the lock file; otherwise raise FactorCache(lock_timeout=...)."
+            f"Waited {timeout:g} s for the factor lock '{lock_path}': it is held by {lock_holder(lock_path)}, "
+            "computing the same factors. The lock is released the moment its holder exits, even if it is killed, "
+            "so do not delete the lock file (that would not stop the holder); wait for that process to finish, stop "
+            "it, or raise FactorCache(lock_timeout=...)."
         ) from None
     try:
         yield
