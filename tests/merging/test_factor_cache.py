@@ -328,6 +328,36 @@ def test_a_retrained_expert_gets_new_factors(tmp_path: Path) -> None:
     assert cache.stats["files_written"] == 1 and len(list(tmp_path.glob("d0.factors-*.safetensors"))) == 2
 
 
+@pytest.mark.parametrize("edit", ["copy_ into an entry", "+= on an entry", "an entry of the dict replaced"])
+def test_a_task_vector_edited_in_place_after_a_cached_merge_gets_new_factors(edit: str) -> None:
+    tensors = [_expert(s) for s in range(3)]
+    tvs = [TaskVector(t, {"name": f"d{i}"}) for i, t in enumerate(tensors)]
+    cache = FactorCache()
+    merge_task_vectors(tvs, "score", device="cpu", factors=cache)
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    if edit == "copy_ into an entry":
+        tvs[0][key].copy_(_expert(7)[key])
+    elif edit == "+= on an entry":
+        tvs[0][key].add_(1.0)
+    else:
+        tensors[0][key] = _expert(7)[key]  # the TaskVector holds this very dict
+    again = merge_task_vectors(tvs, "score", device="cpu", factors=cache)
+    fresh = [TaskVector({k: v.clone() for k, v in tv.items()}, {"name": tv.name}) for tv in tvs]
+    _assert_identical(again, merge_task_vectors(fresh, "score", device="cpu"), edit)
+
+
+def test_a_loaded_task_vector_edited_in_place_is_not_taken_for_its_file(tmp_path: Path) -> None:
+    paths = _saved(tmp_path, 3)
+    merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu", factors=FactorCache(save=True))
+    tvs = [TaskVector.load(p, lazy=False) for p in paths]
+    tvs[1]["proj"].mul_(-3.0)  # before any fingerprint of this object: the file's is known to the process
+    cache = FactorCache(save=True)
+    merged = merge_task_vectors(tvs, "tsv", device="cpu", factors=cache)
+    fresh = [TaskVector({k: v.clone() for k, v in tv.items()}) for tv in tvs]
+    _assert_identical(merged, merge_task_vectors(fresh, "tsv", device="cpu"), "edited after loading")
+    assert tvs[1].content_fingerprint() != TaskVector.load(paths[1]).content_fingerprint()
+
+
 def _race(paths: list[str], output: str, queue: Any) -> None:
     torch.set_num_threads(WORKER_THREADS)
     cache = FactorCache(save=True)
