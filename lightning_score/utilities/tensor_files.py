@@ -22,7 +22,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-__all__ = ["FileKind", "LazySafetensors", "NewerFormatError", "cut_off", "read_header", "state_dict_fingerprint"]
+__all__ = [
+    "FileKind",
+    "LazySafetensors",
+    "NewerFormatError",
+    "cut_off",
+    "format_version",
+    "read_header",
+    "state_dict_fingerprint",
+]
 
 FORMAT_KEY = "format"
 VERSION_KEY = "format_version"
@@ -145,6 +153,17 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
             f"'{path}' is a safetensors file but not a lightning-score {kind.what} (its metadata has no "
             f"'{FORMAT_KEY}': '{kind.format}'). {kind.make}"
         )
+    format_version(path, header, kind)
+    return header
+
+
+def format_version(path: str | os.PathLike[str], header: Mapping[str, str], kind: FileKind) -> int:
+    """The ``format_version`` of a file of ``kind`` (0 when it records none), checked readable by this release.
+
+    Raises:
+        ValueError: The version is not a number.
+        NewerFormatError: It is newer than ``kind.version``.
+    """
     try:
         version = int(header.get(VERSION_KEY, "0"))
     except ValueError:
@@ -157,7 +176,7 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
             f"'{path}' was written in {kind.what} format version {version}, newer than this lightning-score reads "
             f"({kind.version}). Upgrade lightning-score to read it."
         )
-    return header
+    return version
 
 
 class LazySafetensors(Mapping[str, Tensor]):

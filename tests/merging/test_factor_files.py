@@ -162,3 +162,21 @@ def test_a_lock_held_by_another_live_process_names_it_and_is_free_once_it_is_kil
         holder.wait(timeout=30)
     with factor_lock(path, timeout=5):  # the holder died: the OS released its lock, the file is still there
         assert Path(lock).exists()
+
+
+def test_a_file_without_digests_is_ignored_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = write_factor_file(tmp_path / "e.safetensors", FINGERPRINT, CPU, torch.float32, {"w": _triplet(6, 4, 2)})
+    with safe_open(str(path), framework="pt") as handle:  # as version 1 wrote it: no digests
+        header = {k: v for k, v in handle.metadata().items() if k != "digests"} | {"format_version": "1"}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(ValueError, match=r"e\.safetensors' was written without a digest of its tensors"):
+        FactorFile(path, FINGERPRINT, CPU, torch.float32)
+    with caplog.at_level(logging.WARNING):
+        store = _store(path)
+    assert store.ranks == {} and "computed again and replaced" in caplog.text
+    store.write({"w": _triplet(6, 4, 2)})
+    assert FactorFile(path, FINGERPRINT, CPU, torch.float32).ranks == {"w": 2}
