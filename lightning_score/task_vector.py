@@ -49,18 +49,15 @@ def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
     return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-# What a task vector's entries are at one moment: each key with its tensor object and that tensor's version counter
-# (which every in-place change of the tensor, or of a view of its storage, increments); "lazy" for a file read key
-# by key, whose every read is a new tensor (nothing done to one read reaches the next); None: not recorded.
+# The entries at one moment: (key, tensor, its version counter, which in-place changes increment) per key; "lazy"
+# for a file read key by key (every read a new tensor); None: not recorded.
 _EntryState = tuple[tuple[str, Tensor, int], ...] | str | None
 
 
 def _unchanged(now: _EntryState, then: _EntryState) -> bool:
     """Whether the entries are the very tensors they were, none changed in place since."""
-    if not isinstance(now, tuple) or not isinstance(then, tuple):
-        return now is not None and now == then
-    if len(now) != len(then):
-        return False
+    if not isinstance(now, tuple) or not isinstance(then, tuple) or len(now) != len(then):
+        return now is not None and not isinstance(now, tuple) and now == then
     return all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(now, then, strict=True))
 
 
@@ -213,14 +210,11 @@ class TaskVector(Mapping[str, Tensor]):
     def content_fingerprint(self) -> str:
         """:func:`state_dict_fingerprint` of this task vector's own tensors: what identifies its content.
 
-        Hashing reads every byte (about 0.4 s for a ViT-B/32 image tower), so the result is kept: per object, for as
-        long as its entries are the same tensor objects, none changed in place (each tensor's version counter,
-        which in-place operations such as ``tv[key].copy_(...)`` or ``+=`` increment, is compared); and for a task
-        vector loaded from a file whose entries are still the file's, once per process and file (the file's path,
-        inode, size and modification time name it). Caches of work derived from the task vector, such as
-        :class:`~lightning_score.merging.FactorCache`, are keyed by it, so an entry edited in place gets new
-        factors. Writes that bypass the version counter (through ``tensor.data`` or a NumPy view) are not seen:
-        build a new TaskVector after those.
+        Hashing reads every byte (about 0.4 s for a ViT-B/32 image tower), so the result is kept: per object while
+        its entries are the same tensors, none changed in place (``tv[key].copy_(...)``, ``+=``: their version
+        counters are compared), and per process and file (path, inode, size, mtime) for entries still the file's.
+        Caches of work derived from the task vector, such as :class:`~lightning_score.merging.FactorCache`, are
+        keyed by it. Writes that bypass the version counter (``tensor.data``, a NumPy view) are not seen.
 
         Example:
             >>> import torch
