@@ -49,8 +49,8 @@ def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
     return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-# The entries at one moment: (key, tensor, its version counter, which in-place changes increment) per key; "lazy"
-# for a file read key by key (every read a new tensor); None: not recorded.
+# The entries at one moment: (key, tensor, its version counter, which in-place changes increment) per key of a dict;
+# "lazy" for any other mapping, e.g. a file read key by key (every read a new tensor); None: not recorded.
 _EntryState = tuple[tuple[str, Tensor, int], ...] | str | None
 
 
@@ -239,8 +239,8 @@ class TaskVector(Mapping[str, Tensor]):
         return self._content_fingerprint
 
     def _entry_state(self) -> _EntryState:
-        """The entries as they are now (see ``_EntryState``); ``"lazy"`` for a file read key by key."""
-        if isinstance(self._tensors, LazySafetensors):
+        """The entries as they are now (see ``_EntryState``); ``"lazy"`` for a mapping that is not a dict."""
+        if not isinstance(self._tensors, dict):  # reading them all on every call could cost as much as hashing
             return "lazy"
         return tuple((key, tensor, tensor._version) for key, tensor in self._tensors.items())
 
