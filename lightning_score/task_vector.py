@@ -49,6 +49,18 @@ def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
     return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+# The entries at one moment: (key, tensor, its version counter, which in-place changes increment) per key of a dict;
+# "lazy" for any other mapping, e.g. a file read key by key (every read a new tensor); None: not recorded.
+_EntryState = tuple[tuple[str, Tensor, int], ...] | str | None
+
+
+def _unchanged(now: _EntryState, then: _EntryState) -> bool:
+    """Whether the entries are the very tensors they were, none changed in place since."""
+    if not isinstance(now, tuple) or not isinstance(then, tuple) or len(now) != len(then):
+        return now is not None and not isinstance(now, tuple) and now == then
+    return all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(now, then, strict=True))
+
+
 KIND = FileKind(
     format=FORMAT,
     version=FORMAT_VERSION,
@@ -95,6 +107,8 @@ class TaskVector(Mapping[str, Tensor]):
             raise ValueError(f"Task-vector metadata must be JSON-serialisable: {error}") from error
         self._path: Path | None = None
         self._content_fingerprint: str | None = None
+        self._fingerprinted: _EntryState = None  # the entries _content_fingerprint was computed from
+        self._as_on_file: _EntryState = None  # the entries when they last equalled the file's (load, save)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -196,24 +210,39 @@ class TaskVector(Mapping[str, Tensor]):
     def content_fingerprint(self) -> str:
         """:func:`state_dict_fingerprint` of this task vector's own tensors: what identifies its content.
 
-        Computed once per object, and for a task vector loaded from a file once per process and file (the file's
-        path, inode, size and modification time name it), since hashing reads every byte (about 0.4 s for a
-        ViT-B/32 image tower). Caches of work derived from the task vector, such as
-        :class:`~lightning_score.merging.FactorCache`, are keyed by it.
+        Hashing reads every byte (about 0.4 s for a ViT-B/32 image tower), so the result is kept: per object while
+        its entries are the same tensors, none changed in place (``tv[key].copy_(...)``, ``+=``: their version
+        counters are compared), and per process and file (path, inode, size, mtime) for entries still the file's.
+        Caches of work derived from the task vector, such as :class:`~lightning_score.merging.FactorCache`, are
+        keyed by it. Writes that bypass the version counter (``tensor.data``, a NumPy view) are not seen.
 
         Example:
             >>> import torch
             >>> a = TaskVector({"w": torch.ones(2, 2)}, {"name": "a"})
             >>> a.content_fingerprint() == TaskVector({"w": torch.ones(2, 2)}, {"name": "b"}).content_fingerprint()
             True
+            >>> before = a.content_fingerprint()
+            >>> _ = a["w"].mul_(2)  # edited in place
+            >>> a.content_fingerprint() == before
+            False
         """
-        if self._content_fingerprint is None:
-            identity = _file_identity(self._path) if self._path is not None and self._path.exists() else None
-            cached = _FILE_FINGERPRINTS.get(identity) if identity is not None else None
-            self._content_fingerprint = cached or state_dict_fingerprint(self, list(self))
-            if identity is not None:
-                _FILE_FINGERPRINTS[identity] = self._content_fingerprint
+        state = self._entry_state()
+        if self._content_fingerprint is not None and _unchanged(state, self._fingerprinted):
+            return self._content_fingerprint
+        as_on_file = self._path is not None and _unchanged(state, self._as_on_file) and self._path.exists()
+        identity = _file_identity(self._path) if as_on_file and self._path is not None else None
+        cached = _FILE_FINGERPRINTS.get(identity) if identity is not None else None
+        self._content_fingerprint = cached or state_dict_fingerprint(self, list(self))
+        self._fingerprinted = state
+        if identity is not None:
+            _FILE_FINGERPRINTS[identity] = self._content_fingerprint
         return self._content_fingerprint
+
+    def _entry_state(self) -> _EntryState:
+        """The entries as they are now (see ``_EntryState``); ``"lazy"`` for a mapping that is not a dict."""
+        if not isinstance(self._tensors, dict):  # reading them all on every call could cost as much as hashing
+            return "lazy"
+        return tuple((key, tensor, tensor._version) for key, tensor in self._tensors.items())
 
     def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of entry ``key``; for a lazily loaded file, without reading the tensor."""
@@ -340,6 +369,7 @@ class TaskVector(Mapping[str, Tensor]):
         }
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         self._path = path
+        self._as_on_file = self._entry_state()
         return path
 
     @classmethod
@@ -365,4 +395,5 @@ class TaskVector(Mapping[str, Tensor]):
         tensors: Mapping[str, Tensor] = lazy_tensors if lazy else {k: lazy_tensors[k] for k in lazy_tensors}
         tv = cls(tensors, metadata)
         tv._path = path
+        tv._as_on_file = tv._entry_state()
         return tv

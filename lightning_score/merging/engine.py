@@ -23,7 +23,7 @@ from lightning_score.merging.factor_cache import FactorCache
 from lightning_score.merging.key_factors import ExpertSet
 from lightning_score.merging.keys import is_matrix_key, resolve_device
 from lightning_score.merging.prefetch import prefetched
-from lightning_score.merging.registry import KeyStream, get_method
+from lightning_score.merging.registry import KeyMerger, KeyStream, get_method
 from lightning_score.merging.validation import as_task_vectors, check_compatible, raise_non_finite, shape_and_dtype
 from lightning_score.task_vector import TaskVector
 
@@ -41,6 +41,32 @@ def _json_safe(value: Any) -> Any:
     except (TypeError, ValueError):
         return f"<{type(value).__name__} not recorded>"
     return value
+
+
+def _too_small(
+    method: str, merger: KeyMerger, keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]], num_tasks: int
+) -> set[str]:
+    """The keys of fewer singular directions than tasks, for a method that keeps ⌊r/T⌋ of each; one warning names them.
+
+    With T > r the method would keep none of any task's (TSV-M: a zero update; SCORE: a basis of arbitrary
+    directions), so these keys get the mean over tasks, as the keys the method does not treat as matrices do.
+    """
+    found = [
+        key
+        for key in keys
+        if len(shapes[key]) >= 2
+        and min(shapes[key]) > 0  # matrices; an empty one has nothing to merge
+        and merger.rank_per_task(key, shapes[key], num_tasks) == 0
+    ]
+    if found:
+        listing = ", ".join(f"'{key}' {list(shapes[key])}" for key in found[:5]) + (", ..." if len(found) > 5 else "")
+        log.warning(
+            "%s: %d key(s) have fewer singular directions than the %d experts merged, so the method would keep none "
+            "of any expert's (⌊r/T⌋ = 0): %s. They get the mean of the experts' updates instead, as the keys the "
+            "method does not treat as matrices do. Merge fewer experts at a time to merge them by the method.",
+            method, len(found), num_tasks, listing,
+        )  # fmt: skip
+    return set(found)
 
 
 def merge_task_vectors(
@@ -144,7 +170,8 @@ def merge_task_vectors(
     on_cuda = target.type == "cuda"
     batched = on_cuda if batch_svd is None else batch_svd
     overlap = on_cuda if prefetch is None else prefetch
-    factorized = set(merger.factorized_keys([k for k in selected if in_scope(k)]))
+    too_small = _too_small(method, merger, [k for k in selected if in_scope(k)], shapes, len(tvs))
+    factorized = set(merger.factorized_keys([k for k in selected if in_scope(k) and k not in too_small]))
     if factors is None and batched and factorized:
         factors = FactorCache.for_one_merge(len(tvs))  # this merge's factors, computed in batches
     experts: ExpertSet | None = None
@@ -161,7 +188,7 @@ def merge_task_vectors(
 
         bar = tqdm(total=len(selected), desc=f"merge ({method})", unit="key", leave=False)
     for key, deltas in prefetched(selected, load, enabled=overlap, device=target):
-        if not in_scope(key):
+        if not in_scope(key) or key in too_small:
             result = deltas.mean(dim=0)
         elif experts is not None and key in factorized:
             result = merger.merge_key(key, deltas, factors=experts.key(key, deltas))  # type: ignore[call-arg]

@@ -327,14 +327,15 @@ class FactorCache:
             return [key for key in keys if self._available(store, key) < plan.needed(key)]
 
         todo = missing()
-        if todo and store.path is None:
+        if todo and not store.writable:
             self._compute(plan, index, store, todo)
         elif todo:
             with store.locked(self.lock_timeout):  # another process may have written it meanwhile
                 todo = missing()
                 if todo:
                     self._compute(plan, index, store, todo)
-                    self._write(store, keys)
+                    if store.writable:  # not a file of a newer release, written meanwhile
+                        self._write(store, keys)
 
     def _compute(self, plan: FactorPlan, index: int, store: FactorStore, keys: list[str]) -> None:
         """Factorize expert ``index``'s ``keys`` and keep what later merges read."""

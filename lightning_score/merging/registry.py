@@ -119,6 +119,15 @@ class KeyMerger:
         """
         return []
 
+    def rank_per_task(self, key: str, shape: tuple[int, ...], num_tasks: int) -> int | None:
+        """How many singular directions of each task the merge of a key keeps, for methods with such a budget.
+
+        None (default): the method has none. 0: the key has fewer directions than there are tasks, so the method
+        would keep none of any task's; the engine then merges the key by the mean over tasks, with a warning
+        naming it, instead of calling :meth:`merge_key`.
+        """
+        return None
+
     def merge_key(self, key: str, deltas: Tensor) -> Tensor:
         """Merge the T slices ``deltas[t]`` of one key into one tensor of the same shape."""
         raise NotImplementedError
@@ -134,13 +143,17 @@ class KeyMerger:
 class _FunctionMerger(KeyMerger):
     """Adapts a per-key merge function with bound options to the :class:`KeyMerger` protocol."""
 
-    def __init__(self, fn: Callable[..., Tensor], options: Mapping[str, Any]) -> None:
+    def __init__(self, fn: Callable[..., Tensor], options: Mapping[str, Any], per_task_rank: bool = False) -> None:
         self._fn = fn
         self._options = dict(options)
         self._takes_factors = FACTORS_PARAMETER in inspect.signature(fn).parameters
+        self._per_task_rank = per_task_rank
 
     def factorized_keys(self, keys: Sequence[str]) -> list[str]:
         return list(keys) if self._takes_factors else []
+
+    def rank_per_task(self, key: str, shape: tuple[int, ...], num_tasks: int) -> int | None:
+        return min(shape[-2], shape[-1]) // num_tasks if self._per_task_rank else None
 
     def merge_key(self, key: str, deltas: Tensor, factors: Any = None) -> Tensor:
         if factors is not None:
@@ -273,6 +286,7 @@ def register_method(
     scope: KeyScope = "matrix",
     choices: Mapping[str, Sequence[Any]] | None = None,
     needs_data: bool = False,
+    per_task_rank: bool = False,
 ) -> Callable[[Any], Any]:
     """Register a merge method under ``name`` (decorator for a function or a :class:`KeyMerger` class).
 
@@ -282,6 +296,8 @@ def register_method(
         scope: ``"matrix"`` or ``"all"``; see :class:`MethodSpec`.
         choices: Valid values of options that take one of a few settings.
         needs_data: Whether the method needs data besides the task vectors.
+        per_task_rank: For a function: it keeps k = ⌊r/T⌋ singular directions of each task of an m×n key, r =
+            min(m, n) (see :meth:`KeyMerger.rank_per_task`; a class overrides that method instead).
 
     Returns:
         The decorator; it returns the function or class unchanged.
@@ -303,7 +319,7 @@ def register_method(
             defaults = _keyword_defaults(inspect.signature(obj), obj.__name__)
 
             def factory(options: dict[str, Any]) -> KeyMerger:
-                return _FunctionMerger(obj, options)
+                return _FunctionMerger(obj, options, per_task_rank)
         else:
             raise TypeError(f"Cannot register {obj!r}: expected a function or a KeyMerger subclass.")
         unknown_choices = set(choices or {}) - set(defaults)

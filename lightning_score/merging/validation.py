@@ -52,17 +52,11 @@ def label(tv: TaskVector, index: int) -> str:
 
 
 def check_compatible(tvs: list[TaskVector]) -> None:
-    """Same base weights, same keys, same shape and dtype per key; raise naming what differs."""
-    fingerprints = {tv.base_fingerprint for tv in tvs if tv.base_fingerprint}
-    if len(fingerprints) > 1:
-        groups: dict[str, list[str]] = {}
-        for index, tv in enumerate(tvs):
-            groups.setdefault(tv.base_fingerprint or "unknown", []).append(label(tv, index))
-        listing = "; ".join(f"{fp[:20]}…: {', '.join(names)}" for fp, names in groups.items())
-        raise ValueError(
-            "The task vectors were made from different pre-trained weights (base fingerprints differ): "
-            f"{listing}. Merge only experts fine-tuned from the same base model."
-        )
+    """Same keys, same base weights, same shape and dtype per key; raise naming what differs.
+
+    Keys come first: a base fingerprint covers the keys of its task vector, so experts of one base model whose
+    trainable layers differed have different fingerprints, and only the keys say what is wrong.
+    """
     reference_keys = list(tvs[0])
     reference_set = set(reference_keys)
     for index, tv in enumerate(tvs[1:], start=1):
@@ -73,8 +67,20 @@ def check_compatible(tvs: list[TaskVector]) -> None:
             raise ValueError(
                 f"Task vectors have different keys: {label(tv, index)} lacks {len(missing)} key(s) of "
                 f"{label(tvs[0], 0)} (e.g. {missing[:3]}) and has {len(extra)} it lacks (e.g. {extra[:3]}). "
-                "Make every task vector from the same module."
+                "Make every task vector from the same module with the same layers trainable: an expert fine-tuned "
+                "with a layer frozen has no entry for it (ScoreMergeCallback keeps the trainable parameters unless "
+                "given module=...)."
             )
+    fingerprints = {tv.base_fingerprint for tv in tvs if tv.base_fingerprint}
+    if len(fingerprints) > 1:
+        groups: dict[str, list[str]] = {}
+        for index, tv in enumerate(tvs):
+            groups.setdefault(tv.base_fingerprint or "unknown", []).append(label(tv, index))
+        listing = "; ".join(f"{fp[:20]}…: {', '.join(names)}" for fp, names in groups.items())
+        raise ValueError(
+            "The task vectors were made from different pre-trained weights (base fingerprints differ): "
+            f"{listing}. Merge only experts fine-tuned from the same base model."
+        )
     for key in reference_keys:
         shape, dtype = shape_and_dtype(tvs[0], key)
         if not dtype.is_floating_point:

@@ -37,6 +37,7 @@ __all__ = [
     "cache_key",
     "cache_lock",
     "cache_root",
+    "lock_holder",
     "ordinary_mode",
 ]
 
@@ -155,3 +156,51 @@ def cache_lock(name: str) -> Iterator[None]:
     lock_dir.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(lock_dir / f"{name}.lock")):
         yield
+
+
+def lock_holder(lock_path: str | os.PathLike[str]) -> str:
+    """Who holds a :mod:`filelock` lock, for a message: a live process here (pid and command), or another host.
+
+    When no process on this host holds it, another host sharing the filesystem does (e.g. another cluster job).
+    The operating system releases such a lock the moment its holder exits, even when killed, so a held lock always
+    means a live holder, and deleting the lock file would not free it (it would only let a second process lock a
+    new file beside the held one). Linux lists the holders of every lock in ``/proc/locks``; elsewhere the
+    holder is not named.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.lock"
+        >>> with filelock.FileLock(str(path)):
+        ...     lock_holder(path) == f"process {os.getpid()} on this host ({_command(os.getpid())})"
+        True
+    """
+    try:
+        stat = os.stat(lock_path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return "another live process (on this host, or on another host sharing this filesystem)"
+    wanted = (os.major(stat.st_dev), os.minor(stat.st_dev), stat.st_ino)
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a process waiting for the lock, not holding it
+            continue
+        try:
+            pid, (major, minor, inode) = int(fields[4]), fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted and pid > 0:
+                return f"process {pid} on this host ({_command(pid)})"
+        except (IndexError, ValueError):
+            continue
+    return "a process on another host sharing this filesystem (no process on this host holds it)"
+
+
+def _command(pid: int) -> str:
+    """A process's command line, shortened, or ``"command unknown"``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    if len(command) > 120:
+        command = command[:117] + "..."
+    return command or "command unknown"

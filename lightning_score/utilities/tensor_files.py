@@ -11,6 +11,7 @@ read, so loading can never execute code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,10 +22,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-__all__ = ["FileKind", "LazySafetensors", "read_header", "state_dict_fingerprint"]
+__all__ = [
+    "FileKind",
+    "LazySafetensors",
+    "NewerFormatError",
+    "cut_off",
+    "format_version",
+    "read_header",
+    "state_dict_fingerprint",
+]
 
 FORMAT_KEY = "format"
 VERSION_KEY = "format_version"
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -61,13 +71,56 @@ class FileKind:
     make: str
 
 
+class NewerFormatError(ValueError):
+    """A lightning-score file written in a newer format version than this release reads (see :func:`read_header`)."""
+
+
+def cut_off(path: str | os.PathLike[str]) -> str | None:
+    """Why a safetensors file is cut off (shorter than its own header says), or None when it is not.
+
+    A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes at the offsets the header
+    gives; a file that starts like one but ends before the header or the last tensor does was cut short, e.g. by
+    an interrupted copy or download, or a full disk.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> path = Path(tempfile.mkdtemp()) / "a.safetensors"
+        >>> save_file({"w": torch.zeros(256)}, str(path))
+        >>> cut_off(path) is None
+        True
+        >>> size = path.write_bytes(path.read_bytes()[:-100])  # the last 100 bytes lost
+        >>> cut_off(path) == f"it holds {size} of the {size + 100} bytes its header describes"
+        True
+    """
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+        size = os.fstat(handle.fileno()).st_size
+        if len(start) < 9 or start[8:9] != b"{":
+            return None  # not even the start of a safetensors header
+        length = int.from_bytes(start[:8], "little")
+        if length > _MAX_HEADER_BYTES:
+            return None
+        if size < 8 + length:
+            return f"it holds {size} bytes, and its header alone takes {8 + length}"
+        handle.seek(8)
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None  # a damaged header, not a short file
+    expected = 8 + length + int(end)
+    return f"it holds {size} of the {expected} bytes its header describes" if size < expected else None
+
+
 def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
     """Open ``path`` as a safetensors file of ``kind`` and return its header metadata, or raise a clear error.
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: A folder, not a safetensors file, a safetensors file of another kind, or one written in a newer
-            format version than this release reads.
+        ValueError: A folder, not a safetensors file (or one cut off: :func:`cut_off`), or a safetensors file of
+            another kind.
+        NewerFormatError: A file written in a newer format version than this release reads (a ValueError).
 
     Example:
         >>> kind = FileKind("example/format", 1, "example file", "Make one first.", "re-create it.", "Use save().")
@@ -85,6 +138,12 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             header = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
+        short = cut_off(path)
+        if short is not None:
+            raise ValueError(
+                f"The {kind.what} '{path}' is cut off: {short} (an interrupted copy, download or write, or a full "
+                f"disk). Copy it again whole, or {kind.when_unreadable}"
+            ) from error
         raise ValueError(
             f"'{path}' is not a safetensors file ({error}). lightning-score reads a {kind.what} only from "
             f"safetensors (never pickles); {kind.when_unreadable}"
@@ -94,6 +153,17 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
             f"'{path}' is a safetensors file but not a lightning-score {kind.what} (its metadata has no "
             f"'{FORMAT_KEY}': '{kind.format}'). {kind.make}"
         )
+    format_version(path, header, kind)
+    return header
+
+
+def format_version(path: str | os.PathLike[str], header: Mapping[str, str], kind: FileKind) -> int:
+    """The ``format_version`` of a file of ``kind`` (0 when it records none), checked readable by this release.
+
+    Raises:
+        ValueError: The version is not a number.
+        NewerFormatError: It is newer than ``kind.version``.
+    """
     try:
         version = int(header.get(VERSION_KEY, "0"))
     except ValueError:
@@ -102,11 +172,11 @@ def read_header(path: str | os.PathLike[str], kind: FileKind) -> dict[str, str]:
             f"not written by lightning-score. {kind.make}"
         ) from None
     if version > kind.version:
-        raise ValueError(
+        raise NewerFormatError(
             f"'{path}' was written in {kind.what} format version {version}, newer than this lightning-score reads "
             f"({kind.version}). Upgrade lightning-score to read it."
         )
-    return header
+    return version
 
 
 class LazySafetensors(Mapping[str, Tensor]):

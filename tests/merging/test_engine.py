@@ -217,3 +217,26 @@ def test_merging_key_subsets_and_joining_them_equals_one_merge(method: str) -> N
 def test_unknown_keys_subset() -> None:
     with pytest.raises(ValueError, match="are not keys of the task vectors"):
         merge_task_vectors([_model(0)], keys=["nope"])
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("method", ["score", "tsv"])
+def test_a_key_of_fewer_directions_than_experts_gets_the_mean_with_a_warning_naming_it(
+    method: str, cached: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightning_score.merging import FactorCache
+
+    tvs = [_model(s) for s in range(6)]  # positional_embedding is 5×8: r = 5 < T = 6, so ⌊r/T⌋ = 0
+    with caplog.at_level("WARNING"):
+        merged = merge_task_vectors(tvs, method, device="cpu", factors=FactorCache() if cached else None)
+    small = "positional_embedding"
+    assert torch.equal(merged[small], torch.stack([tv[small] for tv in tvs]).mean(0))  # not 0, not arbitrary
+    assert f"{method}: 1 key(s) have fewer singular directions than the 6 experts merged" in caplog.text
+    assert f"'{small}' [5, 8]. They get the mean of the experts' updates instead" in caplog.text
+    without = merge_task_vectors([{k: v for k, v in tv.items() if k != small} for tv in tvs], method, device="cpu")
+    for key in without:  # every key of k = ⌊r/T⌋ ≥ 1 merged exactly as before
+        assert torch.equal(merged[key], without[key]), key
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        merge_task_vectors(tvs[:5], method, device="cpu")  # T = r: one direction each, no warning
+    assert "fewer singular directions" not in caplog.text

@@ -9,6 +9,7 @@ path to the reference directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lightning_score import TaskVector
 from lightning_score.merging import FactorCache, get_method, list_methods, merge_task_vectors
@@ -314,6 +317,103 @@ def test_a_damaged_or_foreign_file_is_ignored_and_replaced(tmp_path: Path, caplo
         FactorFile(file, "blake2b:other", torch.device("cpu"), torch.float32)
 
 
+def _byte_range(file: Path, tensor: str) -> tuple[int, int]:
+    """Where a tensor's bytes lie in a safetensors file (the 8-byte header length, the JSON header, the data)."""
+    raw = file.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + length])[tensor]["data_offsets"]
+    return 8 + length + start, 8 + length + end
+
+
+def _rewrite(file: Path, change: Any) -> None:
+    """Write the file again as a foreign writer would: ``change(tensors, header)`` edits them in place."""
+    with safe_open(str(file), framework="pt") as handle:
+        header = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    change(tensors, header)
+    save_file(tensors, str(file), metadata=header)
+
+
+def _damage(file: Path, damage: str) -> None:
+    """Damage the factors of key "proj" on disk."""
+    if damage == "one flipped bit in U" or damage == "one flipped bit in S":
+        start, _ = _byte_range(file, f"proj::{damage[-1]}")
+        with open(file, "r+b") as handle:  # the exponent's top bit of the first float32: x -> ~x * 2^128
+            handle.seek(start + 3)
+            byte = handle.read(1)[0]
+            handle.seek(start + 3)
+            handle.write(bytes([byte ^ 0x40]))
+    elif damage == "a NaN in U":
+        start, _ = _byte_range(file, "proj::U")
+        with open(file, "r+b") as handle:
+            handle.seek(start)
+            handle.write(torch.tensor([float("nan")]).numpy().tobytes())
+    else:  # "fewer triplets than the header says": a writer cut the tensors but not the header's ranks
+        _rewrite(file, lambda t, h: t.update({
+            "proj::U": t["proj::U"][:, :-1].contiguous(), "proj::S": t["proj::S"][:-1], "proj::Vh": t["proj::Vh"][:-1]
+        }))  # fmt: skip
+
+
+DAMAGES = ["one flipped bit in U", "one flipped bit in S", "a NaN in U", "fewer triplets than the header says"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("method", ["score", "tsv"])
+def test_damaged_factors_on_disk_are_never_used_but_computed_again_and_rewritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, method: str
+) -> None:
+    paths = _saved(tmp_path, 3)
+    merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu", factors=FactorCache(save=True))
+    file = next(tmp_path.glob("d1.factors-*.safetensors"))
+    _damage(file, damage)
+    plain = merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu")
+    cache = FactorCache(save=True)
+    with caplog.at_level(logging.WARNING):
+        merged = merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu", factors=cache)
+    _assert_identical(merged, plain, damage)
+    assert f"in '{file}' (e.g. ['proj']): their tensors do not match the digest" in caplog.text
+    assert cache.stats["svd_computed"] == 1 and cache.stats["files_written"] == 1  # only the damaged key again
+    fingerprint = TaskVector.load(paths[1]).content_fingerprint()
+    repaired = FactorFile(file, fingerprint, torch.device("cpu"), torch.float32)
+    assert repaired.damaged == [] and repaired.rank("proj") > 0
+
+
+def test_a_rewrite_never_copies_a_damaged_entry(tmp_path: Path) -> None:
+    paths = _saved(tmp_path, 3)
+    tvs = [TaskVector.load(p) for p in paths]
+    merge_task_vectors(tvs, "tsv", device="cpu", factors=FactorCache(save=True), keys=["proj"])
+    file = next(tmp_path.glob("d1.factors-*.safetensors"))
+    _damage(file, "one flipped bit in S")
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    merge_task_vectors(tvs, "tsv", device="cpu", factors=FactorCache(save=True), keys=[key])  # rewrites the file
+    rewritten = FactorFile(file, tvs[1].content_fingerprint(), torch.device("cpu"), torch.float32)
+    assert sorted(rewritten.ranks) == [key] and rewritten.damaged == []  # "proj" left out, not copied
+
+
+def test_a_file_of_a_newer_format_version_is_neither_read_nor_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = _saved(tmp_path, 3)
+    merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu", factors=FactorCache(save=True))
+    file = next(tmp_path.glob("d1.factors-*.safetensors"))
+
+    def newer(tensors: dict, header: dict) -> None:  # another layout: S stored squared, say
+        header["format_version"] = "3"
+        for name in [n for n in tensors if n.endswith("::S")]:
+            tensors[name] = tensors[name].square()
+
+    _rewrite(file, newer)
+    before = file.read_bytes()
+    cache = FactorCache(save=True)
+    with caplog.at_level(logging.WARNING):
+        merged = merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu", factors=cache)
+    _assert_identical(merged, merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu"), "newer")
+    assert f"'{file}' was written in factor file format version 3, newer than this lightning-score reads" in caplog.text
+    assert "It is left in place" in caplog.text
+    assert file.read_bytes() == before and cache.stats["svd_from_file"] > 0  # the other experts' files still serve
+    assert cache.stats["files_written"] == 0
+
+
 def test_a_retrained_expert_gets_new_factors(tmp_path: Path) -> None:
     paths = _saved(tmp_path, 3)
     merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu", factors=FactorCache(save=True))
@@ -326,6 +426,36 @@ def test_a_retrained_expert_gets_new_factors(tmp_path: Path) -> None:
         "retrained",
     )
     assert cache.stats["files_written"] == 1 and len(list(tmp_path.glob("d0.factors-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("edit", ["copy_ into an entry", "+= on an entry", "an entry of the dict replaced"])
+def test_a_task_vector_edited_in_place_after_a_cached_merge_gets_new_factors(edit: str) -> None:
+    tensors = [_expert(s) for s in range(3)]
+    tvs = [TaskVector(t, {"name": f"d{i}"}) for i, t in enumerate(tensors)]
+    cache = FactorCache()
+    merge_task_vectors(tvs, "score", device="cpu", factors=cache)
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    if edit == "copy_ into an entry":
+        tvs[0][key].copy_(_expert(7)[key])
+    elif edit == "+= on an entry":
+        tvs[0][key].add_(1.0)
+    else:
+        tensors[0][key] = _expert(7)[key]  # the TaskVector holds this very dict
+    again = merge_task_vectors(tvs, "score", device="cpu", factors=cache)
+    fresh = [TaskVector({k: v.clone() for k, v in tv.items()}, {"name": tv.name}) for tv in tvs]
+    _assert_identical(again, merge_task_vectors(fresh, "score", device="cpu"), edit)
+
+
+def test_a_loaded_task_vector_edited_in_place_is_not_taken_for_its_file(tmp_path: Path) -> None:
+    paths = _saved(tmp_path, 3)
+    merge_task_vectors([TaskVector.load(p) for p in paths], "tsv", device="cpu", factors=FactorCache(save=True))
+    tvs = [TaskVector.load(p, lazy=False) for p in paths]
+    tvs[1]["proj"].mul_(-3.0)  # before any fingerprint of this object: the file's is known to the process
+    cache = FactorCache(save=True)
+    merged = merge_task_vectors(tvs, "tsv", device="cpu", factors=cache)
+    fresh = [TaskVector({k: v.clone() for k, v in tv.items()}) for tv in tvs]
+    _assert_identical(merged, merge_task_vectors(fresh, "tsv", device="cpu"), "edited after loading")
+    assert tvs[1].content_fingerprint() != TaskVector.load(paths[1]).content_fingerprint()
 
 
 def _race(paths: list[str], output: str, queue: Any) -> None:
@@ -367,7 +497,12 @@ def test_a_held_lock_times_out_with_a_message_naming_it(tmp_path: Path) -> None:
     cache = FactorCache(save=True, lock_timeout=0.2)
     merge_task_vectors(tvs[:1], "tsv", device="cpu", factors=FactorCache(save=True), keys=["proj"])
     lock = filelock.FileLock(str(next(tmp_path.glob("d0.factors-*.safetensors"))) + ".lock")
-    with lock, pytest.raises(TimeoutError, match=r"d0\.factors-.*\.lock.*delete the lock file"):
+    with (
+        lock,
+        pytest.raises(
+            TimeoutError, match=r"d0\.factors-.*\.lock': it is held by process .*do not delete the lock file"
+        ),
+    ):
         merge_task_vectors(tvs, "tsv", device="cpu", factors=cache)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import filelock
@@ -119,7 +123,8 @@ def test_locked_reads_what_another_process_wrote_meanwhile(tmp_path: Path) -> No
 def test_a_held_lock_times_out_naming_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "e.safetensors"
     held = filelock.FileLock(str(path) + ".lock")
-    with held, pytest.raises(TimeoutError, match=r"e\.safetensors\.lock.*delete"), _store(path).locked(timeout=0.1):
+    wanted = rf"e\.safetensors\.lock': it is held by process {os.getpid()} on this host .*do not delete the lock file"
+    with held, pytest.raises(TimeoutError, match=wanted), _store(path).locked(timeout=0.1):
         pass
     with factor_lock(path, timeout=1):  # released: free again
         pass
@@ -134,3 +139,44 @@ def test_a_store_without_a_path_holds_nothing_and_writes_nothing() -> None:
         store.write({"w": _triplet(2, 2, 1)})
     with pytest.raises(ValueError, match="have no file to lock"), store.locked(1):
         pass
+
+
+def test_a_lock_held_by_another_live_process_names_it_and_is_free_once_it_is_killed(tmp_path: Path) -> None:
+    path = tmp_path / "e.safetensors"
+    lock = f"{path}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(120)", lock],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError) as caught, factor_lock(path, timeout=0.2):
+            pass
+        message = str(caught.value)
+        assert f"'{lock}': it is held by process {holder.pid} on this host (" in message
+        assert f"on this host ({sys.executable} -c import filelock" in message  # its command line
+        assert "do not delete the lock file" in message and "FactorCache(lock_timeout=...)" in message
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    with factor_lock(path, timeout=5):  # the holder died: the OS released its lock, the file is still there
+        assert Path(lock).exists()
+
+
+def test_a_file_without_digests_is_ignored_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = write_factor_file(tmp_path / "e.safetensors", FINGERPRINT, CPU, torch.float32, {"w": _triplet(6, 4, 2)})
+    with safe_open(str(path), framework="pt") as handle:  # as version 1 wrote it: no digests
+        header = {k: v for k, v in handle.metadata().items() if k != "digests"} | {"format_version": "1"}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(ValueError, match=r"e\.safetensors' was written without a digest of its tensors"):
+        FactorFile(path, FINGERPRINT, CPU, torch.float32)
+    with caplog.at_level(logging.WARNING):
+        store = _store(path)
+    assert store.ranks == {} and "computed again and replaced" in caplog.text
+    store.write({"w": _triplet(6, 4, 2)})
+    assert FactorFile(path, FINGERPRINT, CPU, torch.float32).ranks == {"w": 2}

@@ -119,3 +119,24 @@ def test_non_finite_values_name_key_task_and_the_fix() -> None:
 def test_shape_and_dtype_come_from_the_header_of_a_lazy_file(tmp_path: Path) -> None:
     path = TaskVector({"w": torch.zeros(4, 5, dtype=torch.float16)}).save(tmp_path / "e.safetensors")
     assert shape_and_dtype(TaskVector.load(path), "w") == ((4, 5), torch.float16)
+
+
+def test_an_expert_fitted_with_a_frozen_layer_is_named_by_its_keys_not_as_another_base(tmp_path: Path) -> None:
+    from lightning_score import ScoreMergeCallback
+    from lightning_score.merging import merge_task_vectors
+    from tests.modules import Regressor, data, trainer
+
+    paths = []
+    for name, frozen in (("full", False), ("frozen", True)):
+        model = Regressor(seed=0)  # the same base weights
+        if frozen:
+            model.head[0].requires_grad_(False)  # the default selection, trainable parameters, leaves it out
+        callback = ScoreMergeCallback(dirpath=tmp_path, filename=f"{name}.safetensors", name=name)
+        trainer(tmp_path / name, [callback]).fit(model, data())
+        paths.append(tmp_path / f"{name}.safetensors")
+    with pytest.raises(ValueError) as error:
+        merge_task_vectors([TaskVector.load(p) for p in paths], device="cpu")
+    message = str(error.value)
+    assert "different pre-trained weights" not in message
+    assert "frozen.safetensors') lacks 2 key(s)" in message and "['head.0.bias', 'head.0.weight']" in message
+    assert "a layer frozen" in message

@@ -263,3 +263,18 @@ def test_fingerprint_is_order_and_layout_independent() -> None:
     transposed = state["a"].T  # not contiguous: hashed as its values, not its storage
     assert _fp({"a": transposed}) == _fp({"a": transposed.contiguous()})
     assert _fp({"a": state["a"].requires_grad_()}) == _fp({"a": state["a"].detach().clone()})
+
+
+@pytest.mark.parametrize("lost", ["the last tensor's end", "most of the header"])
+def test_a_truncated_file_is_said_to_be_cut_off_not_a_pickle(tmp_path: Path, lost: str) -> None:
+    path = _write(tmp_path / "rot30.safetensors", format="example/format")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7] if lost == "the last tensor's end" else whole[:20])  # an interrupted copy
+    with pytest.raises(ValueError) as caught:
+        read_header(path, KIND)
+    message = str(caught.value)
+    assert message.startswith(f"The example file '{path}' is cut off: it holds ")
+    if lost == "the last tensor's end":
+        assert f"it holds {len(whole) - 7} of the {len(whole)} bytes its header describes" in message
+    assert "interrupted copy" in message and message.endswith("Copy it again whole, or re-create it.")
+    assert "pickle" not in message

@@ -183,6 +183,10 @@ class ESMMerge(KeyMerger):
         """The matrices merged by TSV-M (not the target layers): they start from the tasks' SVDs."""
         return [key for key in keys if key not in self.targets]
 
+    def rank_per_task(self, key: str, shape: tuple[int, ...], num_tasks: int) -> int | None:
+        """⌊m/T⌋ output directions per task for a target layer (step 1), ⌊r/T⌋ for the TSV-merged matrices."""
+        return (shape[-2] if key in self.targets else min(shape[-2], shape[-1])) // num_tasks
+
     def merge_key(self, key: str, deltas: Tensor, factors: Factorizations | None = None) -> Tensor:
         """Target layers by polarized merging in their essential subspace, other matrices by TSV-M."""
         if key not in self.targets:

@@ -79,6 +79,7 @@ def aggregate(C: Tensor, variant: str, z: float, divide_by_tasks: bool) -> Tenso
     reference="Chaves et al., Bridging Domains through Subspace-Aware Model Merging (SCORE), CVPR 2026, "
     "arXiv:2603.05768",
     choices={"variant": VARIANTS, "divide_by_tasks": (True, False), "sign_convention": SIGN_CONVENTIONS},
+    per_task_rank=True,
 )
 def score_merge(
     deltas: Tensor,

@@ -22,6 +22,7 @@ __all__ = ["tsv_merge"]
     "tsv",
     reference="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025, "
     "arXiv:2412.00081",
+    per_task_rank=True,
 )
 def tsv_merge(deltas: Tensor, *, factors: Factorizations | None = None) -> Tensor:
     """Keep each task's leading singular triplets and decorrelate them by orthogonalising the vectors.
