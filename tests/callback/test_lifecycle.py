@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_score import ScoreMergeCallback, TaskVector
+from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.task_vector import state_dict_fingerprint
 from tests.modules import CompiledRegressor, LazyRegressor, Regressor, data, head_state, trainer
 
@@ -96,6 +97,29 @@ def test_experts_of_one_base_share_one_snapshot_written_once(tmp_path: Path) -> 
     assert snapshot.stat().st_mtime_ns == first_written  # the second fit found it and did not rewrite it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "pretrained"]
     assert snapshot.name == _tv(tmp_path, "a").base_fingerprint.replace(":", "-") + ".safetensors"
+
+
+def _flip_a_bit_of_the_tensors(path: Path) -> None:
+    """Flip one bit in the tensor bytes of a safetensors file (after its 8-byte length and JSON header)."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start + (len(raw) - start) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_snapshot_is_written_again_never_reused(tmp_path: Path) -> None:
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="a")]).fit(Regressor(), data())
+    (snapshot,) = (tmp_path / "pretrained").iterdir()
+    _flip_a_bit_of_the_tensors(snapshot)  # bit rot on disk: the header (and the file name) still look right
+    model = Regressor()
+    start = head_state(model)
+    with pytest.warns(UserWarning, match=f"snapshot '{snapshot}' cannot be reused .*damaged.*written again"):
+        trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="b")]).fit(model, data())
+    tv, end = _tv(tmp_path, "b"), head_state(model)
+    for key in tv:  # measured from the weights the fit started from, not from the damaged file
+        torch.testing.assert_close(tv[key], end[key] - start[key], rtol=0, atol=0)
+    assert tv.base_fingerprint == state_dict_fingerprint(start)
+    assert read_snapshot(snapshot, tv.base_fingerprint, verify=True)  # the file was repaired
 
 
 # --- item 4: precision -------------------------------------------------------------------------------------
