@@ -16,7 +16,9 @@ When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
    without one); a fresh fit checks that the module still holds the snapshot (up to the precision
    conversion). Lazy modules (``nn.Lazy*``) are snapshotted at the first backward, once materialised.
 3. ``on_train_end``: τ = θ_T − θ₀ is written while the module is still on its device (Lightning moves it
-   back to CPU before ``on_fit_end``), and the optional ``merge_with`` merge runs there too.
+   back to CPU before ``on_fit_end``), and the optional ``merge_with`` merge runs there too. A fit resumed
+   from a checkpoint of its very end (killed after it, before τ was written) has nothing left to train, and
+   Lightning skips ``on_train_end``: ``on_fit_end`` writes τ then, from the same weights.
 4. ``on_test_start`` / ``on_test_end``: with ``merge_with``, the merged weights are swapped in for
    ``trainer.test`` and the expert's weights restored afterwards, in any process: under ``ddp_spawn`` the
    fit ran in worker processes, so the files are found again from a small receipt rank zero writes.
@@ -122,6 +124,7 @@ class ScoreMergeCallback(Callback):
         self._deferred = False  # lazy parameters: snapshot at the first backward
         self._outputs: dict[str, Any] | None = None  # what the last fit wrote (this process)
         self._expert_state: dict[str, Tensor] | None = None
+        self._device: torch.device | None = None  # the training device, noted when fitting starts
 
     @property
     @override
@@ -214,6 +217,7 @@ class ScoreMergeCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A resumed fit takes θ₀ from the checkpoint; a fresh one checks the module still holds the snapshot."""
         self._follow(pl_module)
+        self._device = pl_module.device  # the training device (a resumed fit may merge after teardown)
         if trainer.ckpt_path:
             self._snapshot = self._resume_snapshot(trainer, pl_module)
             rank_zero_info(f"ScoreMergeCallback: resuming; θ₀ is {self._snapshot.path} (from the checkpoint).")
@@ -242,22 +246,22 @@ class ScoreMergeCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write τ = θ − θ₀ (rank zero, atomically) and merge with ``merge_with``, on the module's device."""
-        snapshot = self._snapshot
-        if snapshot is None:
-            raise RuntimeError(
-                "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
-                "has lazy parameters), so there is no task vector to write."
-            )
-        state = self._live_state()
-        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
-        device = pl_module.device  # still the training device: the strategy has not torn down yet
-        folder = self._folder(trainer)
-        outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))
-        self._outputs = outputs
+        self._write_task_vector(trainer, pl_module, pl_module.device)  # the strategy has not torn down yet
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Forget the state restored from a checkpoint: it belongs to the fit that just ended."""
+        """Write τ if a resumed fit ended without it, then forget the state restored from a checkpoint.
+
+        A fit resumed from a checkpoint of its last step (or epoch) has nothing left to train: Lightning skips
+        ``on_train_end``, so the τ that the interrupted fit never wrote is written here, from the same weights and
+        the same step, and merged on the training device (the module itself is back on the CPU by now).
+        """
+        if trainer.ckpt_path and self._outputs is None and self._snapshot is not None:
+            rank_zero_info(
+                f"ScoreMergeCallback: '{trainer.ckpt_path}' is the checkpoint of a finished fit (nothing left to "
+                "train, so Lightning skipped on_train_end); writing its task vector now."
+            )
+            self._write_task_vector(trainer, pl_module, self._device or pl_module.device)
         self._restored = None
 
     # --- test: the merged weights in place ---------------------------------------------------------
@@ -315,6 +319,19 @@ class ScoreMergeCallback(Callback):
 
     def _folder(self, trainer: pl.Trainer) -> Path:
         return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "task_vectors"
+
+    def _write_task_vector(self, trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device) -> None:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError(
+                "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
+                "has lazy parameters), so there is no task vector to write."
+            )
+        state = self._live_state()
+        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
+        folder = self._folder(trainer)
+        outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))
+        self._outputs = outputs
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
         selection, state, folder = self._follow(pl_module), self._live_state(), self._folder(trainer)

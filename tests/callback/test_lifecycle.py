@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from lightning_score import ScoreMergeCallback, TaskVector
 from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.task_vector import state_dict_fingerprint
 from tests.modules import CompiledRegressor, LazyRegressor, Regressor, data, head_state, trainer
+from tests.processes import worker_environment
 
 
 def _tv(folder: Path, name: str) -> TaskVector:
@@ -66,6 +72,47 @@ def test_resuming_needs_the_snapshot_file(tmp_path: Path) -> None:
         trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path / "a")], max_steps=8).fit(
             Regressor(seed=5), data(), ckpt_path=ckpt
         )  # (a module built from the same seed would write the very same snapshot again when fitting starts)
+
+
+def _start(*args: str | Path, log: Path) -> subprocess.Popen:
+    script = Path(__file__).with_name("resume_fit.py")
+    with open(log, "w") as output:
+        return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=worker_environment(),
+                                stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _finish(process: subprocess.Popen, log: Path) -> None:
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+
+def test_a_fit_killed_after_its_last_checkpoint_writes_the_task_vector_when_resumed(tmp_path: Path) -> None:
+    """SIGKILL after the last checkpoint, before τ: fit(ckpt_path=...) in a new process writes τ as the fit would."""
+    limits = ("max_steps", "max_epochs")  # the last step's checkpoint; the last epoch's (written at epoch end)
+    killed = {}
+    for limit in limits:
+        (tmp_path / limit).mkdir()
+        killed[limit] = _start("killed", limit, tmp_path / limit, log=tmp_path / f"{limit}-killed.log")
+    for limit, process in killed.items():
+        out, deadline = tmp_path / limit, time.monotonic() + 300
+        while not (out / "at-train-end").exists():
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / f"{limit}-killed.log"
+            ).read_text()
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        assert (out / "ckpt" / "last.ckpt").exists() and not (out / "tv" / "x.safetensors").exists()
+    resumed = {limit: _start("resumed", limit, tmp_path / limit, log=tmp_path / f"{limit}.log") for limit in limits}
+    for limit, process in resumed.items():
+        _finish(process, tmp_path / f"{limit}.log")
+        out = tmp_path / limit
+        tv, reference = (
+            TaskVector.load(out / "tv" / "x.safetensors"),
+            TaskVector.load(out / "uninterrupted" / "tv" / "x.safetensors"),
+        )
+        assert tv.metadata == reference.metadata and tv.metadata["global_step"] == 8
+        assert sorted(tv) == sorted(reference) and all(torch.equal(tv[k], reference[k]) for k in tv), limit
+        assert any(tv[k].abs().sum() > 0 for k in tv)
 
 
 # --- item 11: θ₀ kept once, on disk ------------------------------------------------------------------------
