@@ -4,16 +4,15 @@
   ``setup``; :meth:`Selection.live_state` reads the live tensors whenever they are needed.
 * :class:`Snapshot`: the submodule's state-dict prefix, the θ₀ file (:mod:`lightning_score.callback.snapshot`) and its
   fingerprint: all that a checkpoint carries.
-* :class:`Receipt`: a small JSON file in the temporary folder, named after one callback instance, listing the
-  files its last fit wrote. Under ``ddp_spawn`` the fit runs in worker processes whose callback state never
-  comes back to the main process; the receipt is how the main process (and later test workers) find them.
+* :class:`~lightning_score.callback.receipts.Receipt` (in :mod:`.receipts`, re-exported here): a small JSON file
+  in a private folder of the temporary directory listing the files one callback instance's last fit wrote, for
+  the main process of ``ddp_spawn``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.snapshot import read_snapshot
-from lightning_score.utilities.files import atomic_write_text
 
 __all__ = [
     "Receipt",
@@ -172,32 +171,6 @@ def compare_with_snapshot(snapshot: Snapshot, state: dict[str, Tensor]) -> str:
     if not changed:
         return "same"
     return "changed and converted" if converted else "changed"
-
-
-class Receipt:
-    """The files one callback instance's last fit wrote, readable by any process on the machine.
-
-    Args:
-        token: Unique per callback instance (it travels with the callback to spawned workers).
-    """
-
-    def __init__(self, token: str) -> None:
-        self.path = Path(tempfile.gettempdir()) / "lightning-score" / f"callback-{token}.json"
-
-    def read(self) -> dict[str, Any] | None:
-        """The recorded outputs, or None."""
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def write(self, outputs: dict[str, Any]) -> None:
-        """Record the outputs (atomically)."""
-        atomic_write_text(self.path, json.dumps(outputs))
-
-    def forget(self) -> None:
-        """Remove the record (a new fit starts)."""
-        self.path.unlink(missing_ok=True)
 
 
 def state_prefix(pl_module: nn.Module, submodule: nn.Module) -> str:

@@ -40,9 +40,10 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
-from lightning_score.callback.merge_with import check_experts, check_same_base, find_merge, merge_expert, swap_in
+from lightning_score.callback.merge_with import check_experts, check_same_base, find_merge, swap_in
+from lightning_score.callback.outputs import write_outputs
+from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.records import (
-    Receipt,
     Selection,
     Snapshot,
     check_metadata,
@@ -52,7 +53,6 @@ from lightning_score.callback.records import (
 )
 from lightning_score.callback.snapshot import read_snapshot, write_snapshot
 from lightning_score.merging import get_method
-from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.ranks import on_rank_zero
 from lightning_score.utilities.strategies import check_strategy
 
@@ -330,8 +330,13 @@ class ScoreMergeCallback(Callback):
         state = self._live_state()
         metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
         folder = self._folder(trainer)
-        outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))
-        self._outputs = outputs
+        path = folder / self.filename if self.filename else None
+        merge = (self.merge_with, self.method, self.alpha, self.merge_options)
+
+        def write() -> dict[str, Any]:
+            return write_outputs(snapshot, state, metadata, path, folder, merge, self._receipt, device)
+
+        self._outputs = on_rank_zero(trainer.strategy, write)
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
         selection, state, folder = self._follow(pl_module), self._live_state(), self._folder(trainer)
@@ -381,31 +386,6 @@ class ScoreMergeCallback(Callback):
 
         on_rank_zero(trainer.strategy, check)
         return restored
-
-    def _write_outputs(
-        self,
-        snapshot: Snapshot,
-        state: dict[str, Tensor],
-        metadata: dict[str, Any],
-        folder: Path,
-        device: torch.device,
-    ) -> dict[str, Any]:
-        pretrained = read_snapshot(snapshot.path, snapshot.fingerprint)
-        if set(pretrained) != set(state):
-            only = sorted(set(pretrained) ^ set(state))[:3]
-            raise RuntimeError(f"ScoreMergeCallback: the module's keys changed during fitting (e.g. {only}).")
-        # τ = θ_T − θ₀ (in float64, stored in θ₀'s dtype); θ₀'s fingerprint is the snapshot's, not hashed again
-        fingerprint = snapshot.fingerprint  # recorded after the other fields, as before
-        tv = TaskVector.from_state_dicts(pretrained, state, sorted(state), **metadata, base_fingerprint=fingerprint)
-        path = tv.save(folder / (self.filename or f"{tv.name}.safetensors"))
-        rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {path}")
-        outputs: dict[str, Any] = {"task_vector": str(path), "merged": None, "pretrained": str(snapshot.path),
-                                   "fingerprint": snapshot.fingerprint, "module": snapshot.module}  # fmt: skip
-        if self.merge_with:
-            merged = merge_expert(path, self.merge_with, self.method, self.alpha, self.merge_options, device)
-            outputs["merged"] = str(merged)
-        self._receipt.write(outputs)
-        return outputs
 
     def _recorded(self) -> dict[str, Any] | None:
         """What the last fit wrote: this process's record, else the receipt (the main process of ``ddp_spawn``)."""
