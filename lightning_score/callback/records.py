@@ -34,6 +34,7 @@ __all__ = [
     "clean_key",
     "compare_with_snapshot",
     "expected_fingerprint",
+    "restored_snapshot",
     "state_prefix",
     "task_vector_metadata",
 ]
@@ -154,6 +155,33 @@ class Snapshot:
     module: str
     path: Path
     fingerprint: str
+
+
+def restored_snapshot(restored: Snapshot | None, prefix: str, ckpt_path: str | None, state_key: str) -> Snapshot:
+    """θ₀ of the fit being resumed, as its checkpoint recorded it, if it is of the submodule this fit snapshots.
+
+    Args:
+        restored: What the checkpoint held under ``state_key`` (None: nothing).
+        prefix: The state-dict prefix of the submodule this fit snapshots.
+        ckpt_path: The checkpoint, for the messages.
+        state_key: The callback's state key, for the messages.
+
+    Raises:
+        ValueError: The checkpoint has no θ₀ for this callback, or one of another submodule.
+    """
+    if restored is None:
+        raise ValueError(
+            f"ScoreMergeCallback: resuming from '{ckpt_path}', which has no state under '{state_key}', so θ₀ (where "
+            "this expert started) is unknown and the task vector would be measured from the resume point. Resume "
+            "with the callback settings (module=...) used when the checkpoint was written; or, to measure from "
+            "these weights, load them into the module and fit without ckpt_path."
+        )
+    if restored.module != prefix:
+        raise ValueError(
+            f"ScoreMergeCallback: the checkpoint's θ₀ is of '{restored.module}', but this fit snapshots "
+            f"'{prefix}'. Resume with the same module selection."
+        )
+    return restored
 
 
 def compare_with_snapshot(snapshot: Snapshot, state: dict[str, Tensor]) -> str:

@@ -31,7 +31,7 @@ def _tv(folder: Path, name: str) -> TaskVector:
 
 
 def test_a_reused_callback_measures_each_fit_from_its_own_start(tmp_path: Path) -> None:
-    callback = ScoreMergeCallback(dirpath=tmp_path, name="x")
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="x", overwrite=True)  # the second fit replaces the first
     trainer(tmp_path, [callback]).fit(Regressor(seed=0), data())
     second = Regressor(seed=1)  # other starting weights, same callback
     start = head_state(second)
