@@ -104,10 +104,23 @@ class CLIPExpert(CLIPClassifier):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         if self.warmup_steps >= total:
-            rank_zero_warn(
-                f"warmup_steps={self.warmup_steps} is not below the run's {total} optimiser steps, so the learning "
-                f"rate never reaches lr={self.lr}. Lower warmup_steps or train longer."
-            )
+            rank_zero_warn(self._short_run_message(total))
         warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _short_run_message(self, total: int) -> str:
+        """Why the schedule is longer than the data: the warm-up, the run's steps and where they come from."""
+        trainer = self.trainer
+        if trainer.max_steps >= 0 and trainer.max_steps == total:
+            steps = f"max_steps={trainer.max_steps}"
+        else:
+            steps = f"{trainer.num_training_batches} batches an epoch × max_epochs={trainer.max_epochs}"
+            if trainer.accumulate_grad_batches > 1:
+                steps += f" / accumulate_grad_batches={trainer.accumulate_grad_batches}"
+        return (
+            f"CLIPExpert: the schedule is longer than the data: warmup_steps={self.warmup_steps} is not below the "
+            f"run's {total} optimiser steps ({steps}), so the learning rate never leaves the warm-up and never "
+            f"reaches lr={self.lr}. Lower warmup_steps (--model.init_args.warmup_steps), or train for more steps "
+            "(--trainer.max_steps, --trainer.max_epochs) or with a smaller batch (--data.batch_size)."
+        )

@@ -149,9 +149,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(quick_base: Path) -> No
 def test_warmup_longer_than_the_run_warns(quick_base: Path) -> None:
     expert = CLIPExpert(MODEL, str(quick_base), warmup_steps=500)
     trainer = L.Trainer(max_steps=1, limit_val_batches=0, **QUIET)
-    with pytest.warns(UserWarning, match="never reaches"):
+    with pytest.warns(UserWarning, match=r"warmup_steps=500 is not below the run's 1 optimiser steps \(max_steps=1\)"):
         trainer.fit(expert, datamodule=_digits(train_domains=["rot0"]))
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(1e-5 * 2 / 500)
+
+
+def test_a_few_images_for_many_epochs_warn_that_the_schedule_is_longer_than_the_data(quick_base: Path) -> None:
+    """A few hundred images at the real-data defaults (500 warm-up steps): ~10 steps that never leave warm-up."""
+    expert = CLIPExpert(MODEL, str(quick_base), warmup_steps=500)
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, **QUIET)  # 2 batches an epoch
+    wanted = (r"the schedule is longer than the data: warmup_steps=500 is not below the run's 6 optimiser steps "
+              r"\(2 batches an epoch × max_epochs=3\), so the learning rate never leaves the warm-up .* Lower "
+              r"warmup_steps \(--model.init_args.warmup_steps\), or train for more steps \(--trainer.max_steps, "
+              r"--trainer.max_epochs\) or with a smaller batch \(--data.batch_size\)")  # fmt: skip
+    with pytest.warns(UserWarning, match=wanted):
+        trainer.fit(expert, datamodule=_digits(train_domains=["rot0"]))
+    assert trainer.global_step == 6
 
 
 @pytest.mark.slow

@@ -4,16 +4,15 @@
   ``setup``; :meth:`Selection.live_state` reads the live tensors whenever they are needed.
 * :class:`Snapshot`: the submodule's state-dict prefix, the θ₀ file (:mod:`lightning_score.callback.snapshot`) and its
   fingerprint: all that a checkpoint carries.
-* :class:`Receipt`: a small JSON file in the temporary folder, named after one callback instance, listing the
-  files its last fit wrote. Under ``ddp_spawn`` the fit runs in worker processes whose callback state never
-  comes back to the main process; the receipt is how the main process (and later test workers) find them.
+* :class:`~lightning_score.callback.receipts.Receipt` (in :mod:`.receipts`, re-exported here): a small JSON file
+  in a private folder of the temporary directory listing the files one callback instance's last fit wrote, for
+  the main process of ``ddp_spawn``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from lightning_score.callback.adapters import adapted_keys, adapter_targets, effective_state, holds_adapters
+from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.snapshot import read_snapshot
-from lightning_score.utilities.files import atomic_write_text
 
 __all__ = [
     "Receipt",
@@ -36,6 +35,7 @@ __all__ = [
     "clean_key",
     "compare_with_snapshot",
     "expected_fingerprint",
+    "restored_snapshot",
     "state_prefix",
     "task_vector_metadata",
 ]
@@ -193,6 +193,33 @@ class Snapshot:
     fingerprint: str
 
 
+def restored_snapshot(restored: Snapshot | None, prefix: str, ckpt_path: str | None, state_key: str) -> Snapshot:
+    """θ₀ of the fit being resumed, as its checkpoint recorded it, if it is of the submodule this fit snapshots.
+
+    Args:
+        restored: What the checkpoint held under ``state_key`` (None: nothing).
+        prefix: The state-dict prefix of the submodule this fit snapshots.
+        ckpt_path: The checkpoint, for the messages.
+        state_key: The callback's state key, for the messages.
+
+    Raises:
+        ValueError: The checkpoint has no θ₀ for this callback, or one of another submodule.
+    """
+    if restored is None:
+        raise ValueError(
+            f"ScoreMergeCallback: resuming from '{ckpt_path}', which has no state under '{state_key}', so θ₀ (where "
+            "this expert started) is unknown and the task vector would be measured from the resume point. Resume "
+            "with the callback settings (module=...) used when the checkpoint was written; or, to measure from "
+            "these weights, load them into the module and fit without ckpt_path."
+        )
+    if restored.module != prefix:
+        raise ValueError(
+            f"ScoreMergeCallback: the checkpoint's θ₀ is of '{restored.module}', but this fit snapshots "
+            f"'{prefix}'. Resume with the same module selection."
+        )
+    return restored
+
+
 def compare_with_snapshot(snapshot: Snapshot, state: dict[str, Tensor]) -> str:
     """Whether the live weights still are the snapshot, up to the precision conversion of the strategy.
 
@@ -208,32 +235,6 @@ def compare_with_snapshot(snapshot: Snapshot, state: dict[str, Tensor]) -> str:
     if not changed:
         return "same"
     return "changed and converted" if converted else "changed"
-
-
-class Receipt:
-    """The files one callback instance's last fit wrote, readable by any process on the machine.
-
-    Args:
-        token: Unique per callback instance (it travels with the callback to spawned workers).
-    """
-
-    def __init__(self, token: str) -> None:
-        self.path = Path(tempfile.gettempdir()) / "lightning-score" / f"callback-{token}.json"
-
-    def read(self) -> dict[str, Any] | None:
-        """The recorded outputs, or None."""
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def write(self, outputs: dict[str, Any]) -> None:
-        """Record the outputs (atomically)."""
-        atomic_write_text(self.path, json.dumps(outputs))
-
-    def forget(self) -> None:
-        """Remove the record (a new fit starts)."""
-        self.path.unlink(missing_ok=True)
 
 
 def state_prefix(pl_module: nn.Module, submodule: nn.Module) -> str:

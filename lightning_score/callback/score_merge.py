@@ -16,7 +16,8 @@ When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
    without one); a fresh fit checks that the module still holds the snapshot (up to the precision
    conversion). Lazy modules (``nn.Lazy*``) are snapshotted at the first backward, once materialised.
 3. ``on_train_end``: τ = θ_T − θ₀ is written while the module is still on its device (Lightning moves it
-   back to CPU before ``on_fit_end``), and the optional ``merge_with`` merge runs there too.
+   back to CPU before ``on_fit_end``), and the optional ``merge_with`` merge runs there too. A fit resumed
+   from a checkpoint of its very end skips ``on_train_end``: ``on_fit_end`` writes τ then, from the same weights.
 4. ``on_test_start`` / ``on_test_end``: with ``merge_with``, the merged weights are swapped in for
    ``trainer.test`` and the expert's weights restored afterwards, in any process: under ``ddp_spawn`` the
    fit ran in worker processes, so the files are found again from a small receipt rank zero writes.
@@ -38,19 +39,20 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
-from lightning_score.callback.merge_with import check_experts, check_same_base, find_merge, merge_expert, swap_in
+from lightning_score.callback.merge_with import check_experts, check_same_base, find_merge, swap_in
+from lightning_score.callback.outputs import check_overwrite, write_outputs
+from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.records import (
-    Receipt,
     Selection,
     Snapshot,
     check_metadata,
     compare_with_snapshot,
     expected_fingerprint,
+    restored_snapshot,
     task_vector_metadata,
 )
 from lightning_score.callback.snapshot import read_snapshot, write_snapshot
 from lightning_score.merging import get_method
-from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.ranks import on_rank_zero
 from lightning_score.utilities.strategies import check_strategy
 
@@ -82,6 +84,9 @@ class ScoreMergeCallback(Callback):
         merge_options: Options of the merge method (e.g. ``{"variant": "diagonal"}``).
         metadata: More provenance for the task vector's metadata (JSON-serialisable), e.g. the settings a
             sweep compares when it decides whether a kept expert can be reused.
+        overwrite: Replace a task vector that another fit wrote at the same file. Without it such a fit is
+            refused when it starts, naming the file; the same fit run again or resumed (same provenance) may
+            always replace its own. Under ``trainer.fast_dev_run`` nothing is written at all.
 
     Example::
 
@@ -101,6 +106,7 @@ class ScoreMergeCallback(Callback):
         alpha: float = 1.0,
         merge_options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -113,6 +119,7 @@ class ScoreMergeCallback(Callback):
         self.alpha = alpha
         self.merge_options = dict(merge_options or {})
         self.metadata = check_metadata(metadata)
+        self.overwrite = overwrite
         if self.merge_with:
             get_method(method).resolve_options(self.merge_options)  # an unknown method/option fails now
         self._receipt = Receipt(uuid.uuid4().hex)  # travels with the callback to spawned workers
@@ -122,6 +129,8 @@ class ScoreMergeCallback(Callback):
         self._deferred = False  # lazy parameters: snapshot at the first backward
         self._outputs: dict[str, Any] | None = None  # what the last fit wrote (this process)
         self._expert_state: dict[str, Tensor] | None = None
+        self._device: torch.device | None = None  # the training device, noted when fitting starts
+        self._idle = False  # trainer.fast_dev_run: this fit writes nothing
 
     @property
     @override
@@ -201,6 +210,10 @@ class ScoreMergeCallback(Callback):
         check_strategy(trainer.strategy, "ScoreMergeCallback")
         self._snapshot, self._restored, self._deferred, self._outputs = None, None, False, None
         on_rank_zero(trainer.strategy, self._receipt.forget)
+        self._idle = bool(trainer.fast_dev_run)
+        if self._idle:
+            rank_zero_info("ScoreMergeCallback: fast_dev_run: no θ₀ snapshot, task vector or merge is written.")
+            return
         if self.merge_with:  # FileNotFoundError / ValueError naming the file and the fix, before any training
             on_rank_zero(trainer.strategy, lambda: check_experts(self.merge_with))
         self._selection = self._select(pl_module)
@@ -213,7 +226,10 @@ class ScoreMergeCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A resumed fit takes θ₀ from the checkpoint; a fresh one checks the module still holds the snapshot."""
+        if self._idle:
+            return
         self._follow(pl_module)
+        self._device = pl_module.device  # the training device (a resumed fit may merge after teardown)
         if trainer.ckpt_path:
             self._snapshot = self._resume_snapshot(trainer, pl_module)
             rank_zero_info(f"ScoreMergeCallback: resuming; θ₀ is {self._snapshot.path} (from the checkpoint).")
@@ -231,33 +247,35 @@ class ScoreMergeCallback(Callback):
                 "taken in the weights' own precision. Set the pre-trained weights in __init__ or setup, not "
                 "configure_model, or fit in 32-true / *-mixed precision."
             )
+        on_rank_zero(trainer.strategy, lambda: self._check_target(trainer, pl_module, self._snapshot))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Lazy modules: snapshot θ₀ once materialised (the first forward), before the first optimiser step."""
-        if self._deferred:
+        if self._deferred:  # (never under fast_dev_run: setup returned first)
             self._deferred = False
             self._snapshot = self._take_snapshot(trainer, pl_module)
+            on_rank_zero(trainer.strategy, lambda: self._check_target(trainer, pl_module, self._snapshot))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write τ = θ − θ₀ (rank zero, atomically) and merge with ``merge_with``, on the module's device."""
-        snapshot = self._snapshot
-        if snapshot is None:
-            raise RuntimeError(
-                "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
-                "has lazy parameters), so there is no task vector to write."
-            )
-        state = self._live_state()
-        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
-        device = pl_module.device  # still the training device: the strategy has not torn down yet
-        folder = self._folder(trainer)
-        outputs = on_rank_zero(trainer.strategy, lambda: self._write_outputs(snapshot, state, metadata, folder, device))
-        self._outputs = outputs
+        if not self._idle:  # the strategy has not torn down yet: the module is on its device
+            self._write_task_vector(trainer, pl_module, pl_module.device)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Forget the state restored from a checkpoint: it belongs to the fit that just ended."""
+        """Write τ if a resumed fit ended without it, then forget the state restored from a checkpoint.
+
+        Resumed from a checkpoint of its last step or epoch, a fit has nothing left to train and Lightning skips
+        ``on_train_end``: τ is written here, from the same weights, merged on the training device.
+        """
+        if trainer.ckpt_path and self._outputs is None and self._snapshot is not None:
+            rank_zero_info(
+                f"ScoreMergeCallback: '{trainer.ckpt_path}' is the checkpoint of a finished fit (nothing left to "
+                "train, so Lightning skipped on_train_end); writing its task vector now."
+            )
+            self._write_task_vector(trainer, pl_module, self._device or pl_module.device)
         self._restored = None
 
     # --- test: the merged weights in place ---------------------------------------------------------
@@ -316,6 +334,30 @@ class ScoreMergeCallback(Callback):
     def _folder(self, trainer: pl.Trainer) -> Path:
         return self.dirpath if self.dirpath is not None else Path(trainer.default_root_dir) / "task_vectors"
 
+    def _target(self, trainer: pl.Trainer, metadata: dict[str, Any]) -> Path:  # <folder>/<filename or name>
+        return self._folder(trainer) / (self.filename or f"{metadata['name']}.safetensors")
+
+    def _check_target(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: Snapshot) -> None:
+        """Before any training (rank zero): refuse a fit that would replace another fit's task vector."""
+        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
+        check_overwrite(self._target(trainer, metadata), metadata, snapshot.fingerprint, self.overwrite)
+
+    def _write_task_vector(self, trainer: pl.Trainer, pl_module: pl.LightningModule, device: torch.device) -> None:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError(
+                "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
+                "has lazy parameters), so there is no task vector to write."
+            )
+        state = self._live_state()
+        metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
+        path, merge = self._target(trainer, metadata), (self.merge_with, self.method, self.alpha, self.merge_options)
+
+        def write() -> dict[str, Any]:
+            return write_outputs(snapshot, state, metadata, path, merge, self._receipt, device, self.overwrite)
+
+        self._outputs = on_rank_zero(trainer.strategy, write)
+
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
         selection, state, folder = self._follow(pl_module), self._live_state(), self._folder(trainer)
 
@@ -335,21 +377,8 @@ class ScoreMergeCallback(Callback):
         return Snapshot(selection.prefix, Path(path), fingerprint)
 
     def _resume_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
-        restored = self._restored
-        if restored is None:
-            raise ValueError(
-                f"ScoreMergeCallback: resuming from '{trainer.ckpt_path}', which has no state under "
-                f"'{self.state_key}', so θ₀ (where this expert started) is unknown and the task vector would be "
-                "measured from the resume point. Resume with the callback settings (module=...) used when the "
-                "checkpoint was written; or, to measure from these weights, load them into the module and fit "
-                "without ckpt_path."
-            )
         selection = self._follow(pl_module)
-        if restored.module != selection.prefix:
-            raise ValueError(
-                f"ScoreMergeCallback: the checkpoint's θ₀ is of '{restored.module}', but this fit snapshots "
-                f"'{selection.prefix}'. Resume with the same module selection."
-            )
+        restored = restored_snapshot(self._restored, selection.prefix, trainer.ckpt_path, self.state_key)
         expected = expected_fingerprint(pl_module, selection.submodule)
 
         def check() -> None:
@@ -361,34 +390,10 @@ class ScoreMergeCallback(Callback):
                     "comes from a fit of another base model."
                 )
             check_same_base(self.merge_with, restored.fingerprint, getattr(pl_module, "base_model", None))
+            self._check_target(trainer, pl_module, restored)
 
         on_rank_zero(trainer.strategy, check)
         return restored
-
-    def _write_outputs(
-        self,
-        snapshot: Snapshot,
-        state: dict[str, Tensor],
-        metadata: dict[str, Any],
-        folder: Path,
-        device: torch.device,
-    ) -> dict[str, Any]:
-        pretrained = read_snapshot(snapshot.path, snapshot.fingerprint)
-        if set(pretrained) != set(state):
-            only = sorted(set(pretrained) ^ set(state))[:3]
-            raise RuntimeError(f"ScoreMergeCallback: the module's keys changed during fitting (e.g. {only}).")
-        # τ = θ_T − θ₀ (in float64, stored in θ₀'s dtype); θ₀'s fingerprint is the snapshot's, not hashed again
-        fingerprint = snapshot.fingerprint  # recorded after the other fields, as before
-        tv = TaskVector.from_state_dicts(pretrained, state, sorted(state), **metadata, base_fingerprint=fingerprint)
-        path = tv.save(folder / (self.filename or f"{tv.name}.safetensors"))
-        rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {path}")
-        outputs: dict[str, Any] = {"task_vector": str(path), "merged": None, "pretrained": str(snapshot.path),
-                                   "fingerprint": snapshot.fingerprint, "module": snapshot.module}  # fmt: skip
-        if self.merge_with:
-            merged = merge_expert(path, self.merge_with, self.method, self.alpha, self.merge_options, device)
-            outputs["merged"] = str(merged)
-        self._receipt.write(outputs)
-        return outputs
 
     def _recorded(self) -> dict[str, Any] | None:
         """What the last fit wrote: this process's record, else the receipt (the main process of ``ddp_spawn``)."""

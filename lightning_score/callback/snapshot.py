@@ -10,9 +10,11 @@ fingerprint. Experts fine-tuned from the same base share one file: its name is t
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -53,6 +55,10 @@ def snapshot_fingerprint(path: str | os.PathLike[str]) -> str:
 def write_snapshot(state: Mapping[str, Tensor], folder: str | os.PathLike[str]) -> tuple[Path, str]:
     """Write θ₀ as ``<folder>/pretrained/<fingerprint>.safetensors``, unless that file already holds it.
 
+    A file already there (written by an earlier fit from the same base) is reused only once its content hashes to
+    ``state``'s fingerprint (every byte is read); a damaged one, or one in the way that is not a snapshot, is written
+    again from ``state``, with a warning naming it.
+
     Args:
         state: The weights (any device and dtype; written as they are).
         folder: The task vectors' folder.
@@ -62,11 +68,17 @@ def write_snapshot(state: Mapping[str, Tensor], folder: str | os.PathLike[str]) 
     """
     fingerprint = state_dict_fingerprint(state, list(state))
     path = Path(folder) / "pretrained" / f"{fingerprint.replace(':', '-')}.safetensors"
-    try:
-        if snapshot_fingerprint(path) == fingerprint:
-            return path, fingerprint  # written by an earlier fit from the same base
-    except (FileNotFoundError, ValueError):
-        pass
+    if path.exists():
+        try:
+            read_snapshot(path, fingerprint, verify=True)
+            return path, fingerprint  # written by an earlier fit from the same base, and intact
+        except (OSError, ValueError, SafetensorError) as error:
+            warnings.warn(
+                f"ScoreMergeCallback: the pre-trained snapshot '{path}' cannot be reused ({error}); it is written "
+                "again from the module's weights. Task vectors measured from it while it was damaged are wrong: "
+                "refit them.",
+                stacklevel=2,
+            )
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():

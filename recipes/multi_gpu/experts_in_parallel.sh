@@ -5,7 +5,7 @@
 #   recipes/multi_gpu/experts_in_parallel.sh recipes/pacs/vit_b32_expert.yaml art_painting cartoon photo sketch
 #
 # Extra arguments for every fit go in FIT_ARGS, e.g. FIT_ARGS="--data.root /data/PACS".
-# The task vectors land where the recipe's ScoreMergeCallback points (one file per domain), ready for merge.
+# The task vectors land in the recipe's <default_root_dir>/task_vectors (one file per domain), ready for merge.
 set -euo pipefail
 recipe=$1; shift
 gpus=$(nvidia-smi --list-gpus | wc -l)

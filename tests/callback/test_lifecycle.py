@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -12,8 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_score import ScoreMergeCallback, TaskVector
+from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.task_vector import state_dict_fingerprint
 from tests.modules import CompiledRegressor, LazyRegressor, Regressor, data, head_state, trainer
+from tests.processes import worker_environment
 
 
 def _tv(folder: Path, name: str) -> TaskVector:
@@ -24,7 +31,7 @@ def _tv(folder: Path, name: str) -> TaskVector:
 
 
 def test_a_reused_callback_measures_each_fit_from_its_own_start(tmp_path: Path) -> None:
-    callback = ScoreMergeCallback(dirpath=tmp_path, name="x")
+    callback = ScoreMergeCallback(dirpath=tmp_path, name="x", overwrite=True)  # the second fit replaces the first
     trainer(tmp_path, [callback]).fit(Regressor(seed=0), data())
     second = Regressor(seed=1)  # other starting weights, same callback
     start = head_state(second)
@@ -67,6 +74,47 @@ def test_resuming_needs_the_snapshot_file(tmp_path: Path) -> None:
         )  # (a module built from the same seed would write the very same snapshot again when fitting starts)
 
 
+def _start(*args: str | Path, log: Path) -> subprocess.Popen:
+    script = Path(__file__).with_name("resume_fit.py")
+    with open(log, "w") as output:
+        return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=worker_environment(),
+                                stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _finish(process: subprocess.Popen, log: Path) -> None:
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+
+def test_a_fit_killed_after_its_last_checkpoint_writes_the_task_vector_when_resumed(tmp_path: Path) -> None:
+    """SIGKILL after the last checkpoint, before τ: fit(ckpt_path=...) in a new process writes τ as the fit would."""
+    limits = ("max_steps", "max_epochs")  # the last step's checkpoint; the last epoch's (written at epoch end)
+    killed = {}
+    for limit in limits:
+        (tmp_path / limit).mkdir()
+        killed[limit] = _start("killed", limit, tmp_path / limit, log=tmp_path / f"{limit}-killed.log")
+    for limit, process in killed.items():
+        out, deadline = tmp_path / limit, time.monotonic() + 300
+        while not (out / "at-train-end").exists():
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / f"{limit}-killed.log"
+            ).read_text()
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        assert (out / "ckpt" / "last.ckpt").exists() and not (out / "tv" / "x.safetensors").exists()
+    resumed = {limit: _start("resumed", limit, tmp_path / limit, log=tmp_path / f"{limit}.log") for limit in limits}
+    for limit, process in resumed.items():
+        _finish(process, tmp_path / f"{limit}.log")
+        out = tmp_path / limit
+        tv, reference = (
+            TaskVector.load(out / "tv" / "x.safetensors"),
+            TaskVector.load(out / "uninterrupted" / "tv" / "x.safetensors"),
+        )
+        assert tv.metadata == reference.metadata and tv.metadata["global_step"] == 8
+        assert sorted(tv) == sorted(reference) and all(torch.equal(tv[k], reference[k]) for k in tv), limit
+        assert any(tv[k].abs().sum() > 0 for k in tv)
+
+
 # --- item 11: θ₀ kept once, on disk ------------------------------------------------------------------------
 
 
@@ -96,6 +144,29 @@ def test_experts_of_one_base_share_one_snapshot_written_once(tmp_path: Path) -> 
     assert snapshot.stat().st_mtime_ns == first_written  # the second fit found it and did not rewrite it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "pretrained"]
     assert snapshot.name == _tv(tmp_path, "a").base_fingerprint.replace(":", "-") + ".safetensors"
+
+
+def _flip_a_bit_of_the_tensors(path: Path) -> None:
+    """Flip one bit in the tensor bytes of a safetensors file (after its 8-byte length and JSON header)."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start + (len(raw) - start) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_snapshot_is_written_again_never_reused(tmp_path: Path) -> None:
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="a")]).fit(Regressor(), data())
+    (snapshot,) = (tmp_path / "pretrained").iterdir()
+    _flip_a_bit_of_the_tensors(snapshot)  # bit rot on disk: the header (and the file name) still look right
+    model = Regressor()
+    start = head_state(model)
+    with pytest.warns(UserWarning, match=f"snapshot '{snapshot}' cannot be reused .*damaged.*written again"):
+        trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path, name="b")]).fit(model, data())
+    tv, end = _tv(tmp_path, "b"), head_state(model)
+    for key in tv:  # measured from the weights the fit started from, not from the damaged file
+        torch.testing.assert_close(tv[key], end[key] - start[key], rtol=0, atol=0)
+    assert tv.base_fingerprint == state_dict_fingerprint(start)
+    assert read_snapshot(snapshot, tv.base_fingerprint, verify=True)  # the file was repaired
 
 
 # --- item 4: precision -------------------------------------------------------------------------------------

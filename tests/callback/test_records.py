@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import pickle
+import stat
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,18 +167,94 @@ def test_compare_with_snapshot_gives_one_of_three_verdicts(tmp_path: Path) -> No
 # --- Receipt ---------------------------------------------------------------------------------------------------------
 
 
-def test_receipt_writes_reads_and_forgets(tmp_path: Path) -> None:
+@pytest.fixture
+def temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary directory (``tempfile.gettempdir()``) moved to a fresh folder of this test."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_receipt_writes_reads_and_forgets(temporary_folder: Path) -> None:
     receipt, other = Receipt("test-records-a"), Receipt("test-records-b")
     receipt.forget()  # nothing there: no error
     assert receipt.read() is None and receipt.path != other.path
-    outputs = {"task_vector": str(tmp_path / "a.safetensors"), "merged": None}
+    outputs = {"task_vector": "a.safetensors", "merged": None}
     receipt.write(outputs)
-    assert receipt.read() == outputs and other.read() is None
-    assert Receipt("test-records-a").read() == outputs  # any process with the token finds it
+    assert pickle.loads(pickle.dumps(receipt)).read() == outputs and other.read() is None  # a worker finds it
     receipt.path.write_text("{ half written")
     assert receipt.read() is None  # unreadable is no receipt
     receipt.forget()
     assert not receipt.path.exists() and receipt.read() is None
+
+
+def test_receipts_are_kept_in_a_folder_private_to_the_user(temporary_folder: Path) -> None:
+    receipt = Receipt("private")
+    receipt.write({"task_vector": "a.safetensors"})
+    folder = receipt.path.parent
+    assert folder == temporary_folder / f"lightning-score-{os.getuid()}"
+    info = os.lstat(folder)
+    assert stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
+    os.chmod(folder, 0o755)  # made wider by hand (or by an earlier version): narrowed again when next used
+    Receipt("again").write({})
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("intruder", ["another user's folder", "a symbolic link"])
+def test_a_receipt_folder_of_another_user_or_a_link_is_left_alone(intruder: str, temporary_folder: Path) -> None:
+    shared = temporary_folder / f"lightning-score-{os.getuid()}"
+    target = temporary_folder / "elsewhere"
+    target.mkdir()
+    os.chown(target, 12345, 12345)  # a second user on the machine, whose folder is open to all (0755)
+    os.chmod(target, 0o755)
+    if intruder == "a symbolic link":
+        shared.symlink_to(target)
+    else:
+        target.rename(shared)
+        target = shared
+    receipt, outputs = Receipt("guarded"), {"task_vector": "a.safetensors", "merged": "m.safetensors"}
+    problem = "is a symbolic link" if intruder == "a symbolic link" else r"belongs to another user \(uid 12345\)"
+    with pytest.warns(UserWarning, match=f"receipt folder '{shared}' is not used: it {problem}"):
+        receipt.write(outputs)
+    assert os.listdir(target) == []  # nothing written into, or read from, the other user's folder
+    own = receipt.path.parent
+    assert own == temporary_folder / f"lightning-score-{os.getuid()}-guarded"
+    assert os.lstat(own).st_uid == os.getuid() and stat.S_IMODE(os.lstat(own).st_mode) == 0o700
+    assert pickle.loads(pickle.dumps(receipt)).read() == outputs  # a spawned worker finds it there too
+    assert receipt.read() == outputs and not own.exists()  # read by its owner: removed, with its folder
+    assert os.lstat(target).st_uid == 12345 and os.listdir(target) == []
+
+
+def test_a_receipt_is_removed_once_its_owner_read_it_and_when_its_callback_goes(temporary_folder: Path) -> None:
+    receipt, outputs = Receipt("read-once"), {"task_vector": "a.safetensors"}
+    receipt.write(outputs)
+    worker = pickle.loads(pickle.dumps(receipt))  # what a spawned worker holds
+    assert worker.read() == outputs and receipt.path.exists()  # a worker reads without removing
+    assert receipt.read() == outputs and not receipt.path.exists()  # the process that made it removes it
+    assert receipt.read() == outputs  # and still knows what it read
+    worker.forget()  # a new fit starts in a worker: the main process must not keep the old outputs
+    assert receipt.read() is None and not receipt.path.exists()
+    unread = Receipt("never-read")
+    unread.write(outputs)
+    path = unread.path
+    assert path.exists()
+    del unread, receipt, worker
+    gc.collect()
+    assert os.listdir(temporary_folder / f"lightning-score-{os.getuid()}") == []  # nothing piles up
+
+
+def test_a_receipt_that_cannot_be_written_is_a_warning_not_a_failed_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_the_way = tmp_path / "not-a-folder"
+    in_the_way.write_text("a file where the temporary folder should be")
+    monkeypatch.setattr(tempfile, "tempdir", str(in_the_way))
+    callback = ScoreMergeCallback(dirpath=tmp_path / "tv", name="reg")
+    with pytest.warns(UserWarning, match="could not write the receipt of this fit .*written all the same"):
+        trainer(tmp_path, [callback]).fit(Regressor(), data())
+    assert callback.task_vector_path == tmp_path / "tv" / "reg.safetensors"
+    assert TaskVector.load(callback.task_vector_path).metadata["global_step"] == 6
 
 
 # --- provenance ------------------------------------------------------------------------------------------------------

@@ -79,6 +79,23 @@ def test_an_identical_snapshot_is_reused_and_other_content_gets_its_own_file(
     assert written == [first, other] and len(list((tmp_path / "pretrained").iterdir())) == 2
 
 
+def test_a_reused_snapshot_whose_content_is_damaged_is_written_again_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _state()
+    path, fingerprint = write_snapshot(state, tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # one flipped bit in the last tensor's bytes; the header still records the fingerprint
+    path.write_bytes(bytes(raw))
+    assert snapshot_fingerprint(path) == fingerprint
+    written = _count_writes(monkeypatch)
+    with pytest.warns(UserWarning, match=f"snapshot '{path}' cannot be reused .*is damaged.*written again from"):
+        assert write_snapshot(state, tmp_path) == (path, fingerprint)
+    assert written == [path]
+    back = read_snapshot(path, fingerprint, verify=True)
+    assert all(torch.equal(back[key], value) for key, value in state.items())
+
+
 def test_a_file_in_the_way_that_is_not_that_snapshot_is_replaced(tmp_path: Path) -> None:
     state = _state()
     fingerprint = state_dict_fingerprint(state, list(state))
