@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -31,6 +32,7 @@ __all__ = [
     "SUPPORTED",
     "UnsupportedAdapterError",
     "adapted_keys",
+    "adapter_provenance",
     "adapter_targets",
     "effective_state",
     "holds_adapters",
@@ -257,3 +259,30 @@ def adapter_targets(module: nn.Module) -> dict[str, tuple[str, ...]]:
                 updated.append(prefix + "bias")
         targets[entry.raw] = tuple(keys[raw] for raw in updated)
     return targets
+
+
+def adapter_provenance(module: nn.Module) -> dict[str, Any]:
+    """What a task vector records of the adapters it came from (PEFT's version; per adapter its LoRA settings).
+
+    Per active adapter: its ranks, α and scales (rsLoRA's included) and the base-model names of the layers it adapts.
+
+    Raises:
+        UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
+    """
+    import peft
+
+    adapters: dict[str, dict[str, Any]] = {}
+    for name, layer in _lora_layers(module):
+        base_name = ".".join(_rename(module, name.split(".")) or [name]) if name else ""
+        for adapter in layer.active_adapters:
+            if adapter not in layer.r:
+                continue
+            record = adapters.setdefault(adapter, {"r": set(), "lora_alpha": set(), "scaling": set(), "targets": []})
+            record["r"].add(int(layer.r[adapter]))
+            record["lora_alpha"].add(float(layer.lora_alpha[adapter]))
+            record["scaling"].add(float(layer.scaling[adapter]))
+            record["targets"].append(base_name)
+    summary = {
+        adapter: {field: sorted(values) for field, values in record.items()} for adapter, record in adapters.items()
+    }
+    return {"peft_version": peft.__version__, "type": "LORA", "adapters": summary}

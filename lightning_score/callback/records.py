@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from lightning_score.callback.adapters import adapted_keys, adapter_targets, effective_state, holds_adapters
+from lightning_score.callback.adapters import (
+    adapted_keys,
+    adapter_provenance,
+    adapter_targets,
+    effective_state,
+    holds_adapters,
+)
 from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.snapshot import read_snapshot
 
@@ -43,7 +49,17 @@ __all__ = [
 _COMPILED = re.compile(r"(^|\.)_orig_mod\.")
 
 RESERVED_METADATA = frozenset(
-    {"name", "module", "domain", "train_domains", "base_model", "base_fingerprint", "global_step", "precision"}
+    {
+        "name",
+        "module",
+        "domain",
+        "train_domains",
+        "base_model",
+        "base_fingerprint",
+        "global_step",
+        "precision",
+        "adapters",
+    }
 )
 """The metadata fields :func:`task_vector_metadata` (and the snapshot's fingerprint) fill."""
 
@@ -316,6 +332,8 @@ def task_vector_metadata(
     base_model = getattr(pl_module, "base_model", None)
     if isinstance(base_model, str):
         meta["base_model"] = base_model
+    if holds_adapters(pl_module):
+        meta["adapters"] = adapter_provenance(pl_module)
     meta["global_step"] = int(trainer.global_step)
     meta["precision"] = str(trainer.precision)
     return meta

@@ -80,6 +80,18 @@ def test_the_task_vector_of_a_lora_fit_is_merge_and_unloads_update_under_the_bas
     ]
     # θ₀ is the base as given (float32, before the precision plugin converts the module), as for any expert
     expected = _expected(module, base)
+    assert tv.metadata["adapters"] == {
+        "peft_version": peft.__version__,
+        "type": "LORA",
+        "adapters": {
+            "default": {
+                "r": [2],
+                "lora_alpha": [4.0],
+                "scaling": [2.0],
+                "targets": ["net.attn", "net.attn.out_proj", "net.fc1"],
+            }
+        },
+    }
     for key in tv:
         torch.testing.assert_close(tv[key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
         assert tv[key].abs().sum() > 0, key
