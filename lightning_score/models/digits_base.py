@@ -17,7 +17,6 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from typing_extensions import override
 
 from lightning_score.data.builtin import register_base
 from lightning_score.data.digits import DATA_VERSION, DIGIT_NAMES, load_pool, materialise_rotated_digits
-from lightning_score.models.factory import build_clip, save_clip_weights
+from lightning_score.models.factory import _without_root_records, build_clip, save_clip_weights
 from lightning_score.models.schedule import warmup_cosine
 from lightning_score.models.templates import load_templates
 from lightning_score.utilities.files import cache_key, cache_lock, cache_root
@@ -53,28 +52,9 @@ BASE_DEFAULTS: dict[str, Any] = {
 """What ``pretrained="builtin:digits"`` builds (``model_name`` is the one asked for)."""
 
 
-@contextlib.contextmanager
-def _quiet_random_init() -> Iterator[None]:
-    """Hide open_clip's "No pretrained weights loaded … initialized randomly" warning: here it is on purpose.
-
-    open_clip logs it through the root logger; a filter drops that one record, and a NullHandler keeps
-    ``logging.warning`` from configuring the root logger as a side effect.
-    """
-    root = logging.getLogger()
-
-    def drop(record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-    placeholder = logging.NullHandler() if not root.handlers else None
-    if placeholder is not None:
-        root.addHandler(placeholder)
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-        if placeholder is not None:
-            root.removeHandler(placeholder)
+def _quiet_random_init() -> contextlib.AbstractContextManager[None]:
+    """Hide open_clip's "No pretrained weights loaded … initialized randomly" warning: here it is on purpose."""
+    return _without_root_records("initialized randomly")
 
 
 def _shift_and_scale(images: Tensor, max_shift: float = 0.1, max_scale: float = 0.1) -> Tensor:

@@ -13,6 +13,12 @@ the GLOBAL batch: each process loads ``batch_size / (devices × num_nodes)`` ima
 optimisation (global batch, learning rate, steps) is the protocol's whatever the device count, and a kept
 expert is reused by a study on another number of devices. That the device count divides the batch is
 checked with the rest of the configuration, before any work (:mod:`.checks`).
+
+Under SLURM, Lightning's requeue (``SLURMEnvironment(auto_requeue=True)``: on SIGUSR1 it saves
+``hpc_ckpt_<n>.ckpt`` in the Trainer's ``default_root_dir`` and runs ``scontrol requeue``; SLURM then stops the
+job with SIGTERM) works with the study: each fit has a folder of its own (``logs/seed-<s>/fits/<name>``), so the
+requeued job's rerun resumes each fit from its own checkpoint only, and a finished fit's checkpoints are removed.
+A fit stopped by a signal writes no task vector (the callback writes one only when training ends).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_score.callback import ScoreMergeCallback
 from lightning_score.data import DomainDataModule
@@ -35,7 +43,15 @@ from lightning_score.expert import CLIPExpert
 from lightning_score.study.config import StudyConfig
 from lightning_score.study.stages import Fit
 
-__all__ = ["QUIET_TRAINER", "FitResult", "MakeData", "fit_task_vector", "quiet_lightning"]
+__all__ = [
+    "QUIET_TRAINER",
+    "FitResult",
+    "MakeData",
+    "StopPredictingOnSigterm",
+    "fit_task_vector",
+    "quiet_lightning",
+    "remove_hpc_checkpoints",
+]
 
 QUIET_TRAINER = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
@@ -59,6 +75,34 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for name, level in previous.items():
             logging.getLogger(name).setLevel(level)
+
+
+def remove_hpc_checkpoints(folder: Path) -> None:
+    """Remove the checkpoints Lightning's SLURM requeue saved in ``folder`` (once nothing is left to resume)."""
+    for path in folder.glob("hpc_ckpt_*.ckpt"):
+        path.unlink(missing_ok=True)
+
+
+class StopPredictingOnSigterm(Callback):
+    """The study's evaluations stop on SIGTERM at a batch end, as Lightning's fits and tests do (predictions don't).
+
+    An evaluation has nothing to resume (each finished row is kept), so the checkpoint SLURM's requeue saves during
+    one is removed when it ends: a later ``predict`` would otherwise restore it (Lightning resumes from an HPC
+    checkpoint of ``default_root_dir`` by itself under SLURM).
+    """
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Stop once SIGTERM came (Lightning's handler only records it during ``predict``)."""
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Remove an HPC checkpoint saved during this evaluation."""
+        remove_hpc_checkpoints(Path(trainer.default_root_dir))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The same when the evaluation is stopped."""
+        remove_hpc_checkpoints(Path(trainer.default_root_dir))
 
 
 MakeData = Callable[[list[str], int], DomainDataModule]
@@ -101,6 +145,7 @@ def fit_task_vector(
     assert settings is not None and config.domains is not None, "fit_task_vector takes the study's resolved config"
     train_domains = fit.train_domains(config.domains)
     log_dir = Path(config.output_dir) / "logs" / f"seed-{fit.seed}"
+    fit_dir = log_dir / "fits" / fit.name  # the CSV curve, and SLURM's requeue checkpoint of this fit only
     L.seed_everything(fit.seed, verbose=False)
     module = CLIPExpert(
         config.model_name,
@@ -131,9 +176,10 @@ def fit_task_vector(
         log_every_n_steps=5,
         callbacks=[callback],
         logger=CSVLogger(log_dir, name="fits", version=fit.name),
-        default_root_dir=log_dir,
+        default_root_dir=fit_dir,
         **QUIET_TRAINER,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=make_data(train_domains, settings.batch_size // world_size))
+    remove_hpc_checkpoints(fit_dir)  # the task vector is written: nothing left to resume
     return FitResult(seconds=time.perf_counter() - started, steps=trainer.global_step, train_domains=train_domains)

@@ -38,11 +38,18 @@ from lightning_score.study.data import EvaluationImages, FoldData
 from lightning_score.study.dataset import resolve_dataset, resolve_seeds
 from lightning_score.study.distributed import World
 from lightning_score.study.evaluation import evaluate_row, merge_module
-from lightning_score.study.fitting import QUIET_TRAINER, fit_task_vector, quiet_lightning
+from lightning_score.study.fitting import (
+    QUIET_TRAINER,
+    StopPredictingOnSigterm,
+    fit_task_vector,
+    quiet_lightning,
+    remove_hpc_checkpoints,
+)
 from lightning_score.study.folder import StudyFolder, as_json
 from lightning_score.study.stages import Fit, planned_fits, require_fits
 from lightning_score.task_vector import state_dict_fingerprint
 from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.signals import SignalWatch, StoppedBySignal, watch_signals
 
 __all__ = ["Study"]
 
@@ -103,6 +110,8 @@ class Study:
                 use_distributed_sampler=False,  # each rank predicts its own whole batches (FoldData), no padding
                 precision=config.expert.precision,  # the fits' (and the merge recipes') too
                 logger=False,
+                callbacks=[StopPredictingOnSigterm()],
+                default_root_dir=self.folder.root / "logs" / "evaluation",  # SLURM's requeue checkpoints go here
                 **QUIET_TRAINER,
             )
         except Exception as error:  # Lightning's MisconfigurationException is not a ValueError
@@ -141,13 +150,15 @@ class Study:
         handler = logging.FileHandler(folder / "study.log") if self.world.is_zero else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
+        remove_hpc_checkpoints(Path(self.eval_trainer.default_root_dir))  # an evaluation has nothing to resume
         started = time.perf_counter()
         pooled = any(row.mode == "pooled" for row in config.rows)
         per_seed = len(config.domains) + len(config.targets) * (len(config.rows) + pooled)
         total = len(self.fits) if config.stage == "experts" else len(config.seeds) * per_seed
         self.records = []
+        watch = SignalWatch()
         try:
-            with quiet_lightning(), self._progress() as progress:
+            with watch_signals(watch), quiet_lightning(), self._progress() as progress:
                 self._task = progress.add_task("preparing the pre-trained base", total=total)
                 self._progress_bar = progress
                 transform = self._prepare_base()
@@ -158,9 +169,14 @@ class Study:
                               f"; when every expert is, run --stage evaluate.")  # fmt: skip
                     return self.records
                 self._evaluate_all(transform)
-        except BaseException:
+        except BaseException as error:
             self.world.stop_others()  # ranks waiting in a collective for this one would never return
-            raise
+            if not watch.stopped(error):
+                raise
+            message = self._stopped_message(watch.name)
+            if self.world.is_zero:
+                log.error(message)  # on stderr and in study.log
+            raise StoppedBySignal(watch.signum or 0, message) from None
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -221,6 +237,15 @@ class Study:
         self.console.print(message, highlight=False, markup=False, soft_wrap=True)
         for handler in log.handlers:
             handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
+
+    def _stopped_message(self, signal_name: str) -> str:
+        """The one line of a study stopped by a signal: where it stopped, what is kept, how to resume."""
+        task = next(t for t in self._progress_bar.tasks if t.id == self._task) if hasattr(self, "_task") else None
+        where = f" at '{task.description}' ({task.completed:.0f} of {task.total:.0f} steps done)" if task else ""
+        return (
+            f"lightning-score study: stopped by {signal_name}{where}. Every finished fit and result is kept in "
+            f"{self.folder.root} and nothing partial was written: rerun the same command to resume from there."
+        )
 
     def _advance(self, description: str) -> None:
         self._progress_bar.update(self._task, advance=1, description=description)
