@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
@@ -34,6 +34,7 @@ from lightning_score.models.factory import _without_root_records, build_clip, sa
 from lightning_score.models.schedule import warmup_cosine
 from lightning_score.models.templates import load_templates
 from lightning_score.utilities.files import cache_key, cache_lock, cache_root
+from lightning_score.utilities.progress import LogTrainingProgress
 
 __all__ = ["BASE_DEFAULTS", "build_digits_base"]
 
@@ -161,7 +162,8 @@ def build_digits_base(
         warmup_steps: Linear warm-up steps.
         seed: Seeds the initial weights, the sampling and the augmentation.
         accelerator: Lightning accelerator for the fit (``"cpu"`` keeps the result device-independent).
-        progress_bar: Show Lightning's progress bar.
+        progress_bar: Show Lightning's progress bar on a terminal (elsewhere, and without it: a log line every 10 %
+            of the steps or every minute, on this module's logger).
 
     Returns:
         ``<cache>/weights/digits-base-<model>-<hash>.safetensors``; load it with
@@ -207,6 +209,9 @@ def build_digits_base(
                 weight_decay=settings["weight_decay"],
                 warmup_steps=settings["warmup_steps"],
             )
+            bar = progress_bar and sys.stderr.isatty()  # a bar draws only on a terminal; elsewhere: lines
+            what = f"pre-training the offline digits base ({settings['model_name']})"
+            lines = [] if bar else [LogTrainingProgress(what, log.info)]
             with tempfile.TemporaryDirectory() as scratch:
                 trainer = Trainer(
                     max_steps=settings["steps"],
@@ -217,7 +222,8 @@ def build_digits_base(
                     logger=False,
                     enable_checkpointing=False,
                     enable_model_summary=False,
-                    enable_progress_bar=progress_bar,
+                    enable_progress_bar=bar,
+                    callbacks=lines,
                     default_root_dir=scratch,
                 )
                 trainer.fit(module, train_dataloaders=loader)
@@ -228,7 +234,7 @@ def build_digits_base(
             model_name=settings["model_name"],
             metadata={"built_by": f"{__name__}.build_digits_base", "settings": json.dumps(settings)},
         )
-        rank_zero_info(
+        log.info(
             f"Offline digits base ({settings['model_name']}, {settings['steps']} steps) pre-trained in "
             f"{time.perf_counter() - start:.1f} s and saved to '{path}'."
         )

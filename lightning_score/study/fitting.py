@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,12 @@ class FitResult:
 
 
 def fit_task_vector(
-    fit: Fit, config: StudyConfig, path: Path, make_data: MakeData, record: dict[str, Any]
+    fit: Fit,
+    config: StudyConfig,
+    path: Path,
+    make_data: MakeData,
+    record: dict[str, Any],
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Fine-tune one CLIPExpert on the fit's domains and write its task vector to ``path``.
 
@@ -140,6 +145,7 @@ def fit_task_vector(
         path: The task-vector file to write.
         make_data: ``(train_domains, per-process batch size) -> DomainDataModule``.
         record: Kept in the task vector's metadata as ``expert_config``: what a rerun compares.
+        callbacks: More callbacks for the fit's Trainer (the study's progress lines).
     """
     settings, world_size = config.expert, config.world_size
     assert settings is not None and config.domains is not None, "fit_task_vector takes the study's resolved config"
@@ -174,7 +180,7 @@ def fit_task_vector(
         limit_val_batches=0,  # the study tests every model on held-out data itself; no validation passes
         num_sanity_val_steps=0,
         log_every_n_steps=5,
-        callbacks=[callback],
+        callbacks=[callback, *callbacks],
         logger=CSVLogger(log_dir, name="fits", version=fit.name),
         default_root_dir=fit_dir,
         **QUIET_TRAINER,

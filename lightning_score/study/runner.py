@@ -49,6 +49,7 @@ from lightning_score.study.folder import StudyFolder, as_json
 from lightning_score.study.stages import Fit, planned_fits, require_fits
 from lightning_score.task_vector import state_dict_fingerprint
 from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.progress import LogTrainingProgress, ProgressLines, forward_log_lines
 from lightning_score.utilities.signals import SignalWatch, StoppedBySignal, watch_signals
 
 __all__ = ["Study"]
@@ -67,6 +68,8 @@ class Study:
 
     def __init__(self, config: StudyConfig) -> None:
         self.console = Console(stderr=False)
+        #: Not on a terminal (a log file, a SLURM job's output): progress lines instead of the bar.
+        self.progress_lines = not self.console.is_terminal
         with quiet_lightning():
             choice = resolve_dataset(  # the preset (and the paper's backbone) fill auto/unset values; rows checked
                 config.root, config.dataset, config.templates, config.expert, config.rows,
@@ -161,6 +164,7 @@ class Study:
             with watch_signals(watch), quiet_lightning(), self._progress() as progress:
                 self._task = progress.add_task("preparing the pre-trained base", total=total)
                 self._progress_bar = progress
+                self._study_lines = ProgressLines("study: step", total, self._say, percent=5)
                 transform = self._prepare_base()
                 if config.stage == "experts":
                     for fit in self.fits:
@@ -228,8 +232,9 @@ class Study:
 
     @contextlib.contextmanager
     def _progress(self) -> Iterator[Progress]:
+        """The bar, on a terminal; elsewhere it draws nothing and :attr:`progress_lines` says it in lines."""
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console, transient=False, disable=self.progress_lines) as progress:
             yield progress
 
     def _say(self, message: str) -> None:
@@ -240,7 +245,7 @@ class Study:
 
     def _stopped_message(self, signal_name: str) -> str:
         """The one line of a study stopped by a signal: where it stopped, what is kept, how to resume."""
-        task = next(t for t in self._progress_bar.tasks if t.id == self._task) if hasattr(self, "_task") else None
+        task = self._progress_bar.tasks[0] if hasattr(self, "_task") else None  # the study's one task
         where = f" at '{task.description}' ({task.completed:.0f} of {task.total:.0f} steps done)" if task else ""
         return (
             f"lightning-score study: stopped by {signal_name}{where}. Every finished fit and result is kept in "
@@ -249,9 +254,12 @@ class Study:
 
     def _advance(self, description: str) -> None:
         self._progress_bar.update(self._task, advance=1, description=description)
+        if self.progress_lines:  # every 5 % of the study's steps or every minute: the count and an estimate
+            self._study_lines.update(int(self._progress_bar.tasks[0].completed))
 
     def _prepare_base(self) -> Any:
-        components = build_clip(self.config.model_name, self.config.pretrained)  # builds and caches the base once
+        with forward_log_lines("lightning_score.models.digits_base", self._say):  # its pre-training's lines, if built
+            components = build_clip(self.config.model_name, self.config.pretrained)  # builds and caches the base once
         self.base_fingerprint = state_dict_fingerprint(components.model.visual.state_dict())
         self._transform = components.val_transform
         self._say(f"base: {components.base_model} (image encoder {self.base_fingerprint[:20]}…)")
@@ -290,8 +298,9 @@ class Study:
             if config.stage == "evaluate":  # checked at the start: a file removed since
                 require_fits([path], [fit])
             self._progress_bar.update(self._task, description=f"fine-tuning {label}")
+            lines = [LogTrainingProgress(f"fine-tuning {label}", self._say)] if self.progress_lines else []
             result = fit_task_vector(
-                fit, config, path, lambda domains, batch: self._data(domains, domains, batch), record
+                fit, config, path, lambda domains, batch: self._data(domains, domains, batch), record, callbacks=lines
             )
         self._advance(f"{label}: done")
         self._say(f"{label}: fine-tuned on {train} in {result.seconds:.1f} s ({result.steps} steps)")
