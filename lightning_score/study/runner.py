@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ from lightning_score.study.fitting import (
 from lightning_score.study.folder import StudyFolder, as_json
 from lightning_score.study.stages import Fit, planned_fits, require_fits
 from lightning_score.task_vector import state_dict_fingerprint
+from lightning_score.utilities.environment import describe_environment
 from lightning_score.utilities.files import atomic_write_text
 from lightning_score.utilities.progress import LogTrainingProgress, ProgressLines, forward_log_lines
 from lightning_score.utilities.signals import SignalWatch, StoppedBySignal, watch_signals
@@ -154,6 +156,7 @@ class Study:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         remove_hpc_checkpoints(Path(self.eval_trainer.default_root_dir))  # an evaluation has nothing to resume
+        self._note(f"environment: {json.dumps(describe_environment())}")  # what reproducing this run needs
         started = time.perf_counter()
         pooled = any(row.mode == "pooled" for row in config.rows)
         per_seed = len(config.domains) + len(config.targets) * (len(config.rows) + pooled)
@@ -240,6 +243,10 @@ class Study:
     def _say(self, message: str) -> None:
         """One line per finished step: on the console (above the progress bar) and in study.log."""
         self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+        self._note(message)
+
+    def _note(self, message: str) -> None:
+        """A line in study.log only."""
         for handler in log.handlers:
             handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
 
