@@ -120,7 +120,12 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     return stored
 
 
+_UNSET = object()  # a setting one side does not record
+
+
 def _short(value: Any, width: int = 60) -> str:
+    if value is _UNSET:
+        return "unset"
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -130,7 +135,7 @@ def _differing(stored: Any, wanted: Any, prefix: str = "") -> list[tuple[str, An
     if isinstance(stored, Mapping) and isinstance(wanted, Mapping):
         out = []
         for key in sorted(set(stored) | set(wanted), key=str):
-            out += _differing(stored.get(key), wanted.get(key), f"{prefix}{key}.")
+            out += _differing(stored.get(key, _UNSET), wanted.get(key, _UNSET), f"{prefix}{key}.")
         return out
     return [] if stored == wanted else [(prefix.rstrip("."), stored, wanted)]
 

@@ -37,7 +37,8 @@ def test_a_kept_result_is_reused_when_it_matches_refused_or_redone_when_not(tmp_
     assert json.loads(path.read_text()) == {"config": wanted, "record": {"acc": 0.5}}
     assert folder.kept_results(0, "rot30", [TIES], {TIES.key: wanted}) == {"ties": {"acc": 0.5}}
     changed = {**wanted, "seed": 1, "extra": True}
-    with pytest.raises(ValueError, match=r"different settings \(extra, seed differ\).*Pass --restart true"):
+    with pytest.raises(ValueError, match=r"different settings than this study \(extra: unset kept, true in this study; "
+                       r"seed: 0 kept, 1 in this study\): Pass --restart true"):  # fmt: skip
         folder.kept_results(0, "rot30", [TIES], {TIES.key: changed})
     assert path.exists()  # refused, not deleted
     redo = StudyFolder(tmp_path, first_seed=0, restart=True)
