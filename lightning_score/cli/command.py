@@ -41,7 +41,9 @@ from lightning_score.cli.help import (
     command_description,
 )
 from lightning_score.cli.trainer import ScoreTrainer
+from lightning_score.models.factory import WeightsUnavailableError
 from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.signals import StoppedBySignal, watch_signals
 
 __all__ = ["LightningScoreCLI", "SaveRunConfig", "main"]
 
@@ -287,6 +289,29 @@ def _show_our_info_logs() -> None:
 _COMMANDS = ("fit", "validate", "test", "predict", "merge", *_FUNCTION_COMMANDS)
 
 
+def _run_lightning_command(command: str | None, args: list[str] | None) -> None:
+    """Run a LightningCLI command; one stopped by SIGTERM/SIGINT says what is unfinished and exits 128 + signum.
+
+    Lightning ends a fit stopped by SIGTERM with status 0 and Ctrl+C with status 1, without saying that the
+    work is unfinished (see :mod:`lightning_score.utilities.signals`).
+    """
+    with watch_signals() as watch:
+        try:
+            LightningScoreCLI(args=args)
+        except (SystemExit, KeyboardInterrupt) as error:
+            if not watch.stopped(error):
+                raise
+            if command == "fit":
+                unfinished = ("before training finished, so no task vector was written (a half-trained expert is "
+                              "never kept); rerun the same command to fit it again, or add --ckpt_path <a checkpoint> "
+                              "to resume from one")  # fmt: skip
+            else:
+                unfinished = "before it finished, so its outputs were not written; rerun the same command"
+            message = f"lightning-score {command or ''}: stopped by {watch.name} {unfinished}."
+            log.error(message)
+            raise StoppedBySignal(watch.signum or 0, message) from None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-score`` console script.
 
@@ -317,8 +342,8 @@ def main(args: list[str] | None = None) -> None:
                 prog=f"lightning-score {argv[0]}",
                 exit_on_error=False,
             )
-            return
-        LightningScoreCLI(args=args)
+            return  # a study stopped by a signal says so itself (StoppedBySignal: exit status 128 + signum)
+        _run_lightning_command(argv[0] if argv and argv[0] in _COMMANDS else None, args)
     except ArgumentError as error:  # a bad command line or config: one line, with what is accepted
         if os.environ.get("LIGHTNING_SCORE_DEBUG"):
             raise
@@ -326,7 +351,7 @@ def main(args: list[str] | None = None) -> None:
         see = f"lightning-score {command} --help" if command else "lightning-score --help"
         sys.stderr.write(f"lightning-score: error: {one_line(str(error))} (see `{see}`)\n")
         raise SystemExit(2) from None
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
         if os.environ.get("LIGHTNING_SCORE_DEBUG") or raised_while_running(error):
             raise
         sys.stderr.write(f"lightning-score: error: {own_error(error)}\n")

@@ -15,26 +15,26 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
 from lightning_score.data.builtin import register_base
 from lightning_score.data.digits import DATA_VERSION, DIGIT_NAMES, load_pool, materialise_rotated_digits
-from lightning_score.models.factory import build_clip, save_clip_weights
+from lightning_score.models.factory import _without_root_records, build_clip, save_clip_weights
 from lightning_score.models.schedule import warmup_cosine
 from lightning_score.models.templates import load_templates
 from lightning_score.utilities.files import cache_key, cache_lock, cache_root
+from lightning_score.utilities.progress import LogTrainingProgress
 
 __all__ = ["BASE_DEFAULTS", "build_digits_base"]
 
@@ -53,28 +53,9 @@ BASE_DEFAULTS: dict[str, Any] = {
 """What ``pretrained="builtin:digits"`` builds (``model_name`` is the one asked for)."""
 
 
-@contextlib.contextmanager
-def _quiet_random_init() -> Iterator[None]:
-    """Hide open_clip's "No pretrained weights loaded … initialized randomly" warning: here it is on purpose.
-
-    open_clip logs it through the root logger; a filter drops that one record, and a NullHandler keeps
-    ``logging.warning`` from configuring the root logger as a side effect.
-    """
-    root = logging.getLogger()
-
-    def drop(record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-    placeholder = logging.NullHandler() if not root.handlers else None
-    if placeholder is not None:
-        root.addHandler(placeholder)
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-        if placeholder is not None:
-            root.removeHandler(placeholder)
+def _quiet_random_init() -> contextlib.AbstractContextManager[None]:
+    """Hide open_clip's "No pretrained weights loaded … initialized randomly" warning: here it is on purpose."""
+    return _without_root_records("initialized randomly")
 
 
 def _shift_and_scale(images: Tensor, max_shift: float = 0.1, max_scale: float = 0.1) -> Tensor:
@@ -181,7 +162,8 @@ def build_digits_base(
         warmup_steps: Linear warm-up steps.
         seed: Seeds the initial weights, the sampling and the augmentation.
         accelerator: Lightning accelerator for the fit (``"cpu"`` keeps the result device-independent).
-        progress_bar: Show Lightning's progress bar.
+        progress_bar: Show Lightning's progress bar on a terminal (elsewhere, and without it: a log line every 10 %
+            of the steps or every minute, on this module's logger).
 
     Returns:
         ``<cache>/weights/digits-base-<model>-<hash>.safetensors``; load it with
@@ -227,6 +209,9 @@ def build_digits_base(
                 weight_decay=settings["weight_decay"],
                 warmup_steps=settings["warmup_steps"],
             )
+            bar = progress_bar and sys.stderr.isatty()  # a bar draws only on a terminal; elsewhere: lines
+            what = f"pre-training the offline digits base ({settings['model_name']})"
+            lines = [] if bar else [LogTrainingProgress(what, log.info)]
             with tempfile.TemporaryDirectory() as scratch:
                 trainer = Trainer(
                     max_steps=settings["steps"],
@@ -237,7 +222,8 @@ def build_digits_base(
                     logger=False,
                     enable_checkpointing=False,
                     enable_model_summary=False,
-                    enable_progress_bar=progress_bar,
+                    enable_progress_bar=bar,
+                    callbacks=lines,
                     default_root_dir=scratch,
                 )
                 trainer.fit(module, train_dataloaders=loader)
@@ -248,7 +234,7 @@ def build_digits_base(
             model_name=settings["model_name"],
             metadata={"built_by": f"{__name__}.build_digits_base", "settings": json.dumps(settings)},
         )
-        rank_zero_info(
+        log.info(
             f"Offline digits base ({settings['model_name']}, {settings['steps']} steps) pre-trained in "
             f"{time.perf_counter() - start:.1f} s and saved to '{path}'."
         )

@@ -15,10 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ __all__ = [
     "LOCAL_WEIGHT_SUFFIXES",
     "WEIGHTS_FORMAT",
     "CLIPComponents",
+    "WeightsUnavailableError",
     "build_clip",
     "check_model_name",
     "read_weights_metadata",
@@ -47,6 +49,13 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = "lightning-score/open-clip-weights"
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """An open_clip tag's weights could not be downloaded (offline, no cache); the message says how to pass a file.
+
+    An input error like a missing weights file: the ``lightning-score`` command reports it in one line.
+    """
 
 
 class CLIPComponents(NamedTuple):
@@ -195,18 +204,44 @@ def _load_tag(model_name: str, tag: str, cfg: dict[str, Any], cache_dir: str | N
         log.info("Weights '%s' of %s were trained with QuickGELU; building the model with it.", tag, model_name)
         kwargs["force_quick_gelu"] = True
     try:
-        return open_clip.create_model_and_transforms(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
+        with _without_root_records("Failed to download"):  # open_clip logs what the error below says again
+            return open_clip.create_model_and_transforms(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
     except (RuntimeError, OSError) as error:
         hub = cfg.get("hf_hub", "").rstrip("/")
         source = f"the Hugging Face hub repository '{hub}'" if hub else cfg.get("url") or "open_clip's hub"
         offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
-        raise RuntimeError(
-            f"Could not get open_clip weights '{tag}' for '{model_name}'{offline}: {error}. These weights download "
+        detail = " ".join(str(error).split())
+        raise WeightsUnavailableError(
+            f"Could not get open_clip weights '{tag}' for '{model_name}'{offline}: {detail} These weights download "
             f"from {source} on first use. On a machine without internet, download them elsewhere (e.g. "
             f"open_clip.create_model('{model_name}', pretrained='{tag}') fills the Hugging Face cache, or fetch the "
             f"file from {source}), copy the weights file over and pass its path instead: "
-            f"pretrained='/path/to/open_clip_model.safetensors' (.safetensors, .pt, .pth or .bin)."
+            f"pretrained='/path/to/open_clip_model.safetensors' (.safetensors, .pt, .pth or .bin; on the command "
+            f"line --pretrained for `lightning-score study`, --model.pretrained for fit, merge and test)."
         ) from error
+
+
+@contextlib.contextmanager
+def _without_root_records(*fragments: str) -> Iterator[None]:
+    """Drop the root logger's records containing any of ``fragments`` (open_clip logs through the root logger).
+
+    A NullHandler keeps ``logging.error`` from configuring the root logger as a side effect.
+    """
+    root = logging.getLogger()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in fragments)
+
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 def build_clip(
@@ -232,7 +267,7 @@ def build_clip(
     Raises:
         ValueError: Unknown model or tag, a weights file for another model, or one that would need unpickling.
         FileNotFoundError: A local weights file that does not exist.
-        RuntimeError: A tag whose weights could not be downloaded (the message says how to pass a file).
+        WeightsUnavailableError: A tag whose weights could not be downloaded (the message says how to pass a file).
 
     Example:
         >>> import lightning_score.models as models

@@ -6,18 +6,22 @@ the model's own (``exp(logit_scale)``, 100 for OpenAI's CLIP).
 
 The head is the same for every expert and every merged model of a dataset, so it is cached on disk,
 keyed by a fingerprint of the text-side weights, the class names and the templates: a second fit
-reads it back instead of re-encoding.
+reads it back instead of re-encoding. Each cached file records a digest of its tensor; a file that cannot be
+read (cut off, not safetensors) or does not match its digest is recomputed and rewritten, with a warning naming
+it, never used.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_score.task_vector import state_dict_fingerprint
@@ -28,6 +32,7 @@ __all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "text
 log = logging.getLogger(__name__)
 
 _HEAD_VERSION = 1
+_DIGEST_KEY = "fingerprint"  # the header field holding state_dict_fingerprint({"weight": weight})
 
 
 class ZeroShotHead(nn.Module):
@@ -137,11 +142,41 @@ def build_zero_shot_head(
     key = cache_key(_HEAD_VERSION, text_fingerprint(model), classnames, templates)
     path = folder / f"{key}.safetensors"
     if cache and path.is_file():
-        log.debug("Zero-shot head read from %s", path)
-        return ZeroShotHead(load_file(str(path))["weight"], classnames, templates)
+        cached = _read_cached_head(path, len(classnames))
+        if cached is not None:
+            log.debug("Zero-shot head read from %s", path)
+            return ZeroShotHead(cached, classnames, templates)
     scale = model.logit_scale.detach().float().exp().cpu()
     weight = encode_class_prompts(model, tokenizer, classnames, templates) * scale
     if cache:
-        atomic_write(path, lambda tmp: save_file({"weight": weight.contiguous()}, str(tmp)))
+        tensors = {"weight": weight.contiguous()}
+        header = {_DIGEST_KEY: state_dict_fingerprint(tensors)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         log.debug("Zero-shot head for %d classes x %d templates cached at %s", len(classnames), len(templates), path)
     return ZeroShotHead(weight, classnames, templates)
+
+
+def _read_cached_head(path: Path, num_classes: int) -> Tensor | None:
+    """The cached head's weight, or ``None`` (with a warning naming the file) when the file is damaged.
+
+    Damaged: not a readable safetensors file (cut off, overwritten), no ``weight`` of ``num_classes`` rows, or
+    content that does not hash to the digest recorded when it was written (a file of an earlier release,
+    without one, is recomputed too).
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = (handle.metadata() or {}).get(_DIGEST_KEY)
+            weight = handle.get_tensor("weight")
+    except (SafetensorError, OSError, ValueError) as error:
+        problem = f"cannot be read ({error})"
+    else:
+        if weight.ndim != 2 or weight.shape[0] != num_classes:
+            problem = f"holds a weight of shape {tuple(weight.shape)}, not [{num_classes}, embed_dim]"
+        elif stored is None:
+            problem = "records no digest of its content (written by an earlier release)"
+        elif state_dict_fingerprint({"weight": weight}) != stored:
+            problem = "does not match the digest recorded when it was written (its content changed)"
+        else:
+            return weight
+    warnings.warn(f"The cached zero-shot head '{path}' {problem}: recomputing it and rewriting the file.", stacklevel=3)
+    return None

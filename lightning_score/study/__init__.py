@@ -23,6 +23,7 @@ from lightning_score.study.dataset import resolve_seeds
 from lightning_score.study.report import write_report
 from lightning_score.study.runner import Study
 from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.signals import SignalWatch, StoppedBySignal, watch_signals
 
 __all__ = ["DEFAULT_ROWS", "Entry", "ExpertSettings", "Row", "Study", "StudyConfig", "run_study", "write_report"]
 
@@ -148,6 +149,24 @@ def run_study(
         stage=stage,
         stage_domains=stage_domains,
     )
+    watch = SignalWatch()
+    with watch_signals(watch):  # Study.run says itself where a signal stopped it; here: before or after it
+        try:
+            return _run(config)
+        except (SystemExit, KeyboardInterrupt) as error:
+            if isinstance(error, StoppedBySignal) or not watch.stopped(error):
+                raise
+            message = (
+                f"lightning-score study: stopped by {watch.name} while checking the configuration or writing the "
+                f"report: every finished fit and result is kept in {output_dir}; rerun the same command to finish."
+            )
+            log.error(message)
+            raise StoppedBySignal(watch.signum or 0, message) from None
+
+
+def _run(config: StudyConfig) -> list[dict[str, Any]]:
+    """:func:`run_study` once its settings are gathered: check, run, report."""
+    stage, accelerator, bootstrap = config.stage, config.accelerator, config.bootstrap
     study = Study(config)  # with several devices, Lightning's launcher starts the other ranks here
     resolved = study.config.record()  # what the study is (not how this job runs), as resolved
     folder = study.folder.root

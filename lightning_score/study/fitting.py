@@ -13,6 +13,12 @@ the GLOBAL batch: each process loads ``batch_size / (devices × num_nodes)`` ima
 optimisation (global batch, learning rate, steps) is the protocol's whatever the device count, and a kept
 expert is reused by a study on another number of devices. That the device count divides the batch is
 checked with the rest of the configuration, before any work (:mod:`.checks`).
+
+Under SLURM, Lightning's requeue (``SLURMEnvironment(auto_requeue=True)``: on SIGUSR1 it saves
+``hpc_ckpt_<n>.ckpt`` in the Trainer's ``default_root_dir`` and runs ``scontrol requeue``; SLURM then stops the
+job with SIGTERM) works with the study: each fit has a folder of its own (``logs/seed-<s>/fits/<name>``), so the
+requeued job's rerun resumes each fit from its own checkpoint only, and a finished fit's checkpoints are removed.
+A fit stopped by a signal writes no task vector (the callback writes one only when training ends).
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_score.callback import ScoreMergeCallback
 from lightning_score.data import DomainDataModule
@@ -35,7 +43,15 @@ from lightning_score.expert import CLIPExpert
 from lightning_score.study.config import StudyConfig
 from lightning_score.study.stages import Fit
 
-__all__ = ["QUIET_TRAINER", "FitResult", "MakeData", "fit_task_vector", "quiet_lightning"]
+__all__ = [
+    "QUIET_TRAINER",
+    "FitResult",
+    "MakeData",
+    "StopPredictingOnSigterm",
+    "fit_task_vector",
+    "quiet_lightning",
+    "remove_hpc_checkpoints",
+]
 
 QUIET_TRAINER = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
 
@@ -61,6 +77,34 @@ def quiet_lightning() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def remove_hpc_checkpoints(folder: Path) -> None:
+    """Remove the checkpoints Lightning's SLURM requeue saved in ``folder`` (once nothing is left to resume)."""
+    for path in folder.glob("hpc_ckpt_*.ckpt"):
+        path.unlink(missing_ok=True)
+
+
+class StopPredictingOnSigterm(Callback):
+    """The study's evaluations stop on SIGTERM at a batch end, as Lightning's fits and tests do (predictions don't).
+
+    An evaluation has nothing to resume (each finished row is kept), so the checkpoint SLURM's requeue saves during
+    one is removed when it ends: a later ``predict`` would otherwise restore it (Lightning resumes from an HPC
+    checkpoint of ``default_root_dir`` by itself under SLURM).
+    """
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Stop once SIGTERM came (Lightning's handler only records it during ``predict``)."""
+        if trainer.received_sigterm:
+            raise SIGTERMException
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Remove an HPC checkpoint saved during this evaluation."""
+        remove_hpc_checkpoints(Path(trainer.default_root_dir))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The same when the evaluation is stopped."""
+        remove_hpc_checkpoints(Path(trainer.default_root_dir))
+
+
 MakeData = Callable[[list[str], int], DomainDataModule]
 """``(train_domains, per-process batch size) -> DomainDataModule``: the study's data for a fit."""
 
@@ -81,7 +125,12 @@ class FitResult:
 
 
 def fit_task_vector(
-    fit: Fit, config: StudyConfig, path: Path, make_data: MakeData, record: dict[str, Any]
+    fit: Fit,
+    config: StudyConfig,
+    path: Path,
+    make_data: MakeData,
+    record: dict[str, Any],
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Fine-tune one CLIPExpert on the fit's domains and write its task vector to ``path``.
 
@@ -96,11 +145,13 @@ def fit_task_vector(
         path: The task-vector file to write.
         make_data: ``(train_domains, per-process batch size) -> DomainDataModule``.
         record: Kept in the task vector's metadata as ``expert_config``: what a rerun compares.
+        callbacks: More callbacks for the fit's Trainer (the study's progress lines).
     """
     settings, world_size = config.expert, config.world_size
     assert settings is not None and config.domains is not None, "fit_task_vector takes the study's resolved config"
     train_domains = fit.train_domains(config.domains)
     log_dir = Path(config.output_dir) / "logs" / f"seed-{fit.seed}"
+    fit_dir = log_dir / "fits" / fit.name  # the CSV curve, and SLURM's requeue checkpoint of this fit only
     L.seed_everything(fit.seed, verbose=False)
     module = CLIPExpert(
         config.model_name,
@@ -129,11 +180,12 @@ def fit_task_vector(
         limit_val_batches=0,  # the study tests every model on held-out data itself; no validation passes
         num_sanity_val_steps=0,
         log_every_n_steps=5,
-        callbacks=[callback],
+        callbacks=[callback, *callbacks],
         logger=CSVLogger(log_dir, name="fits", version=fit.name),
-        default_root_dir=log_dir,
+        default_root_dir=fit_dir,
         **QUIET_TRAINER,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=make_data(train_domains, settings.batch_size // world_size))
+    remove_hpc_checkpoints(fit_dir)  # the task vector is written: nothing left to resume
     return FitResult(seconds=time.perf_counter() - started, steps=trainer.global_step, train_domains=train_domains)

@@ -3,7 +3,8 @@
 Every finished fit (a task vector, its settings in the metadata's ``expert_config``) and every finished
 evaluation (a JSON file: ``{"config": ..., "record": ...}``) is kept with the configuration that produced it.
 A rerun reuses what matches and refuses what does not (or, with ``restart``, redoes it), so an interrupted study
-continues where it stopped and never mixes results of different settings::
+continues where it stopped and never mixes results of different settings. A kept result that cannot be read
+(empty, cut off, not the study's JSON) is evaluated again, with a warning naming the file::
 
     <output_dir>/task_vectors/seed-<s>/<domain>.safetensors            an expert
     <output_dir>/task_vectors/seed-<s>/pooled/<target>.safetensors     the pooled model of a target's fold
@@ -14,7 +15,8 @@ continues where it stopped and never mixes results of different settings::
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +78,10 @@ class StudyFolder:
         if self.restart and redo:
             path.unlink()
             return False
-        differing = sorted(k for k in set(wanted) | set(stored or {}) if (stored or {}).get(k) != wanted.get(k))
         fix = ("refit it with --stage experts --restart true (--stage evaluate fits nothing)" if not redo else
                "Pass --restart true to redo what no longer matches, or choose another --output_dir")  # fmt: skip
-        raise ValueError(f"'{path}' was made with different settings ({', '.join(differing)} differ) than this study: "
-                         f"{fix}.")  # fmt: skip
+        changed = describe_differences(stored, wanted) if stored else "it records no study settings"
+        raise ValueError(f"'{path}' was made with different settings than this study ({changed}): {fix}.")
 
     def kept_fit(self, path: Path, config: dict[str, Any], redo: bool = True) -> bool:
         """Is the fit at ``path`` kept and made with ``config`` (its task vector's ``expert_config``)?"""
@@ -94,11 +95,59 @@ class StudyFolder:
         kept = {}
         for entry in entries:
             path = self.result_path(seed, target, entry)
-            stored = json.loads(path.read_text()).get("config") if path.exists() else None
-            if self.reusable(path, stored, configs[entry.key]):
-                kept[entry.key] = json.loads(path.read_text())["record"]
+            stored = _read_result(path) if path.exists() else None
+            if stored is not None and self.reusable(path, stored["config"], configs[entry.key]):
+                kept[entry.key] = stored["record"]
         return kept
 
     def result_text(self, config: dict[str, Any], record: dict[str, Any]) -> str:
         """The kept form of one evaluation: its config (what a rerun compares) and its record."""
         return json.dumps({"config": config, "record": record}, indent=2)
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """A kept result file's ``{"config": ..., "record": ...}``; ``None``, with a warning, when it is damaged."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) or "record" not in stored:
+            raise ValueError("no 'config' and 'record' in it")
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        warnings.warn(
+            f"The kept result '{path}' is damaged ({error}): evaluating it again; the new result replaces the file.",
+            stacklevel=2,
+        )
+        return None
+    return stored
+
+
+_UNSET = object()  # a setting one side does not record
+
+
+def _short(value: Any, width: int = 60) -> str:
+    if value is _UNSET:
+        return "unset"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _differing(stored: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The settings whose values differ, by dotted name (nested settings such as ``expert.lr`` one by one)."""
+    if isinstance(stored, Mapping) and isinstance(wanted, Mapping):
+        out = []
+        for key in sorted(set(stored) | set(wanted), key=str):
+            out += _differing(stored.get(key, _UNSET), wanted.get(key, _UNSET), f"{prefix}{key}.")
+        return out
+    return [] if stored == wanted else [(prefix.rstrip("."), stored, wanted)]
+
+
+def describe_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], limit: int = 4) -> str:
+    """Which settings of a kept artifact differ from this study's, and both values, for the mismatch error.
+
+    Example:
+        >>> describe_differences({"expert": {"lr": 0.001, "max_steps": 6}}, {"expert": {"lr": 0.002, "max_steps": 6}})
+        'expert.lr: 0.001 kept, 0.002 in this study'
+    """
+    differing = _differing(dict(stored), dict(wanted))
+    shown = [f"{name}: {_short(old)} kept, {_short(new)} in this study" for name, old, new in differing[:limit]]
+    more = len(differing) - limit
+    return "; ".join(shown) + (f"; and {more} more setting(s)" if more > 0 else "")

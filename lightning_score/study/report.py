@@ -17,6 +17,7 @@ from lightning_score.study.figures import accuracy_figure_inputs
 from lightning_score.study.summary import MEAN, Summary, summarize
 from lightning_score.study.tables import markdown_report, significance
 from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.environment import describe_environment
 from lightning_score.utilities.files import atomic_write_text
 
 __all__ = ["FIELDS", "write_report"]
@@ -91,6 +92,9 @@ def write_report(
 ) -> tuple[dict[str, Path], Summary]:
     """Write results.json, results.csv, results.md and, with matplotlib, accuracy.png, sar.png and sar.json.
 
+    results.json also records the machine and software of this process (``environment``: CPU, cores and threads,
+    torch, its BLAS and LAPACK, Lightning, Python; :func:`~lightning_score.utilities.environment.describe_environment`).
+
     Args:
         records: One per table line, target and seed (see :mod:`lightning_score.study.evaluation`).
         entries: The table's lines, in order.
@@ -119,6 +123,7 @@ def write_report(
         "significance": significance(summary),
         "records": per_seed,
         "aggregates": aggregates,
+        "environment": describe_environment(),  # where this report was computed: what reproducing it bit for bit needs
     }
     written: dict[str, Path] = {}
     written["results.json"] = atomic_write_text(output_dir / "results.json", json.dumps(payload, indent=2) + "\n")

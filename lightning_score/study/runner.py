@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -38,11 +39,20 @@ from lightning_score.study.data import EvaluationImages, FoldData
 from lightning_score.study.dataset import resolve_dataset, resolve_seeds
 from lightning_score.study.distributed import World
 from lightning_score.study.evaluation import evaluate_row, merge_module
-from lightning_score.study.fitting import QUIET_TRAINER, fit_task_vector, quiet_lightning
+from lightning_score.study.fitting import (
+    QUIET_TRAINER,
+    StopPredictingOnSigterm,
+    fit_task_vector,
+    quiet_lightning,
+    remove_hpc_checkpoints,
+)
 from lightning_score.study.folder import StudyFolder, as_json
 from lightning_score.study.stages import Fit, planned_fits, require_fits
 from lightning_score.task_vector import state_dict_fingerprint
+from lightning_score.utilities.environment import describe_environment
 from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.progress import LogTrainingProgress, ProgressLines, forward_log_lines
+from lightning_score.utilities.signals import SignalWatch, StoppedBySignal, watch_signals
 
 __all__ = ["Study"]
 
@@ -60,6 +70,8 @@ class Study:
 
     def __init__(self, config: StudyConfig) -> None:
         self.console = Console(stderr=False)
+        #: Not on a terminal (a log file, a SLURM job's output): progress lines instead of the bar.
+        self.progress_lines = not self.console.is_terminal
         with quiet_lightning():
             choice = resolve_dataset(  # the preset (and the paper's backbone) fill auto/unset values; rows checked
                 config.root, config.dataset, config.templates, config.expert, config.rows,
@@ -103,6 +115,8 @@ class Study:
                 use_distributed_sampler=False,  # each rank predicts its own whole batches (FoldData), no padding
                 precision=config.expert.precision,  # the fits' (and the merge recipes') too
                 logger=False,
+                callbacks=[StopPredictingOnSigterm()],
+                default_root_dir=self.folder.root / "logs" / "evaluation",  # SLURM's requeue checkpoints go here
                 **QUIET_TRAINER,
             )
         except Exception as error:  # Lightning's MisconfigurationException is not a ValueError
@@ -141,15 +155,19 @@ class Study:
         handler = logging.FileHandler(folder / "study.log") if self.world.is_zero else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
+        remove_hpc_checkpoints(Path(self.eval_trainer.default_root_dir))  # an evaluation has nothing to resume
+        self._note(f"environment: {json.dumps(describe_environment())}")  # what reproducing this run needs
         started = time.perf_counter()
         pooled = any(row.mode == "pooled" for row in config.rows)
         per_seed = len(config.domains) + len(config.targets) * (len(config.rows) + pooled)
         total = len(self.fits) if config.stage == "experts" else len(config.seeds) * per_seed
         self.records = []
+        watch = SignalWatch()
         try:
-            with quiet_lightning(), self._progress() as progress:
+            with watch_signals(watch), quiet_lightning(), self._progress() as progress:
                 self._task = progress.add_task("preparing the pre-trained base", total=total)
                 self._progress_bar = progress
+                self._study_lines = ProgressLines("study: step", total, self._say, percent=5)
                 transform = self._prepare_base()
                 if config.stage == "experts":
                     for fit in self.fits:
@@ -158,9 +176,14 @@ class Study:
                               f"; when every expert is, run --stage evaluate.")  # fmt: skip
                     return self.records
                 self._evaluate_all(transform)
-        except BaseException:
+        except BaseException as error:
             self.world.stop_others()  # ranks waiting in a collective for this one would never return
-            raise
+            if not watch.stopped(error):
+                raise
+            message = self._stopped_message(watch.name)
+            if self.world.is_zero:
+                log.error(message)  # on stderr and in study.log
+            raise StoppedBySignal(watch.signum or 0, message) from None
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -212,21 +235,38 @@ class Study:
 
     @contextlib.contextmanager
     def _progress(self) -> Iterator[Progress]:
+        """The bar, on a terminal; elsewhere it draws nothing and :attr:`progress_lines` says it in lines."""
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console, transient=False, disable=self.progress_lines) as progress:
             yield progress
 
     def _say(self, message: str) -> None:
         """One line per finished step: on the console (above the progress bar) and in study.log."""
         self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+        self._note(message)
+
+    def _note(self, message: str) -> None:
+        """A line in study.log only."""
         for handler in log.handlers:
             handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
 
+    def _stopped_message(self, signal_name: str) -> str:
+        """The one line of a study stopped by a signal: where it stopped, what is kept, how to resume."""
+        task = self._progress_bar.tasks[0] if hasattr(self, "_task") else None  # the study's one task
+        where = f" at '{task.description}' ({task.completed:.0f} of {task.total:.0f} steps done)" if task else ""
+        return (
+            f"lightning-score study: stopped by {signal_name}{where}. Every finished fit and result is kept in "
+            f"{self.folder.root} and nothing partial was written: rerun the same command to resume from there."
+        )
+
     def _advance(self, description: str) -> None:
         self._progress_bar.update(self._task, advance=1, description=description)
+        if self.progress_lines:  # every 5 % of the study's steps or every minute: the count and an estimate
+            self._study_lines.update(int(self._progress_bar.tasks[0].completed))
 
     def _prepare_base(self) -> Any:
-        components = build_clip(self.config.model_name, self.config.pretrained)  # builds and caches the base once
+        with forward_log_lines("lightning_score.models.digits_base", self._say):  # its pre-training's lines, if built
+            components = build_clip(self.config.model_name, self.config.pretrained)  # builds and caches the base once
         self.base_fingerprint = state_dict_fingerprint(components.model.visual.state_dict())
         self._transform = components.val_transform
         self._say(f"base: {components.base_model} (image encoder {self.base_fingerprint[:20]}…)")
@@ -265,8 +305,9 @@ class Study:
             if config.stage == "evaluate":  # checked at the start: a file removed since
                 require_fits([path], [fit])
             self._progress_bar.update(self._task, description=f"fine-tuning {label}")
+            lines = [LogTrainingProgress(f"fine-tuning {label}", self._say)] if self.progress_lines else []
             result = fit_task_vector(
-                fit, config, path, lambda domains, batch: self._data(domains, domains, batch), record
+                fit, config, path, lambda domains, batch: self._data(domains, domains, batch), record, callbacks=lines
             )
         self._advance(f"{label}: done")
         self._say(f"{label}: fine-tuned on {train} in {result.seconds:.1f} s ({result.steps} steps)")

@@ -30,6 +30,7 @@ def test_base_build_is_quiet_about_its_random_start_and_counts_one_epoch(
     monkeypatch.setattr(digits_base.Trainer, "fit", lambda self, *a, **k: trainers.append(self))
     monkeypatch.setattr(digits_base, "save_clip_weights", lambda *a, **k: None)
     handlers = list(logging.getLogger().handlers)
+    monkeypatch.setattr(digits_base.sys.stderr, "isatty", lambda: True)  # the bar draws only on a terminal
     with caplog.at_level(logging.WARNING):
         digits_base.build_digits_base("tiny-ViT-W64-L2", steps=3, batch_size=8, warmup_steps=1, progress_bar=True)
     assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
@@ -44,6 +45,30 @@ def test_base_build_is_quiet_about_its_random_start_and_counts_one_epoch(
 
         build_clip("tiny-ViT-W64-L2", None)
     assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_base_pre_training_logs_progress_lines_when_not_on_a_terminal(
+    lightning_score_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Output to a file (stderr is no terminal under pytest): a line every 10 % of the steps, not silence."""
+    import logging
+    import re
+    import sys
+
+    assert not sys.stderr.isatty()
+    digits.materialise_rotated_digits()  # in the session cache, shared below
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "datasets").symlink_to(lightning_score_cache / "datasets")
+    monkeypatch.setenv("LIGHTNING_SCORE_CACHE", str(cache))
+    with caplog.at_level(logging.INFO, logger="lightning_score.models.digits_base"):
+        digits_base.build_digits_base("tiny-ViT-W64-L2", steps=20, batch_size=8, warmup_steps=1, progress_bar=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightning_score.models.digits_base"]
+    pattern = r"pre-training the offline digits base \(tiny-ViT-W64-L2\): step (\d+)/20 \(\d+ %\), elapsed \d+:\d\d"
+    steps = [re.fullmatch(pattern + r"(, ~\d+:\d\d left)?", line) for line in lines[:-1]]
+    assert [int(m.group(1)) for m in steps if m] == list(range(2, 21, 2))
+    assert all(m.group(2) for m in steps[:-1] if m)  # an estimate of what is left, until the end
+    assert lines[-1].startswith("Offline digits base (tiny-ViT-W64-L2, 20 steps) pre-trained in ")
 
 
 def _zero_shot(model_name: str, weights: Path | str, domains: list[str]) -> dict[str, float]:

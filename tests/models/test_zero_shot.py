@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,33 @@ def test_head_cache_skips_encoding_and_is_keyed_by_text_weights_classes_and_temp
     changed = build_zero_shot_head(clip.model, clip.tokenizer, CLASSES, TEMPLATES, cache_dir=tmp_path)
     assert len(calls) == 3 and len(list(tmp_path.glob("*.safetensors"))) == 4
     assert not torch.equal(changed.weight, first.weight)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped byte", "no digest"])
+def test_a_damaged_cached_head_is_recomputed_with_a_warning_naming_it(tmp_path: Path, damage: str) -> None:
+    """A cut-off or altered cache file is never used, never fatal: the head is recomputed and the file rewritten."""
+    from safetensors.torch import load_file, save_file
+
+    clip = build_clip("tiny-ViT-W64-L2")
+    fresh = build_zero_shot_head(clip.model, clip.tokenizer, CLASSES, TEMPLATES, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "flipped byte":
+        path.write_bytes(data[:-3] + bytes([data[-3] ^ 0x10]) + data[-2:])  # a bit of the last weight
+    else:  # a file of an earlier release: no digest in its header
+        save_file(load_file(str(path)), str(path))
+    with pytest.warns(UserWarning, match="cached zero-shot head") as caught:
+        again = build_zero_shot_head(clip.model, clip.tokenizer, CLASSES, TEMPLATES, cache_dir=tmp_path)
+    assert str(path) in str(caught[0].message) and "recomputing it" in str(caught[0].message)
+    assert torch.equal(again.weight, fresh.weight)
+    with warnings.catch_warnings():  # the rewritten file is good: read back without a word
+        warnings.simplefilter("error")
+        third = build_zero_shot_head(clip.model, clip.tokenizer, CLASSES, TEMPLATES, cache_dir=tmp_path)
+    assert torch.equal(third.weight, fresh.weight)
 
 
 def test_imagenet_set_is_the_clip_papers_80_templates() -> None:

@@ -177,3 +177,24 @@ def test_the_recipes_parse(capsys: pytest.CaptureFixture) -> None:
             main(["study", "--config", str(recipe), "--print_config"])
         assert exit_info.value.code in (0, None)
         assert "output_dir:" in capsys.readouterr().out
+
+
+def test_paper_weights_that_cannot_download_are_one_line_naming_how_to_give_a_local_file(tmp_path: Path) -> None:
+    """Real data and no model options: ViT-B/32 with the `openai` weights, offline and not cached (as in `fit`)."""
+    import subprocess
+    import sys
+
+    from tests.data.generate import domainbed
+    from tests.processes import worker_environment
+
+    root = domainbed(tmp_path / "data", {d: {"dog": 3, "horse": 3} for d in ("a", "b", "c")})
+    env = worker_environment(HF_HOME=str(tmp_path / "empty-hf-cache"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_score.cli", "study", f"--root={root}", f"--output_dir={tmp_path / 'out'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()  # one line: no chained traceback, no open_clip log line before it
+    assert line.startswith("lightning-score: error: Could not get open_clip weights 'openai' for 'ViT-B-32'")
+    assert "pass its path instead: pretrained='/path/to/open_clip_model.safetensors'" in line
+    assert "--pretrained for `lightning-score study`" in line

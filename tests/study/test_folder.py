@@ -37,7 +37,8 @@ def test_a_kept_result_is_reused_when_it_matches_refused_or_redone_when_not(tmp_
     assert json.loads(path.read_text()) == {"config": wanted, "record": {"acc": 0.5}}
     assert folder.kept_results(0, "rot30", [TIES], {TIES.key: wanted}) == {"ties": {"acc": 0.5}}
     changed = {**wanted, "seed": 1, "extra": True}
-    with pytest.raises(ValueError, match=r"different settings \(extra, seed differ\).*Pass --restart true"):
+    with pytest.raises(ValueError, match=r"different settings than this study \(extra: unset kept, true in this study; "
+                       r"seed: 0 kept, 1 in this study\): Pass --restart true"):  # fmt: skip
         folder.kept_results(0, "rot30", [TIES], {TIES.key: changed})
     assert path.exists()  # refused, not deleted
     redo = StudyFolder(tmp_path, first_seed=0, restart=True)
@@ -55,3 +56,15 @@ def test_a_kept_fit_is_compared_on_its_task_vectors_expert_config(tmp_path: Path
         folder.kept_fit(path, {**config, "seed": 1}, redo=False)  # --stage evaluate never redoes a fit
     assert path.exists()
     assert not folder.kept_fit(path, {**config, "seed": 1}) and not path.exists()  # restart: redone
+
+
+@pytest.mark.parametrize("damage", ["", '{"config": {"kind": "evalu', '{"config": {}}', "[1, 2]"])
+def test_a_damaged_kept_result_file_is_named_and_not_reused(damage: str, tmp_path: Path) -> None:
+    """Cut off, empty or not the study's JSON: a warning naming the file, and the result counts as missing."""
+    folder = StudyFolder(tmp_path, first_seed=0)
+    path = folder.result_path(0, "rot30", TIES)
+    path.parent.mkdir(parents=True)
+    path.write_text(damage)
+    with pytest.warns(UserWarning, match="evaluating it again") as caught:
+        assert folder.kept_results(0, "rot30", [TIES], {TIES.key: {"seed": 0}}) == {}
+    assert f"The kept result '{path}' is damaged" in str(caught[0].message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_changed_settings_are_refused_or_redone(mini_digits: Path, quick_base: P
     run = dict(rows=[ROWS[3]], targets=["rot30"], domains=["rot0", "rot30"])
     quick_study(tmp_path, mini_digits, quick_base, **run)
     changed = ExpertSettings(lr=2e-3, warmup_steps=1, max_steps=6, max_epochs=None, batch_size=32)
-    with pytest.raises(ValueError, match=r"rot0.safetensors' was made with different settings \(expert differ\)"):
+    with pytest.raises(ValueError, match=r"rot0.safetensors' was made with different settings than this study "
+                       r"\(expert.lr: 0.001 kept, 0.002 in this study\)"):  # fmt: skip
         quick_study(tmp_path, mini_digits, quick_base, expert=changed, **run)
     with pytest.raises(ValueError, match="--restart true"):
         quick_study(tmp_path, mini_digits, quick_base, expert=changed, **run)
@@ -66,3 +68,20 @@ def test_changed_settings_are_refused_or_redone(mini_digits: Path, quick_base: P
     records = quick_study(tmp_path, mini_digits, quick_base, expert=changed, seeds=[0, 1], **run)
     assert [(r["seed"], r["method"]) for r in records] == [(0, "Zero-shot"), (1, "Zero-shot")]
     assert (tmp_path / "task_vectors/seed-1/rot30.safetensors").exists()
+
+
+def test_a_damaged_kept_result_is_evaluated_again_with_a_warning_naming_it(
+    mini_digits: Path, quick_base: Path, tmp_path: Path
+) -> None:
+    """An empty result JSON (a full disk, a copy stopped half-way) is redone, not a bare JSON error."""
+    run = dict(rows=[ROWS[3]], targets=["rot30"], domains=["rot0", "rot30"])
+    first = quick_study(tmp_path, mini_digits, quick_base, **run)
+    path = tmp_path / "results/seed-0/rot30/zero-shot.json"
+    good = json.loads(path.read_text())
+    path.write_bytes(b"")
+    with pytest.warns(UserWarning, match="evaluating it again") as caught:
+        again = quick_study(tmp_path, mini_digits, quick_base, **run)
+    assert any(f"The kept result '{path}' is damaged" in str(w.message) for w in caught)
+    rewritten = json.loads(path.read_text())  # the same evaluation again (only its timings differ)
+    assert rewritten["config"] == good["config"] and rewritten["record"]["correct"] == good["record"]["correct"]
+    assert again[0]["acc"] == first[0]["acc"]

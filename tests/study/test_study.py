@@ -221,3 +221,19 @@ def test_seeded_merge_methods_follow_the_study_seed(finished: Finished, quick_ba
     assert "seed" not in module(Row("TIES", method="ties")).method_options
     esm = module(Row("ESM", method="esm"))
     assert (esm.proxy_images, esm.alpha_search, esm.model_name) == (4, "grid", QUICK_BASE["model_name"])  # the study's
+
+
+def test_results_json_and_study_log_record_the_machine_and_software(finished: Finished) -> None:
+    """What reproducing the table bit for bit needs: the CPU, its threads, torch and its BLAS/LAPACK, Lightning."""
+    import platform
+
+    import lightning
+    import torch
+
+    environment = json.loads((finished.folder / "results.json").read_text())["environment"]
+    assert environment["torch"] == torch.__version__ and environment["lightning"] == lightning.__version__
+    assert environment["python"] == platform.python_version() and environment["cpu"]
+    assert environment["torch_threads"] == torch.get_num_threads() and environment["cpu_count"] >= 1
+    assert environment["blas"] and environment["lapack"]  # from torch.__config__.show()
+    lines = [line for line in (finished.folder / "study.log").read_text().splitlines() if " environment: " in line]
+    assert lines and json.loads(lines[-1].split(" environment: ", 1)[1])["torch"] == torch.__version__
