@@ -184,9 +184,9 @@ def expert_domains(tv: TaskVector) -> list[str]:
 
     Example:
         >>> import torch
-        >>> tv = TaskVector({"w": torch.zeros(1)}, domain="rot30", train_domains=["rot30"])
-        >>> expert_domains(tv), expert_domains(TaskVector({"w": torch.zeros(1)}))
-        (['rot30'], [])
+        >>> pooled = TaskVector({"w": torch.zeros(1)}, {"name": "pooled", "train_domains": ["rot0", "rot30"]})
+        >>> expert_domains(TaskVector({"w": torch.zeros(1)}, {"domain": "rot30"})), expert_domains(pooled)
+        (['rot30'], ['rot0', 'rot30'])
     """
     recorded = [tv.domain, *(tv.metadata.get("train_domains") or [])]
     return list(dict.fromkeys(d for d in recorded if isinstance(d, str) and d))

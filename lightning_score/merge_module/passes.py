@@ -101,6 +101,9 @@ def validation_loaders(datamodule: Any) -> tuple[list[Any], list[str]]:
     is known and zero (no images, or fewer images than one batch with ``drop_last``) is refused here, before
     anything is merged; :func:`validation_accuracy` refuses one that turns out empty when iterated.
 
+    Returns:
+        The loaders, and for each the label of its domain(s) (``'rot0'``; ``'rot0', 'rot60'`` for a pooled one).
+
     Raises:
         ValueError: No validation loaders, or loaders with no images, naming their domains and the fix.
     """
@@ -114,9 +117,9 @@ def validation_loaders(datamodule: Any) -> tuple[list[Any], list[str]]:
         )
     sources = list(datamodule.train_domains or []) if isinstance(datamodule, DomainNames) else []
     if len(sources) == len(loaders):
-        names = sources
+        names = [repr(domain) for domain in sources]
     elif len(loaders) == 1 and sources:
-        names = [", ".join(sources)]
+        names = [", ".join(repr(domain) for domain in sources)]
     else:
         names = [f"validation loader {index}" for index in range(len(loaders))]
     empty = [name for name, loader in zip(names, loaders, strict=True) if _known_length(loader) == 0]
@@ -136,7 +139,7 @@ def _known_length(loader: Any) -> int | None:
 def _no_validation_images(domains: Sequence[str]) -> ValueError:
     return ValueError(
         f"alpha='auto' chooses α on the source domains' validation data, but it has no images for "
-        f"{'; '.join(repr(d) for d in domains)}: every α would score 0. Give those domains validation images "
+        f"{'; '.join(domains)}: every α would score 0. Give those domains validation images "
         "(a validation split), or set a number for alpha."
     )
 
@@ -161,7 +164,8 @@ def validation_accuracy(
         loaders: One validation loader or a list of them.
         trainer: The Trainer (its strategy splits the data and sums the counts; ``None``: this process alone).
         device: Where to run.
-        domains: The domain(s) of each loader, for the error; default ``validation loader <i>``.
+        domains: The label of each loader's domain(s), for the error (:func:`validation_loaders`); default
+            ``validation loader <i>``.
 
     Raises:
         ValueError: A loader gave no images (over all ranks), naming its domains; every rank raises it.

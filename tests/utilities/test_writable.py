@@ -1,7 +1,7 @@
 """``ensure_writable``: an unwritable output location is one line naming it, found before any work, for any user.
 
 We run as root, whom modes do not stop: the unwritable cases are a parent that is a regular file, a folder made
-immutable (``chattr +i``, which stops root too), and folders checked by another user (a child process that
+immutable (``chattr +i``, which stops root too), and folders checked by another user (a forked child that
 ``setuid``s to an unused uid before it checks).
 """
 
@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lightning_score.utilities.files import OutputNotWritableError, ensure_writable
+from tests.unwritable import unwritable_folder
 
 OTHER_UID = 12345
 
@@ -57,27 +57,16 @@ def test_a_parent_that_is_a_file_is_named(tmp_path: Path, under: str) -> None:
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
-@pytest.fixture
-def immutable(tmp_path: Path) -> Iterator[Path]:
+def test_an_immutable_folder_is_refused_even_for_root(tmp_path: Path) -> None:
     folder = tmp_path / "frozen"
-    folder.mkdir()
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not available here (needs root on a file system that supports it)")
-    try:
-        yield folder
-    finally:
-        subprocess.run([chattr, "-i", str(folder)], check=True)
-
-
-def test_an_immutable_folder_is_refused_even_for_root(immutable: Path) -> None:
-    target = immutable / "score.safetensors"
-    with pytest.raises(
-        OutputNotWritableError,
-        match=r"^--output .*frozen/score.safetensors is not writable: cannot create a file in .*frozen \(Operation not permitted\); choose another location or fix its permissions$",
-    ):
+    target = folder / "score.safetensors"
+    with unwritable_folder(folder) as reason, pytest.raises(OutputNotWritableError) as raised:
         ensure_writable(target, what="--output")
-    assert _names(immutable) == []
+    assert str(raised.value) == (
+        f"--output {target} is not writable: cannot create a file in {folder} ({reason}); "
+        "choose another location or fix its permissions"
+    )
+    assert _names(folder) == []
 
 
 def _check_as_other_user(target: Path) -> str | None:
