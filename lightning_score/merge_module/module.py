@@ -172,7 +172,6 @@ class MergeModule(CLIPClassifier):
         trainer = self._trainer
         if trainer is not None:
             check_strategy(trainer.strategy, "MergeModule")
-        validation = None
         if not self._prepared:  # everything that can fail is checked before the head is built and the merge runs
             if self.merged_output is not None:  # written by rank zero: checked there, every rank stops with it
                 check = partial(ensure_writable, self.merged_output, what="The merged weights file")
@@ -180,8 +179,8 @@ class MergeModule(CLIPClassifier):
             if self._read is None:
                 paths, encoder = self.task_vector_paths, self.image_encoder
                 self._read = read_inputs(paths, self.mode, encoder, self.base_model, self.pretrained_fingerprint)
-            if self.mode == "merge" and self.alpha == "auto":
-                validation = validation_loaders(self._datamodule())
+            if self.mode == "merge" and self.alpha == "auto":  # no validation images: refused before the merge
+                validation_loaders(self._datamodule())
         if self._read is not None:  # on every test: this datamodule's test domains
             tvs, allow = self._read.task_vectors, self.allow_target_experts
             self.not_held_out = held_out(tvs, self.mode, stage, self._datamodule(), allow)
@@ -197,8 +196,8 @@ class MergeModule(CLIPClassifier):
             self.experts = expert_encoders(self.image_encoder, inputs.task_vectors, inputs.pretrained, alpha)
         elif self.mode == "merge":
             self.merged = self.merge()
-            if validation is not None:
-                self._search_alpha(*validation)
+            if self.alpha == "auto":
+                self.choose_alpha()
             else:
                 self.use_alpha(float(self.alpha))
         self._prepared = True
@@ -292,10 +291,11 @@ class MergeModule(CLIPClassifier):
         golden-section search on [0, 2] (see :mod:`lightning_score.merge_module.alpha`). Every evaluation runs in eval
         and inference mode under the Trainer's precision, each rank on its share of the validation data.
         The search is kept as :attr:`alpha_search_result`.
-        """
-        return self._search_alpha(*validation_loaders(self._datamodule()))
 
-    def _search_alpha(self, loaders: list[Any], domains: list[str]) -> float:
+        Raises:
+            ValueError: No validation data, or no images in a source domain's (naming every such domain).
+        """
+        loaders, domains = validation_loaders(self._datamodule())
         device = self._compute_device()
         assert self.head is not None
 
