@@ -22,7 +22,6 @@ never a test loader.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -33,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+import lightning_score.merge_module.records as records
 from lightning_score.classifier import CLIPClassifier
 from lightning_score.merge_module.alpha import DEFAULT_ALPHA_GRID, AlphaSearchResult, search_alpha
 from lightning_score.merge_module.ensemble import ensemble_logits, expert_encoders
@@ -46,13 +46,6 @@ from lightning_score.merge_module.inputs import (
     read_inputs,
 )
 from lightning_score.merge_module.passes import ready_for_passes, validation_accuracy, validation_loaders
-from lightning_score.merge_module.records import (
-    CHECKPOINT_KEY,
-    PreparedRecord,
-    describe_options,
-    merge_summary,
-    merged_file_header,
-)
 from lightning_score.merge_module.sharding import merge_on_ranks
 from lightning_score.merge_module.statistics import collect_statistics
 from lightning_score.merging import FactorCache
@@ -65,7 +58,7 @@ from lightning_score.utilities.strategies import check_strategy
 
 __all__ = ["MergeModule", "describe_options"]
 
-log = logging.getLogger(__name__)
+describe_options = records.describe_options  # where the console's helper moved (see the CHANGELOG)
 
 
 class MergeModule(CLIPClassifier):
@@ -251,7 +244,9 @@ class MergeModule(CLIPClassifier):
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
         statistics = (self.resolved_method.statistics, self.proxy_images)
-        rank_zero_info(merge_summary(self.method, len(task_vectors), self._merge_record, statistics, device, measure))
+        rank_zero_info(
+            records.merge_summary(self.method, len(task_vectors), self._merge_record, statistics, device, measure)
+        )
         return merged
 
     def merged_weights(self, alpha: float) -> dict[str, Tensor]:
@@ -290,10 +285,7 @@ class MergeModule(CLIPClassifier):
         ``alpha_search="grid"`` evaluates every value of :attr:`alpha_grid`; ``"golden"`` runs a
         golden-section search on [0, 2] (see :mod:`lightning_score.merge_module.alpha`). Every evaluation runs in eval
         and inference mode under the Trainer's precision, each rank on its share of the validation data.
-        The search is kept as :attr:`alpha_search_result`.
-
-        Raises:
-            ValueError: No validation data, or no images in a source domain's (naming every such domain).
+        The search is kept as :attr:`alpha_search_result`. No validation images for a source domain: a ValueError.
         """
         loaders, domains = validation_loaders(self._datamodule())
         device = self._compute_device()
@@ -360,8 +352,8 @@ class MergeModule(CLIPClassifier):
 
     # --- checkpoints and output ---------------------------------------------------------------------
 
-    def _record(self) -> PreparedRecord:
-        return PreparedRecord(
+    def _record(self) -> records.PreparedRecord:
+        return records.PreparedRecord(
             self.mode, self.current_alpha, self.alpha_search_result, self._merge_record, len(self.experts)
         )
 
@@ -369,13 +361,13 @@ class MergeModule(CLIPClassifier):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the prepared state (mode, α, the merge's provenance) next to the merged weights."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY] = self._record().checkpoint_entry(self._prepared)
+        checkpoint[records.CHECKPOINT_KEY] = self._record().checkpoint_entry(self._prepared)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Take the checkpoint's prepared weights as they are: ``setup`` neither reads task vectors nor merges."""
         super().on_load_checkpoint(checkpoint)
-        record = PreparedRecord.from_checkpoint(checkpoint, self.mode)
+        record = records.PreparedRecord.from_checkpoint(checkpoint, self.mode)
         if record is None:
             return
         if self.mode == "ensemble" and len(self.experts) != record.experts:
@@ -404,5 +396,5 @@ class MergeModule(CLIPClassifier):
                 "setup() before save_merged()."
             )
         alpha = self._numeric_alpha() if self.mode == "expert" else self.current_alpha
-        header = merged_file_header(self._record(), self.base_model, alpha, self.task_vector_paths)
+        header = records.merged_file_header(self._record(), self.base_model, alpha, self.task_vector_paths)
         return save_clip_weights(self.clip, path, model_name=self.model_name, metadata=header)
