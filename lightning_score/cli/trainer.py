@@ -83,6 +83,7 @@ class ScoreTrainer(Trainer):
         target = Path(output) if output else Path(self.default_root_dir) / "merged" / f"{model.method}.safetensors"
         if target.suffix != ".safetensors":
             raise ValueError(f"--output must end in .safetensors, got '{target}'.")
+        model.merged_output = target  # checked writable in setup, before the merge
         limit = self.limit_test_batches
         if not test:
             self.limit_test_batches = 0  # runs setup (where the merge happens), no test batches

@@ -21,10 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ALPHA_SEARCHES", "AlphaSearchResult", "golden_section_search", "grid_search", "search_alpha"]
+__all__ = [
+    "ALPHA_SEARCHES",
+    "DEFAULT_ALPHA_GRID",
+    "AlphaSearchResult",
+    "golden_section_search",
+    "grid_search",
+    "search_alpha",
+]
 
 ALPHA_SEARCHES = ("grid", "golden")
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618..., the bracket's shrink factor per step
+DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+"""The α values ``MergeModule(alpha="auto")`` tries by default (``alpha_search="grid"``)."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""MergeModule's inputs, checked before any long work: the task-vector files and the base they were made from."""
+"""MergeModule's inputs, checked before any long work: the task-vector files, their base, held-out test domains."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_score.data.protocols import TestDomains
 from lightning_score.merge_module.alpha import ALPHA_SEARCHES
 from lightning_score.merge_module.statistics import statistic_names
 from lightning_score.merging import MethodSpec, get_method
@@ -17,12 +18,16 @@ from lightning_score.task_vector import TaskVector
 
 __all__ = [
     "MODES",
+    "NOT_HELD_OUT",
     "MergeInputs",
     "Mode",
     "ResolvedMethod",
     "check_arguments",
     "check_base",
     "check_count",
+    "check_held_out",
+    "expert_domains",
+    "held_out",
     "load_task_vectors",
     "read_inputs",
 ]
@@ -31,6 +36,8 @@ Mode = Literal["merge", "zeroshot", "ensemble", "expert"]
 """What MergeModule builds: a merge, θ₀ as it is, the experts' logit ensemble, or one expert (θ₀ + α·τ)."""
 
 MODES: tuple[str, ...] = get_args(Mode)
+NOT_HELD_OUT = " (not held out)"
+"""Appended to a test domain's metric names when an expert of that domain is merged (``allow_target_experts``)."""
 _COUNTS = {"merge": (1, None), "ensemble": (1, None), "expert": (1, 1), "zeroshot": (0, None)}
 
 
@@ -170,3 +177,69 @@ def check_base(tv: TaskVector, encoder: Mapping[str, Tensor], base_model: str, f
             f"{theirs} was made from different pre-trained weights than {base_model}, of the same architecture "
             f"(base fingerprints {tv.base_fingerprint[:20]}… vs {fingerprint[:20]}…). {fix}"
         )
+
+
+def expert_domains(tv: TaskVector) -> list[str]:
+    """The domains an expert was fine-tuned on, as its metadata records them (``domain`` and ``train_domains``).
+
+    Example:
+        >>> import torch
+        >>> pooled = TaskVector({"w": torch.zeros(1)}, {"name": "pooled", "train_domains": ["rot0", "rot30"]})
+        >>> expert_domains(TaskVector({"w": torch.zeros(1)}, {"domain": "rot30"})), expert_domains(pooled)
+        (['rot30'], ['rot0', 'rot30'])
+    """
+    recorded = [tv.domain, *(tv.metadata.get("train_domains") or [])]
+    return list(dict.fromkeys(d for d in recorded if isinstance(d, str) and d))
+
+
+def check_held_out(task_vectors: Sequence[TaskVector], test_domains: Sequence[str], allow: bool) -> list[str]:
+    """Refuse to test on a domain one of the experts was fine-tuned on: its accuracy would not be held out.
+
+    Args:
+        task_vectors: The experts' task vectors (their metadata records their domains, :func:`expert_domains`).
+        test_domains: The domains about to be tested.
+        allow: ``allow_target_experts``: test them anyway, with a warning; the caller labels their metrics
+            :data:`NOT_HELD_OUT`.
+
+    Returns:
+        The test domains that are not held out (empty when every one is; only with ``allow``).
+
+    Raises:
+        ValueError: Without ``allow``: naming each such domain and the task-vector file(s) of its expert(s).
+    """
+    leaks: dict[str, list[str]] = {}
+    for tv in task_vectors:
+        for domain in expert_domains(tv):
+            if domain in test_domains:
+                leaks.setdefault(domain, []).append(tv.describe())
+    if not leaks:
+        return []
+    found = "; ".join(
+        f"test domain '{domain}' is not held out: the task vector{'s' if len(files) > 1 else ''} "
+        f"{' and '.join(files)} {'were' if len(files) > 1 else 'was'} fine-tuned on it"
+        for domain, files in leaks.items()
+    )
+    if not allow:
+        raise ValueError(
+            f"Target leakage: {found}. Drop that task vector or that test domain, or set allow_target_experts=True "
+            f"(--model.allow_target_experts true) to test it anyway, labelled '<domain>{NOT_HELD_OUT}'."
+        )
+    rank_zero_warn(
+        f"MergeModule: {found}; its metrics are named 'test/<domain>{NOT_HELD_OUT}/...' (allow_target_experts=True)."
+    )
+    return list(leaks)
+
+
+def held_out(task_vectors: Sequence[TaskVector], mode: str, stage: str, datamodule: Any, allow: bool) -> list[str]:
+    """:func:`check_held_out` for MergeModule's ``setup``: the test domains, when ``stage`` tests and ``mode`` merges.
+
+    ``test`` and ``predict`` read the datamodule's ``test_domains`` (:class:`~lightning_score.data.TestDomains`);
+    ``merge`` and ``ensemble`` combine experts and are checked; ``expert`` (one expert, e.g. the target's own as an
+    upper bound) and ``zeroshot`` are not.
+
+    Returns:
+        The test domains that are not held out (only with ``allow``).
+    """
+    if stage not in ("test", "predict") or mode not in ("merge", "ensemble") or not isinstance(datamodule, TestDomains):
+        return []
+    return check_held_out(task_vectors, list(datamodule.test_domains or []), allow)

@@ -22,8 +22,8 @@ never a test loader.
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,36 +32,33 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+import lightning_score.merge_module.records as records
 from lightning_score.classifier import CLIPClassifier
-from lightning_score.merge_module.alpha import AlphaSearchResult, search_alpha
+from lightning_score.merge_module.alpha import DEFAULT_ALPHA_GRID, AlphaSearchResult, search_alpha
 from lightning_score.merge_module.ensemble import ensemble_logits, expert_encoders
-from lightning_score.merge_module.inputs import MergeInputs, Mode, check_arguments, check_count, read_inputs
-from lightning_score.merge_module.passes import ready_for_passes, validation_accuracy
-from lightning_score.merge_module.records import CHECKPOINT_KEY, PreparedRecord, merged_file_header
+from lightning_score.merge_module.inputs import (
+    NOT_HELD_OUT,
+    MergeInputs,
+    Mode,
+    check_arguments,
+    check_count,
+    held_out,
+    read_inputs,
+)
+from lightning_score.merge_module.passes import ready_for_passes, validation_accuracy, validation_loaders
 from lightning_score.merge_module.sharding import merge_on_ranks
-from lightning_score.merge_module.statistics import STATISTICS, collect_statistics
+from lightning_score.merge_module.statistics import collect_statistics
 from lightning_score.merging import FactorCache
 from lightning_score.models import save_clip_weights
 from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.files import ensure_writable
 from lightning_score.utilities.profiling import Measure
+from lightning_score.utilities.ranks import on_rank_zero
 from lightning_score.utilities.strategies import check_strategy
 
 __all__ = ["MergeModule", "describe_options"]
 
-log = logging.getLogger(__name__)
-
-DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
-
-
-def describe_options(options: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
-    """``variant='diagonal', divide_by_tasks=True``: a merge's options for one console line (``skip``: left out).
-
-    Example:
-        >>> describe_options({"variant": "diagonal", "grams": "<list>"}, skip=["grams"])
-        "variant='diagonal'"
-    """
-    shown = [f"{name}={value!r}" for name, value in options.items() if name not in skip]
-    return ", ".join(shown) if shown else "no options"
+describe_options = records.describe_options  # where the console's helper moved (see the CHANGELOG)
 
 
 class MergeModule(CLIPClassifier):
@@ -90,6 +87,9 @@ class MergeModule(CLIPClassifier):
             (e.g. every row and target of a leave-one-domain-out study): the SVD-based methods (SCORE, TSV-M,
             Iso-CTS, ESM's TSV layers) then compute each expert's factorizations once. The merge is
             bit-identical with and without it on one device. Not a hyperparameter: checkpoints do not keep it.
+        allow_target_experts: Test on a domain an expert was fine-tuned on (its ``domain`` or ``train_domains``):
+            refused by default (not held out); allowed, with a warning, as ``test/<domain> (not held out)/...``.
+            ``mode="expert"`` (one expert, e.g. the target's own: an upper bound) is never refused.
 
     The arguments are checked here; the task-vector files are read in ``setup``, first. ``load_from_checkpoint``
     restores the merged weights without them (the files need not exist any more), but not τ* (no :meth:`use_alpha`).
@@ -114,6 +114,7 @@ class MergeModule(CLIPClassifier):
         classnames: list[str] | None = None,
         head_cache: bool = True,
         factors: FactorCache | None = None,
+        allow_target_experts: bool = False,
     ) -> None:
         resolved = check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
         check_count(mode, len(task_vectors or []))
@@ -129,6 +130,10 @@ class MergeModule(CLIPClassifier):
         self.proxy_images = proxy_images
         self.merge_device = merge_device
         self.factors = factors
+        self.allow_target_experts = allow_target_experts
+        #: Where :meth:`save_merged` will write (``lightning-score merge`` sets it): checked writable in setup, first.
+        self.merged_output: Path | None = None
+        self.not_held_out: list[str] = []  #: Test domains an expert was fine-tuned on (``allow_target_experts``).
         self.task_vector_paths = [Path(p) for p in task_vectors or []]
         self._read: MergeInputs | None = None  # the task vectors and θ₀, read in setup
         self.experts = nn.ModuleList()
@@ -160,9 +165,18 @@ class MergeModule(CLIPClassifier):
         trainer = self._trainer
         if trainer is not None:
             check_strategy(trainer.strategy, "MergeModule")
-        if not self._prepared and self._read is None:  # a missing or mismatched file fails before the head is built
-            paths, encoder = self.task_vector_paths, self.image_encoder
-            self._read = read_inputs(paths, self.mode, encoder, self.base_model, self.pretrained_fingerprint)
+        if not self._prepared:  # everything that can fail is checked before the head is built and the merge runs
+            if self.merged_output is not None:  # written by rank zero: checked there, every rank stops with it
+                check = partial(ensure_writable, self.merged_output, what="The merged weights file")
+                on_rank_zero(trainer.strategy, check) if trainer is not None else check()
+            if self._read is None:
+                paths, encoder = self.task_vector_paths, self.image_encoder
+                self._read = read_inputs(paths, self.mode, encoder, self.base_model, self.pretrained_fingerprint)
+            if self.mode == "merge" and self.alpha == "auto":  # no validation images: refused before the merge
+                validation_loaders(self._datamodule())
+        if self._read is not None:  # on every test: this datamodule's test domains
+            tvs, allow = self._read.task_vectors, self.allow_target_experts
+            self.not_held_out = held_out(tvs, self.mode, stage, self._datamodule(), allow)
         super().setup(stage)
         if self._prepared:
             return
@@ -180,6 +194,10 @@ class MergeModule(CLIPClassifier):
             else:
                 self.use_alpha(float(self.alpha))
         self._prepared = True
+
+    @override
+    def _test_domains(self, count: int) -> list[str]:
+        return [f"{d}{NOT_HELD_OUT}" if d in self.not_held_out else d for d in super()._test_domains(count)]
 
     def _numeric_alpha(self) -> float:
         if self.alpha == "auto":
@@ -225,19 +243,11 @@ class MergeModule(CLIPClassifier):
             )
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
+        statistics = (self.resolved_method.statistics, self.proxy_images)
         rank_zero_info(
-            f"MergeModule: merged {len(task_vectors)} task vectors with '{self.method}' "
-            f"({describe_options(self._merge_record.get('options', {}), skip=list(STATISTICS))}"
-            f"{self._statistics_note()}) on {device} in {measure.seconds:.1f} s "
-            f"(peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
+            records.merge_summary(self.method, len(task_vectors), self._merge_record, statistics, device, measure)
         )
         return merged
-
-    def _statistics_note(self) -> str:
-        names = self.resolved_method.statistics if self.resolved_method else ()
-        if not names:
-            return ""
-        return f"; {' and '.join(names)} from {self.proxy_images} proxy images per source domain"
 
     def merged_weights(self, alpha: float) -> dict[str, Tensor]:
         """θ₀ + α·τ* for the image encoder (keys the method exempts from α get τ* as it is), in θ₀'s dtype."""
@@ -275,22 +285,15 @@ class MergeModule(CLIPClassifier):
         ``alpha_search="grid"`` evaluates every value of :attr:`alpha_grid`; ``"golden"`` runs a
         golden-section search on [0, 2] (see :mod:`lightning_score.merge_module.alpha`). Every evaluation runs in eval
         and inference mode under the Trainer's precision, each rank on its share of the validation data.
-        The search is kept as :attr:`alpha_search_result`.
+        The search is kept as :attr:`alpha_search_result`. No validation images for a source domain: a ValueError.
         """
-        datamodule = self._datamodule()
-        loaders = datamodule.val_dataloader() if datamodule is not None else []
-        if not loaders:
-            raise ValueError(
-                "alpha='auto' chooses α on the source domains' validation data, but the datamodule has none: give "
-                "it train_domains (the sources, whose held-out splits are the validation data), or set a number "
-                "for alpha."
-            )
+        loaders, domains = validation_loaders(self._datamodule())
         device = self._compute_device()
         assert self.head is not None
 
         def accuracy(alpha: float) -> float:
             self.use_alpha(alpha)
-            return validation_accuracy(self.image_encoder, self.head, loaders, self._trainer, device)
+            return validation_accuracy(self.image_encoder, self.head, loaders, self._trainer, device, domains)
 
         result = search_alpha(accuracy, self.alpha_search, self.alpha_grid)
         self.alpha_search_result = result
@@ -349,8 +352,8 @@ class MergeModule(CLIPClassifier):
 
     # --- checkpoints and output ---------------------------------------------------------------------
 
-    def _record(self) -> PreparedRecord:
-        return PreparedRecord(
+    def _record(self) -> records.PreparedRecord:
+        return records.PreparedRecord(
             self.mode, self.current_alpha, self.alpha_search_result, self._merge_record, len(self.experts)
         )
 
@@ -358,13 +361,13 @@ class MergeModule(CLIPClassifier):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the prepared state (mode, α, the merge's provenance) next to the merged weights."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY] = self._record().checkpoint_entry(self._prepared)
+        checkpoint[records.CHECKPOINT_KEY] = self._record().checkpoint_entry(self._prepared)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Take the checkpoint's prepared weights as they are: ``setup`` neither reads task vectors nor merges."""
         super().on_load_checkpoint(checkpoint)
-        record = PreparedRecord.from_checkpoint(checkpoint, self.mode)
+        record = records.PreparedRecord.from_checkpoint(checkpoint, self.mode)
         if record is None:
             return
         if self.mode == "ensemble" and len(self.experts) != record.experts:
@@ -393,5 +396,5 @@ class MergeModule(CLIPClassifier):
                 "setup() before save_merged()."
             )
         alpha = self._numeric_alpha() if self.mode == "expert" else self.current_alpha
-        header = merged_file_header(self._record(), self.base_model, alpha, self.task_vector_paths)
+        header = records.merged_file_header(self._record(), self.base_model, alpha, self.task_vector_paths)
         return save_clip_weights(self.clip, path, model_name=self.model_name, metadata=header)

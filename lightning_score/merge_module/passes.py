@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_score.data.protocols import DomainNames
 from lightning_score.merge_module.layer_inputs import record_layer_inputs
 from lightning_score.utilities.ranks import rank_share
 
@@ -30,6 +31,7 @@ __all__ = [
     "layer_inputs",
     "ready_for_passes",
     "validation_accuracy",
+    "validation_loaders",
 ]
 
 
@@ -91,18 +93,82 @@ def images_and_labels(batch: Any) -> tuple[Tensor, Tensor | None]:
     return batch, None
 
 
+def validation_loaders(datamodule: Any) -> tuple[list[Any], list[str]]:
+    """The sources' validation loaders for the α search, each with the source domain(s) it holds, checked.
+
+    ``datamodule.val_dataloader()`` as a list: one loader per source domain (named after ``train_domains`` when
+    the counts agree), or one loader pooling every source domain (named after all of them). A loader whose length
+    is known and zero (no images, or fewer images than one batch with ``drop_last``) is refused here, before
+    anything is merged; :func:`validation_accuracy` refuses one that turns out empty when iterated.
+
+    Returns:
+        The loaders, and for each the label of its domain(s) (``'rot0'``; ``'rot0', 'rot60'`` for a pooled one).
+
+    Raises:
+        ValueError: No validation loaders, or loaders with no images, naming their domains and the fix.
+    """
+    found = datamodule.val_dataloader() if datamodule is not None else []
+    loaders = list(found) if isinstance(found, Sequence) else [found]
+    if not loaders:
+        raise ValueError(
+            "alpha='auto' chooses α on the source domains' validation data, but the datamodule has none: give "
+            "it train_domains (the sources, whose held-out splits are the validation data), or set a number "
+            "for alpha."
+        )
+    sources = list(datamodule.train_domains or []) if isinstance(datamodule, DomainNames) else []
+    if len(sources) == len(loaders):
+        names = [repr(domain) for domain in sources]
+    elif len(loaders) == 1 and sources:
+        names = [", ".join(repr(domain) for domain in sources)]
+    else:
+        names = [f"validation loader {index}" for index in range(len(loaders))]
+    empty = [name for name, loader in zip(names, loaders, strict=True) if _known_length(loader) == 0]
+    if empty:
+        raise _no_validation_images(empty)
+    return loaders, names
+
+
+def _known_length(loader: Any) -> int | None:
+    """``len(loader)`` (batches) when the loader knows it, else None (an iterable dataset, a generator)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _no_validation_images(domains: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"alpha='auto' chooses α on the source domains' validation data, but it has no images for "
+        f"{'; '.join(domains)}: every α would score 0. Give those domains validation images "
+        "(a validation split), or set a number for alpha."
+    )
+
+
 def validation_accuracy(
     encoder: nn.Module,
     head: nn.Module,
     loaders: Any,
     trainer: pl.Trainer | None,
     device: torch.device,
+    domains: Sequence[str] | None = None,
 ) -> float:
     """Top-1 accuracy of ``head(normalize(encoder(x)))`` over the validation data, split across the ranks.
 
     Each rank evaluates its own share of every loader; the correct/total counts are summed over ranks with
     the strategy's ``reduce``, so every rank gets the same accuracy. One loader: its pooled accuracy; a list
     of loaders (one per source domain): the mean of their accuracies.
+
+    Args:
+        encoder: The image encoder.
+        head: The zero-shot head.
+        loaders: One validation loader or a list of them.
+        trainer: The Trainer (its strategy splits the data and sums the counts; ``None``: this process alone).
+        device: Where to run.
+        domains: The label of each loader's domain(s), for the error (:func:`validation_loaders`); default
+            ``validation loader <i>``.
+
+    Raises:
+        ValueError: A loader gave no images (over all ranks), naming its domains; every rank raises it.
     """
     strategy = trainer.strategy if trainer is not None else None
     rank, world = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
@@ -119,7 +185,11 @@ def validation_accuracy(
                 counts[index, 1] += len(labels)
     if strategy is not None and world > 1:
         counts = strategy.reduce(counts, reduce_op="sum")
-    accuracies = counts[:, 0] / counts[:, 1].clamp(min=1)
+    names = list(domains) if domains is not None else [f"validation loader {i}" for i in range(len(loader_list))]
+    empty = [names[index] for index in range(len(loader_list)) if counts[index, 1] == 0]
+    if empty:  # the counts are every rank's: every rank raises
+        raise _no_validation_images(empty)
+    accuracies = counts[:, 0] / counts[:, 1]
     return float(accuracies.mean())
 
 

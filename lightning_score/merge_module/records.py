@@ -3,6 +3,7 @@
 * :class:`PreparedRecord`: the entry ``checkpoint["lightning_score_merge"]`` (mode, the α in the weights, the α
   search, the merge's provenance, the ensemble's size), from which ``load_from_checkpoint`` restores a tested module
   without merging again.
+* :func:`merge_summary`: the console line of a merge (method, options, cost).
 * :func:`merged_file_header`: the JSON that ``save_merged`` writes under ``lightning_score_merge`` in the header of
   the merged weights file (what was merged, how, at which α).
 """
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning_score.merge_module.alpha import AlphaSearchResult
+from lightning_score.merge_module.statistics import STATISTICS
+from lightning_score.utilities.profiling import Measure
 
-__all__ = ["CHECKPOINT_KEY", "HEADER_KEY", "PreparedRecord", "merged_file_header"]
+__all__ = ["CHECKPOINT_KEY", "HEADER_KEY", "PreparedRecord", "describe_options", "merge_summary", "merged_file_header"]
 
 CHECKPOINT_KEY = "lightning_score_merge"
 """The checkpoint entry of a MergeModule."""
@@ -105,3 +108,41 @@ def merged_file_header(
         content["merge"] = record.merge
     content["task_vectors"] = [str(p) for p in task_vectors]
     return {HEADER_KEY: json.dumps(content)}
+
+
+def describe_options(options: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
+    """``variant='diagonal', divide_by_tasks=True``: a merge's options for one console line (``skip``: left out).
+
+    Example:
+        >>> describe_options({"variant": "diagonal", "grams": "<list>"}, skip=["grams"])
+        "variant='diagonal'"
+    """
+    shown = [f"{name}={value!r}" for name, value in options.items() if name not in skip]
+    return ", ".join(shown) if shown else "no options"
+
+
+def merge_summary(
+    method: str,
+    count: int,
+    record: Mapping[str, Any],
+    statistics: tuple[Sequence[str], int],
+    device: Any,
+    measure: Measure,
+) -> str:
+    """The console line of a merge: how many task vectors, the method and its options, the data, the cost.
+
+    Args:
+        method: The method's name.
+        count: The number of task vectors.
+        record: The merge's provenance (``TaskVector.metadata["merge"]``; its ``options`` are shown).
+        statistics: The statistics the method took (empty: data-free) and the proxy images per source domain.
+        device: Where it ran.
+        measure: Its wall time and peak memory.
+    """
+    names, proxy_images = statistics
+    note = f"; {' and '.join(names)} from {proxy_images} proxy images per source domain" if names else ""
+    return (
+        f"MergeModule: merged {count} task vectors with '{method}' "
+        f"({describe_options(record.get('options', {}), skip=list(STATISTICS))}{note}) on {device} in "
+        f"{measure.seconds:.1f} s (peak memory +{measure.peak_bytes / 2**20:.0f} MiB)."
+    )

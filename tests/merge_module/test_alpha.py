@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from torch.utils.data import DataLoader, Subset
 
+from lightning_score import DomainDataModule
 from lightning_score.merge_module.alpha import golden_section_search, grid_search
 
 
@@ -105,3 +107,30 @@ def test_merge_module_warns_when_alpha_is_chosen_at_the_grid_edge(quick_base, ex
         L.Trainer(**QUIET).test(module, datamodule=digits(train_domains=["rot0", "rot60"], test_domains=["rot30"]),
                                 verbose=False)  # fmt: skip
     assert module.alpha_search_result.selected == 0.05
+
+
+class _EmptyValidation(DomainDataModule):
+    """The real digits, but every source domain's validation loader holds no image (a split that came out empty)."""
+
+    def val_dataloader(self) -> list[DataLoader]:
+        empty = Subset(self.dataset(self.train_domains[0], "val"), [])
+        return [DataLoader(empty, batch_size=8) for _ in self.train_domains]
+
+
+@pytest.mark.parametrize("alpha_search", ["grid", "golden"])
+def test_alpha_auto_with_no_validation_images_fails_naming_the_domains_before_merging(
+    alpha_search: str, quick_base, expert_task_vectors
+) -> None:
+    import lightning as L
+
+    from lightning_score import MergeModule
+    from tests.experts import MODEL, QUIET
+
+    paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
+    module = MergeModule(MODEL, str(quick_base), task_vectors=paths, method="task_arithmetic", alpha="auto",
+                         alpha_search=alpha_search, templates="digits")  # fmt: skip
+    data = _EmptyValidation("builtin:digits", train_domains=["rot0", "rot60"], test_domains=["rot30"], num_workers=0)
+    with pytest.raises(ValueError, match=r"has no images for 'rot0'; 'rot60': every α would score 0\. Give those"):
+        L.Trainer(**QUIET).test(module, datamodule=data, verbose=False)
+    assert module.head is None and module.merged is None and module.merge_seconds is None  # before any work
+    assert module.alpha_search_result is None

@@ -93,3 +93,33 @@ def test_a_data_method_collects_and_merges_on_rank_zero_and_every_rank_gets_it(
     )  # a tolerance, not bit-identity: this process's thread count may differ from the ranks'
     for key in module.merged:
         torch.testing.assert_close(ranks[0][key], module.merged[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.ddp
+def test_every_rank_stops_with_the_same_error_when_a_check_fails(
+    quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
+) -> None:
+    """No validation images, or an unwritable output: each rank raises the same error (none is left waiting at a
+    collective), before the merge where it can be known then; a rank whose own share of the data is empty is fine."""
+    import json
+
+    from tests.experts import MODEL
+
+    (tmp_path / "a-file").write_text("a regular file, where the output's folder should be")
+    paths = [str(expert_task_vectors[d]) for d in ("rot0", "rot60")]
+    run_script(HERE / "ddp_checks.py", str(tmp_path), MODEL, str(quick_base), *paths)
+    ranks = {case: [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in (0, 1)]
+             for case in ("one", "empty", "stream", "output")}  # fmt: skip
+    for case, (zero, one) in ranks.items():
+        assert zero == one, case  # the same outcome on both ranks
+    assert ranks["one"][0]["error"] is None and ranks["one"][0]["selected"] in (0.5, 1.0)
+    empty, stream, output = ranks["empty"][0], ranks["stream"][0], ranks["output"][0]
+    assert empty["error"].startswith("ValueError: alpha='auto' chooses α on the source domains' validation data, "
+                                     "but it has no images for 'rot0'; 'rot60': every α would score 0.")  # fmt: skip
+    assert not empty["merged"]  # refused before the merge
+    assert stream["error"] == empty["error"] and stream["merged"]  # of unknown length: found by the first α pass
+    assert output["error"] == (
+        f"OutputNotWritableError: The merged weights file {tmp_path / 'a-file' / 'merged.safetensors'} is not "
+        f"writable: {tmp_path / 'a-file'} is a file, not a folder; choose another location or fix its permissions"
+    )
+    assert not output["merged"]

@@ -6,6 +6,7 @@ import copy
 import logging
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from lightning_score.merge_module.inputs import (
     check_arguments,
     check_base,
     check_count,
+    check_held_out,
+    expert_domains,
+    held_out,
     load_task_vectors,
     read_inputs,
 )
@@ -172,3 +176,50 @@ def test_other_pretrained_weights_of_the_same_architecture_are_refused() -> None
     unrecorded = TaskVector({"w": torch.ones(2, 3)}, {"base_fingerprint": other})
     with pytest.raises(ValueError, match=r"an unnamed task vector \(fine-tuned from an unrecorded base model\)"):
         check_base(unrecorded, ENCODER, BASE, FINGERPRINT)
+
+
+# --- check_held_out: a test domain an expert was fine-tuned on is not held out ----------------------------------
+
+
+def _expert(folder: Path, domain: str | None, train_domains: list[str] | None = None) -> TaskVector:
+    meta: dict = {"name": domain or "pooled"}
+    if domain is not None:
+        meta["domain"] = domain
+    if train_domains is not None:
+        meta["train_domains"] = train_domains
+    return TaskVector.load(TaskVector({"w": torch.ones(2)}, meta).save(folder / f"{meta['name']}.safetensors"))
+
+
+def test_an_expert_of_a_test_domain_is_refused_naming_the_domain_and_its_file(tmp_path: Path) -> None:
+    experts = [_expert(tmp_path, "rot0", ["rot0"]), _expert(tmp_path, "rot30", ["rot30"])]
+    assert check_held_out(experts, ["rot60"], allow=False) == []  # held out: nothing to say
+    with pytest.raises(ValueError) as raised:
+        check_held_out(experts, ["rot30", "rot60"], allow=False)
+    message = str(raised.value)
+    assert message.startswith(f"Target leakage: test domain 'rot30' is not held out: the task vector "
+                              f"'{tmp_path / 'rot30.safetensors'}' was fine-tuned on it. ")  # fmt: skip
+    assert "allow_target_experts=True (--model.allow_target_experts true)" in message and "rot60" not in message
+    pooled = _expert(tmp_path, None, ["rot0", "rot30"])  # several domains: train_domains records them
+    with pytest.raises(ValueError, match=r"test domain 'rot0' is not held out: the task vectors '.*rot0.safetensors' "
+                                         r"and '.*pooled.safetensors' were fine-tuned on it"):  # fmt: skip
+        check_held_out([*experts, pooled], ["rot0"], allow=False)
+
+
+def test_allowed_target_experts_are_warned_about_and_returned_to_be_labelled(tmp_path: Path) -> None:
+    experts = [_expert(tmp_path, "rot0"), _expert(tmp_path, "rot30")]
+    with pytest.warns(UserWarning, match=r"test domain 'rot30' is not held out: the task vector '.*rot30.safetensors' "
+                                         r"was fine-tuned on it; its metrics are named 'test/<domain> \(not held out\)"):  # fmt: skip
+        assert check_held_out(experts, ["rot30", "rot60"], allow=True) == ["rot30"]
+    assert expert_domains(_expert(tmp_path, None)) == []  # an expert that records no domain: nothing to check
+
+
+def test_held_out_checks_the_modes_that_combine_experts_when_a_stage_tests(tmp_path: Path) -> None:
+    experts = [_expert(tmp_path, "rot30")]
+    data = SimpleNamespace(test_domains=["rot30"])  # a TestDomains datamodule
+    for mode in ("merge", "ensemble"):
+        for stage in ("test", "predict"):
+            with pytest.raises(ValueError, match="test domain 'rot30' is not held out"):
+                held_out(experts, mode, stage, data, allow=False)
+    assert held_out(experts, "merge", "validate", data, allow=False) == []  # validation reads the sources only
+    assert held_out(experts, "expert", "test", data, allow=False) == []  # the one-expert reference row
+    assert held_out(experts, "merge", "test", object(), allow=False) == []  # a datamodule that names no test domain

@@ -14,6 +14,7 @@ from lightning_score.merge_module.alpha import AlphaSearchResult
 from lightning_score.merging import merge_task_vectors
 from lightning_score.models import build_clip
 from tests.experts import MODEL, QUIET, digits
+from tests.unwritable import unwritable_folder
 
 
 def _sources(paths: dict[str, Path], *domains: str) -> list[str]:
@@ -44,14 +45,17 @@ def test_merge_mode_applies_the_engine_result_and_tests_the_target(quick_base: P
 
 
 def test_merged_model_keeps_what_the_experts_learnt(quick_base: Path, expert_task_vectors: dict) -> None:
-    """The merge of the rot0 and rot60 experts beats zero-shot on rot60's held-out test split, which the
-    upright-only base handles badly (the quick experts are too short-trained for held-out claims)."""
+    """The merge of the rot0 and rot60 experts beats zero-shot on rot60's test split, which the upright-only base
+    handles badly (the quick experts are too short-trained for held-out claims: rot60 is not held out, on purpose)."""
     data = {"train_domains": ["rot0", "rot60"], "test_domains": ["rot60"]}
     zeroshot = _test(MergeModule(MODEL, str(quick_base), mode="zeroshot", templates="digits"), **data)["test/rot60/acc"]
     tvs = _sources(expert_task_vectors, "rot0", "rot60")
     for method in ("score", "average"):
-        merged = _test(MergeModule(MODEL, str(quick_base), task_vectors=tvs, method=method, templates="digits"), **data)
-        assert merged["test/rot60/acc"] > zeroshot + 0.05, method
+        module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method=method, templates="digits",
+                             allow_target_experts=True)  # fmt: skip
+        with pytest.warns(UserWarning, match="test domain 'rot60' is not held out"):
+            merged = _test(module, **data)
+        assert merged["test/rot60 (not held out)/acc"] > zeroshot + 0.05, method
 
 
 def test_zeroshot_equals_the_plain_classifier(quick_base: Path) -> None:
@@ -114,8 +118,12 @@ def test_esm_draws_proxy_images_from_the_sources_only(quick_base: Path, expert_t
     assert "test/rot30/acc" in results
     assert module.merged.metadata["merge"]["alpha_exempt_keys"]  # ESM's α applies to its target layers only
     leaking = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="esm", templates="digits")
-    with pytest.raises(ValueError, match="expert of 'rot60', a test domain"):
+    with pytest.raises(ValueError, match="test domain 'rot60' is not held out"):
         _test(leaking, train_domains=["rot0"], test_domains=["rot60"])
+    allowed = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="esm", templates="digits",
+                          allow_target_experts=True)  # fmt: skip
+    with pytest.warns(UserWarning, match="not held out"), pytest.raises(ValueError, match="expert of 'rot60', a test"):
+        _test(allowed, train_domains=["rot0"], test_domains=["rot60"])  # allowed, but never its proxy images
 
 
 def test_saved_merge_loads_through_the_model_factory(
@@ -235,3 +243,56 @@ def test_a_shared_factor_cache_under_the_trainers_precision_gives_the_same_model
         expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert {v.dtype for v in weights.values() if v.is_floating_point()} == {expected_dtype}
     assert cache.stats["svd_from_memory"] > 0  # rot0's factors, computed for the first target, reused
+
+
+# --- checked before any merge work: held-out test domains, the merged output ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["merge", "ensemble"])
+def test_testing_on_a_merged_experts_own_domain_is_refused_before_any_work(
+    mode: str, quick_base: Path, expert_task_vectors: dict
+) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot30")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, mode=mode, templates="digits")
+    with pytest.raises(ValueError) as raised:
+        _test(module, train_domains=["rot0", "rot30"], test_domains=["rot30", "rot60"])
+    assert str(raised.value).startswith(
+        f"Target leakage: test domain 'rot30' is not held out: the task vector '{expert_task_vectors['rot30']}' "
+        "was fine-tuned on it. Drop that task vector or that test domain, or set allow_target_experts=True"
+    )
+    assert module.head is None and module.merged is None and len(module.experts) == 0  # nothing built
+
+
+def test_allowed_target_experts_are_tested_labelled_not_held_out(quick_base: Path, expert_task_vectors: dict) -> None:
+    tvs = _sources(expert_task_vectors, "rot0", "rot30")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="average", templates="digits",
+                         allow_target_experts=True)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"test domain 'rot30' is not held out: the task vector '.*rot30.safetensors'"):
+        results = _test(module, train_domains=["rot0", "rot30"], test_domains=["rot30", "rot60"])
+    assert {"test/rot30 (not held out)/acc", "test/rot60/acc"} <= set(results)  # rot60 stays held out
+    assert not any(name.startswith("test/rot30/") for name in results)
+    expert = MergeModule(MODEL, str(quick_base), task_vectors=tvs[1:], mode="expert", templates="digits")
+    assert "test/rot30/acc" in _test(expert, test_domains=["rot30"])  # the own-expert reference row: as it is
+
+
+def test_an_unwritable_merge_output_fails_at_setup_before_the_merge(
+    quick_base: Path, expert_task_vectors: dict, tmp_path: Path
+) -> None:
+    """`lightning-score merge --output <read-only folder>/score.safetensors`: one error naming it, before merging."""
+    from lightning_score.cli import ScoreTrainer
+    from lightning_score.utilities.files import OutputNotWritableError
+
+    tvs = _sources(expert_task_vectors, "rot0", "rot30")
+    module = MergeModule(MODEL, str(quick_base), task_vectors=tvs, method="score", templates="digits")
+    folder = tmp_path / "read-only"
+    target = folder / "score.safetensors"
+    trainer = ScoreTrainer(accelerator="cpu", devices=1, **QUIET)
+    data = digits(train_domains=["rot0", "rot30"], test_domains=["rot60"])
+    with unwritable_folder(folder) as reason, pytest.raises(OutputNotWritableError) as raised:
+        trainer.merge(module, datamodule=data, output=str(target))
+    assert str(raised.value) == (
+        f"The merged weights file {target} is not writable: cannot create a file in {folder} ({reason}); "
+        "choose another location or fix its permissions"
+    )
+    assert module.merged is None and module.merge_seconds is None and module.head is None  # found before the work
+    assert list(folder.iterdir()) == [] and trainer.merged_path is None

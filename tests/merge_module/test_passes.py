@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import Precision
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_score.merge_module.passes import (
     gradient_pass,
@@ -18,6 +18,7 @@ from lightning_score.merge_module.passes import (
     inference_pass,
     ready_for_passes,
     validation_accuracy,
+    validation_loaders,
 )
 from tests.experts import QUIET
 
@@ -85,8 +86,8 @@ def test_the_trainers_precision_applies_inside_the_pass(precision: str, dtype: t
 
 def _loader(predicted: list[int], labels: list[int], batch_size: int = 2) -> DataLoader:
     """Images whose feature is the one-hot of the class the identity head predicts."""
-    images = torch.nn.functional.one_hot(torch.tensor(predicted), 3).float()
-    return DataLoader(TensorDataset(images, torch.tensor(labels)), batch_size=batch_size)
+    images = torch.nn.functional.one_hot(torch.tensor(predicted, dtype=torch.long), 3).float()
+    return DataLoader(TensorDataset(images, torch.tensor(labels, dtype=torch.long)), batch_size=batch_size)
 
 
 HEAD = nn.Linear(3, 3, bias=False)
@@ -139,3 +140,67 @@ def test_images_and_labels_of_every_batch_shape() -> None:
     assert images_and_labels([images, labels, "extra"]) == (images, labels)
     assert images_and_labels([images]) == (images, None)
     assert images_and_labels(images) == (images, None)
+
+
+# --- no validation images: an error naming the domains, never an α chosen on nothing ------------------------
+
+
+def _sources(loaders: Any, train_domains: list[str]) -> Any:
+    """A datamodule that names its domains (``DomainNames``) and gives these validation loaders."""
+    return SimpleNamespace(val_dataloader=lambda: loaders, train_domains=train_domains, domains=train_domains,
+                           test_domains=["target"], default_templates=None)  # fmt: skip
+
+
+class _NoImages(IterableDataset):
+    """A dataset of unknown length that yields nothing (a stream, a filtered folder)."""
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+def test_validation_loaders_with_no_images_are_refused_naming_every_empty_domain() -> None:
+    empty = _loader([], [])
+    with pytest.raises(ValueError, match=r"has no images for 'rot0'; 'rot60': every α would score 0\. Give those"):
+        validation_loaders(_sources([empty, _loader([], [])], ["rot0", "rot60"]))
+    with pytest.raises(ValueError, match=r"no images for 'rot60': every α"):  # only the empty one is named
+        validation_loaders(_sources([_loader([0], [0]), empty], ["rot0", "rot60"]))
+    with pytest.raises(ValueError, match=r"no images for 'rot0', 'rot60': every α"):  # one pooled loader
+        validation_loaders(_sources(empty, ["rot0", "rot60"]))
+    short = DataLoader(TensorDataset(torch.zeros(3, 3), torch.zeros(3)), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match=r"no images for validation loader 1: every α"):  # drop_last: no batch
+        validation_loaders(_sources([_loader([0], [0]), short], ["a", "b", "c"]))
+    with pytest.raises(ValueError, match="but the datamodule has none"):
+        validation_loaders(_sources([], ["rot0"]))
+    loaders, names = validation_loaders(_sources([_loader([0], [0]), _loader([1], [1])], ["rot0", "rot60"]))
+    assert len(loaders) == 2 and names == ["'rot0'", "'rot60'"]
+
+
+def test_a_loader_found_empty_only_when_iterated_is_refused_after_the_pass() -> None:
+    stream = DataLoader(_NoImages(), batch_size=2)
+    loaders, names = validation_loaders(_sources([_loader([0], [0]), stream], ["rot0", "rot60"]))  # length unknown
+    with pytest.raises(ValueError, match=r"no images for 'rot60': every α would score 0"):
+        validation_accuracy(nn.Identity(), HEAD, loaders, None, torch.device("cpu"), names)
+    with pytest.raises(ValueError, match=r"no images for validation loader 0: every α"):
+        validation_accuracy(nn.Identity(), HEAD, stream, None, torch.device("cpu"))
+
+
+class _Rank:
+    """One rank of two: reduce adds the other rank's counts."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, others: list[list[float]]) -> None:
+        self.global_rank, self.others = rank, torch.tensor(others, dtype=torch.float64)
+
+    def reduce(self, counts: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        return counts + self.others
+
+
+def test_a_rank_whose_share_is_empty_is_no_error_but_no_images_on_any_rank_is_one_on_every_rank() -> None:
+    one_image = _loader([1], [1])  # a map-style loader in order: rank 1 of 2 gets no image of it
+    rank_one: Any = SimpleNamespace(strategy=_Rank(1, [[1.0, 1.0]]), precision_plugin=Precision())
+    assert validation_accuracy(nn.Identity(), HEAD, [one_image], rank_one, torch.device("cpu"), ["'rot0'"]) == 1.0
+    for rank in (0, 1):  # both ranks hold the summed counts, so both raise
+        nobody: Any = SimpleNamespace(strategy=_Rank(rank, [[0.0, 0.0]]), precision_plugin=Precision())
+        with pytest.raises(ValueError, match="no images for 'rot0'"):
+            validation_accuracy(nn.Identity(), HEAD, [_loader([], [])], nobody, torch.device("cpu"), ["'rot0'"])
