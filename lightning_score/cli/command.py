@@ -30,6 +30,7 @@ from packaging.version import Version
 from typing_extensions import override
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
+from lightning_score.cli.config_files import refuse_yaml_tags, yaml_tag_error
 from lightning_score.cli.console import EpochProgressBar, quiet_library_noise
 from lightning_score.cli.errors import one_line, own_error, raised_while_running
 from lightning_score.cli.help import (
@@ -116,6 +117,7 @@ class LightningScoreCLI(LightningCLI):
             command_kwargs.setdefault("formatter_class", HelpFormatter)
             command_kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("save_config_callback", SaveRunConfig)
+        refuse_yaml_tags()  # a tag in a config is refused naming the file and line
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -298,6 +300,7 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     _show_our_info_logs()
     quiet_library_noise()
+    refuse_yaml_tags()
     if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
         sys.stderr.write(
             f"lightning-score: error: unknown command '{argv[0]}'; the commands are {', '.join(_COMMANDS)}.\n"
@@ -322,6 +325,10 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as error:  # a bad command line or config: one line, with what is accepted
         if os.environ.get("LIGHTNING_SCORE_DEBUG"):
             raise
+        tag = yaml_tag_error(error)
+        if tag is not None:  # the file, the line and the fix
+            sys.stderr.write(f"lightning-score: error: {tag}\n")
+            raise SystemExit(2) from None
         command = argv[0] if argv and argv[0] in _COMMANDS else None
         see = f"lightning-score {command} --help" if command else "lightning-score --help"
         sys.stderr.write(f"lightning-score: error: {one_line(str(error))} (see `{see}`)\n")
