@@ -12,6 +12,9 @@ heads) lives under one root, :func:`cache_root`: ``$LIGHTNING_SCORE_CACHE``, def
 first rename wins and the loser's copy is discarded. :func:`cache_lock` (a :mod:`filelock` lock under
 ``<cache>/locks``, released by the OS if its holder dies) lets the slow builders make the second process wait
 for the first instead of repeating its work.
+
+A command checks each of its output locations with :func:`ensure_writable` before it starts the work, so an
+unwritable folder is one line naming it (:class:`OutputNotWritableError`), not a traceback after the work.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ import filelock
 
 __all__ = [
     "CACHE_ENV",
+    "OutputNotWritableError",
     "atomic_publish_dir",
     "atomic_write",
     "atomic_write_text",
     "cache_key",
     "cache_lock",
     "cache_root",
+    "ensure_writable",
     "ordinary_mode",
 ]
 
@@ -50,6 +55,82 @@ def ordinary_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+class OutputNotWritableError(OSError):
+    """An output location cannot be written; the message (one line) names it, why, and the fix.
+
+    Attributes:
+        path: The location as given.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def ensure_writable(path: str | os.PathLike, *, what: str) -> Path:
+    """Check that ``path`` can be written, the way :func:`atomic_write` will write it, before any work is done.
+
+    An existing folder is a folder outputs go into: a file is created and removed in it. Anything else is
+    the destination of a file (or a folder still to be made): its missing parent folders are created, as
+    the real write creates them, and a file is created and removed in its parent. Creating the file is the
+    honest test: it fails exactly when the write would (permissions, another owner, a read-only or immutable
+    folder, a parent that is a file), whoever runs it, root included.
+
+    Args:
+        path: The output file or folder.
+        what: What it is, for the message (e.g. ``"--output"``, ``"the task-vector folder"``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputNotWritableError: With the one-line message
+            ``f"{what} {path} is not writable: {reason}; choose another location or fix its permissions"``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> ensure_writable(folder / "new" / "a.safetensors", what="--output") == folder / "new" / "a.safetensors"
+        True
+        >>> sorted(p.name for p in (folder / "new").iterdir())  # nothing is left behind
+        []
+        >>> (folder / "file").write_text("")
+        0
+        >>> ensure_writable(folder / "file" / "a.safetensors", what="--output")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_score.utilities.files.OutputNotWritableError: --output .../file/a.safetensors is not writable: ...
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise _not_writable(what, path, f"{_first_non_folder(folder)} is a file, not a folder") from None
+    except OSError as error:
+        raise _not_writable(what, path, f"cannot create the folder {folder} ({error.strerror or error})") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name or 'output'}.", suffix=".check", dir=folder)
+    except OSError as error:
+        raise _not_writable(what, path, f"cannot create a file in {folder} ({error.strerror or error})") from None
+    os.close(fd)
+    os.unlink(name)
+    return path
+
+
+def _not_writable(what: str, path: Path, reason: str) -> OutputNotWritableError:
+    message = f"{what} {path} is not writable: {reason}; choose another location or fix its permissions"
+    return OutputNotWritableError(message, path)
+
+
+def _first_non_folder(folder: Path) -> Path:
+    """The first of ``folder`` and its ancestors that exists but is not a folder (``folder`` if none is)."""
+    for candidate in (*reversed(folder.parents), folder):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return folder
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
