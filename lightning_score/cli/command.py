@@ -30,9 +30,9 @@ from packaging.version import Version
 from typing_extensions import override
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
-from lightning_score.cli.config_files import refuse_yaml_tags, yaml_tag_error
+from lightning_score.cli.config_files import YAMLTagError, refuse_yaml_tags
 from lightning_score.cli.console import EpochProgressBar, quiet_library_noise
-from lightning_score.cli.errors import one_line, own_error, raised_while_running
+from lightning_score.cli.errors import in_chain, one_line, own_error, raised_while_running
 from lightning_score.cli.help import (
     DEFAULT_MODEL,
     FUNCTION_HELP,
@@ -41,8 +41,9 @@ from lightning_score.cli.help import (
     HelpFormatter,
     command_description,
 )
+from lightning_score.cli.outputs import check_outputs
 from lightning_score.cli.trainer import ScoreTrainer
-from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.files import OutputNotWritableError, atomic_write_text
 
 __all__ = ["LightningScoreCLI", "SaveRunConfig", "main"]
 
@@ -199,6 +200,26 @@ class LightningScoreCLI(LightningCLI):
                 trainer_config["callbacks"] = [*callbacks, EpochProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        """Check every output folder of the fit (config, logs, checkpoints, task vector) before it starts."""
+        check_outputs(self.trainer, "fit")
+
+    def before_validate(self) -> None:
+        """Check the run's output folders (config, logs) before it starts."""
+        check_outputs(self.trainer, "validate")
+
+    def before_test(self) -> None:
+        """Check the run's output folders (config, logs) before it starts."""
+        check_outputs(self.trainer, "test")
+
+    def before_predict(self) -> None:
+        """Check the run's output folders (config, logs) before it starts."""
+        check_outputs(self.trainer, "predict")
+
+    def before_merge(self) -> None:
+        """Check the run's output folders (config, logs) before it starts; ``--output`` is checked by ``merge``."""
+        check_outputs(self.trainer, "merge")
+
     def after_merge(self) -> None:
         """Write the resolved config next to the merged weights (rank zero)."""
         path = self.trainer.merged_path if isinstance(self.trainer, ScoreTrainer) else None
@@ -325,13 +346,18 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as error:  # a bad command line or config: one line, with what is accepted
         if os.environ.get("LIGHTNING_SCORE_DEBUG"):
             raise
-        tag = yaml_tag_error(error)
-        if tag is not None:  # the file, the line and the fix
-            sys.stderr.write(f"lightning-score: error: {tag}\n")
+        named = in_chain(error, YAMLTagError) or in_chain(error, OutputNotWritableError)
+        if named is not None:  # its message names the file and the fix
+            sys.stderr.write(f"lightning-score: error: {named}\n")
             raise SystemExit(2) from None
         command = argv[0] if argv and argv[0] in _COMMANDS else None
         see = f"lightning-score {command} --help" if command else "lightning-score --help"
         sys.stderr.write(f"lightning-score: error: {one_line(str(error))} (see `{see}`)\n")
+        raise SystemExit(2) from None
+    except OutputNotWritableError as error:  # found before the work, by any command: the location and the fix
+        if os.environ.get("LIGHTNING_SCORE_DEBUG"):
+            raise
+        sys.stderr.write(f"lightning-score: error: {error}\n")
         raise SystemExit(2) from None
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get("LIGHTNING_SCORE_DEBUG") or raised_while_running(error):

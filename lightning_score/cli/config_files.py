@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from jsonargparse import get_loader, set_loader
 
-__all__ = ["YAMLTagError", "refuse_yaml_tags", "yaml_tag_error"]
+__all__ = ["YAMLTagError", "refuse_yaml_tags"]
 
 _UNKNOWN_TAG = "could not determine a constructor for the tag"
 _STANDARD_PREFIX = "tag:yaml.org,2002:"
@@ -48,18 +48,6 @@ def _tag(problem: str) -> str:
     """``could not determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'`` → ``!!python/…``."""
     tag = problem.partition(_UNKNOWN_TAG)[2].strip().strip("'\"")
     return "!!" + tag[len(_STANDARD_PREFIX) :] if tag.startswith(_STANDARD_PREFIX) else tag
-
-
-def yaml_tag_error(error: BaseException) -> YAMLTagError | None:
-    """The :class:`YAMLTagError` in a chain of wrapped errors (jsonargparse wraps it twice), else None."""
-    current: BaseException | None = error
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        if isinstance(current, YAMLTagError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def refuse_yaml_tags() -> None:
