@@ -38,6 +38,7 @@ from lightning_score.cli.help import (
     FUNCTION_HELP,
     OVERVIEW,
     SUBCOMMAND_HELP,
+    CommandParser,
     HelpFormatter,
     command_description,
 )
@@ -108,16 +109,19 @@ class LightningScoreCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("prog", "lightning-score")  # not __main__.py (python -m) in the usage lines
         parser_kwargs.setdefault("description", OVERVIEW)
         parser_kwargs.setdefault("formatter_class", HelpFormatter)
         parser_kwargs.setdefault("exit_on_error", False)  # main() prints one line, not the usage and a tree
         for command, model in DEFAULT_MODEL.items():
             command_kwargs = parser_kwargs.setdefault(command, {})
             command_kwargs.setdefault("default_model", model)
+            command_kwargs["lightning_score_command"] = command  # its --help is short, --help-all whole
             command_kwargs.setdefault("description", command_description(command))
             command_kwargs.setdefault("formatter_class", HelpFormatter)
             command_kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs.setdefault("parser_class", CommandParser)
         refuse_yaml_tags()  # a tag in a config is refused naming the file and line
         super().__init__(
             LightningModule,
@@ -158,10 +162,16 @@ class LightningScoreCLI(LightningCLI):
 
     @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Lightning's parser; remembers the subcommand's default model (our own ``default_model`` parser kwarg)."""
+        """Lightning's parser; remembers the subcommand's default model, gives a subcommand ``--help-all``.
+
+        ``default_model`` and ``lightning_score_command`` are our own parser kwargs (set in ``__init__``).
+        """
         default_model = kwargs.pop("default_model", None)
+        command = kwargs.pop("lightning_score_command", None)
         parser = super().init_parser(**kwargs)
         parser.lightning_score_default_model = default_model
+        if command is not None and isinstance(parser, CommandParser):
+            parser.add_help_all(command)
         return parser
 
     @override
