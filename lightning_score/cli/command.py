@@ -59,16 +59,21 @@ def _dump(parser: LightningArgumentParser, config: Namespace) -> str:
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Save the resolved config to ``<log_dir>/config.yaml``, never overwriting another run's config.
+    """Save the resolved config where a Lightning user looks for it: one file per run, or per command.
 
-    Lightning's own callback either refuses to start when ``config.yaml`` exists or overwrites it. Here the
-    same config is not written twice, and a different one goes to ``config-1.yaml``, ``config-2.yaml``...,
-    with a line saying where.
+    With a logger, ``<log_dir>/config.yaml``: the run's own folder (``lightning_logs/version_N``), as
+    Lightning's callback does. Without one (``--trainer.logger false``, as the merge and test recipes), the
+    log folder is ``default_root_dir``, which every run there shares: the config is
+    ``<default_root_dir>/<command>-config.yaml`` (``fit-config.yaml``, ``test-config.yaml``...), replaced by
+    the next run of the same command there, so a test never replaces a fit's and nothing piles up; ``merge``
+    writes its config beside the merged weights instead (``<output>.yaml``, by :meth:`LightningScoreCLI.after_merge`).
+    Lightning's own callback would refuse to start once the file exists.
     """
 
     def __init__(self, parser: LightningArgumentParser, config: Namespace, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False  # written by save_config below
         super().__init__(parser, config, **kwargs)
+        #: The config file the last run wrote (None for a merge without a logger: it is beside the weights).
         self.saved_path: Path | None = None
         self.resolved_log_dir: str | None = None
 
@@ -79,22 +84,22 @@ class SaveRunConfig(SaveConfigCallback):
             self.resolved_log_dir = trainer.log_dir
         super().setup(trainer, pl_module, stage)
 
+    def config_path(self, trainer: Trainer, stage: str) -> Path | None:
+        """Where this run's config goes (see the class), or None (a merge without a logger)."""
+        command = getattr(self.parser, "command", None) or stage
+        if trainer.loggers:
+            return Path(self.resolved_log_dir or trainer.default_root_dir) / self.config_filename
+        if command == "merge":
+            return None
+        return Path(trainer.default_root_dir) / f"{command}-{self.config_filename}"
+
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write the config (rank zero), to the first of config.yaml, config-1.yaml... that is free or the same."""
-        folder = Path(self.resolved_log_dir or trainer.default_root_dir)
-        text = _dump(self.parser, self.config)
-        stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
-        for index in range(10_000):
-            path = folder / (self.config_filename if index == 0 else f"{stem}-{index}{suffix}")
-            if not path.exists():
-                atomic_write_text(path, text)
-                if index:
-                    rank_zero_info(f"lightning-score: {folder / self.config_filename} belongs to an earlier run; "
-                                   f"this run's config is {path}")  # fmt: skip
-                break
-            if path.read_text(encoding="utf-8") == text:
-                break  # this very config was saved by an earlier run
+        """Write the config (rank zero) to :meth:`config_path`."""
+        path = self.config_path(trainer, stage)
+        if path is not None:
+            atomic_write_text(path, _dump(self.parser, self.config))
+            log.debug("lightning-score: saved the resolved config to %s", path)
         self.saved_path = path
 
 

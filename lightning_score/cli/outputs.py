@@ -62,7 +62,7 @@ def output_locations(trainer: Trainer, stage: str) -> list[tuple[str, Path]]:
                 locations.append(("ScoreMergeCallback's dirpath (the task-vector folder)", folder))
                 if folder.is_dir():  # θ₀ goes to its pretrained/ subfolder
                     locations.append(("ScoreMergeCallback's θ₀ folder", folder / "pretrained"))
-    if uses_root:
+    if uses_root and not (stage == "merge" and not trainer.loggers):  # a merge's config goes beside its weights
         locations.insert(0, ("--trainer.default_root_dir", root))
     return locations
 
