@@ -355,6 +355,7 @@ def main(args: list[str] | None = None) -> None:
                 as_positional=False,
                 prog=f"lightning-score {argv[0]}",
                 exit_on_error=False,
+                formatter_class=HelpFormatter,  # plain text, as the other commands' help
             )
             return
         LightningScoreCLI(args=args)
