@@ -60,13 +60,15 @@ def ordinary_mode(directory: bool = False) -> int:
 class OutputNotWritableError(OSError):
     """An output location cannot be written; the message (one line) names it, why, and the fix.
 
+    It survives pickling (a rank that checked sends it to the others, which raise the same error).
+
     Attributes:
-        path: The location as given.
+        path: The location as given (None only when not given).
     """
 
-    def __init__(self, message: str, path: str | os.PathLike[str]) -> None:
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
 
 
 def ensure_writable(path: str | os.PathLike, *, what: str) -> Path:

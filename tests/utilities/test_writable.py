@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,8 @@ def test_a_parent_that_is_a_file_is_named(tmp_path: Path, under: str) -> None:
         "choose another location or fix its permissions"
     )
     assert isinstance(raised.value, OSError) and raised.value.path == target
+    copy = pickle.loads(pickle.dumps(raised.value))  # what one rank sends the others
+    assert type(copy) is OutputNotWritableError and str(copy) == str(raised.value) and copy.path == target
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
