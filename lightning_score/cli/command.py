@@ -20,81 +20,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jsonargparse
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from packaging.version import Version
 from typing_extensions import override
 
 import lightning_score.models  # noqa: F401  (registers the tiny open_clip configs)
+from lightning_score.cli.config_files import SaveRunConfig, YAMLTagError, dump_config, refuse_yaml_tags
 from lightning_score.cli.console import EpochProgressBar, quiet_library_noise
-from lightning_score.cli.errors import one_line, own_error, raised_while_running
+from lightning_score.cli.errors import in_chain, one_line, own_error, raised_while_running
 from lightning_score.cli.help import (
     DEFAULT_MODEL,
     FUNCTION_HELP,
     OVERVIEW,
     SUBCOMMAND_HELP,
+    CommandParser,
     HelpFormatter,
     command_description,
 )
+from lightning_score.cli.outputs import check_outputs
 from lightning_score.cli.trainer import ScoreTrainer
 from lightning_score.models.factory import WeightsUnavailableError
-from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.files import OutputNotWritableError, atomic_write_text
 from lightning_score.utilities.signals import StoppedBySignal, watch_signals
 
 __all__ = ["LightningScoreCLI", "SaveRunConfig", "main"]
 
 log = logging.getLogger(__name__)
-
-
-def _dump(parser: LightningArgumentParser, config: Namespace) -> str:
-    """The whole resolved config as YAML, None values included (what reproduces the run)."""
-    if Version(jsonargparse.__version__) >= Version("4.49"):
-        return parser.dump(config, skip_unset=False)
-    return parser.dump(config, skip_none=False)  # pragma: no cover - older jsonargparse
-
-
-class SaveRunConfig(SaveConfigCallback):
-    """Save the resolved config to ``<log_dir>/config.yaml``, never overwriting another run's config.
-
-    Lightning's own callback either refuses to start when ``config.yaml`` exists or overwrites it. Here the
-    same config is not written twice, and a different one goes to ``config-1.yaml``, ``config-2.yaml``...,
-    with a line saying where.
-    """
-
-    def __init__(self, parser: LightningArgumentParser, config: Namespace, **kwargs: Any) -> None:
-        kwargs["save_to_log_dir"] = False  # written by save_config below
-        super().__init__(parser, config, **kwargs)
-        self.saved_path: Path | None = None
-        self.resolved_log_dir: str | None = None
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Resolve the log folder on every rank (a collective), then save on rank zero."""
-        if not self.already_saved:
-            self.resolved_log_dir = trainer.log_dir
-        super().setup(trainer, pl_module, stage)
-
-    @override
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write the config (rank zero), to the first of config.yaml, config-1.yaml... that is free or the same."""
-        folder = Path(self.resolved_log_dir or trainer.default_root_dir)
-        text = _dump(self.parser, self.config)
-        stem, suffix = Path(self.config_filename).stem, Path(self.config_filename).suffix
-        for index in range(10_000):
-            path = folder / (self.config_filename if index == 0 else f"{stem}-{index}{suffix}")
-            if not path.exists():
-                atomic_write_text(path, text)
-                if index:
-                    rank_zero_info(f"lightning-score: {folder / self.config_filename} belongs to an earlier run; "
-                                   f"this run's config is {path}")  # fmt: skip
-                break
-            if path.read_text(encoding="utf-8") == text:
-                break  # this very config was saved by an earlier run
-        self.saved_path = path
 
 
 class LightningScoreCLI(LightningCLI):
@@ -108,16 +62,20 @@ class LightningScoreCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("prog", "lightning-score")  # not __main__.py (python -m) in the usage lines
         parser_kwargs.setdefault("description", OVERVIEW)
         parser_kwargs.setdefault("formatter_class", HelpFormatter)
         parser_kwargs.setdefault("exit_on_error", False)  # main() prints one line, not the usage and a tree
         for command, model in DEFAULT_MODEL.items():
             command_kwargs = parser_kwargs.setdefault(command, {})
             command_kwargs.setdefault("default_model", model)
+            command_kwargs["lightning_score_command"] = command  # its --help is short, --help-all whole
             command_kwargs.setdefault("description", command_description(command))
             command_kwargs.setdefault("formatter_class", HelpFormatter)
             command_kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs.setdefault("parser_class", CommandParser)
+        refuse_yaml_tags()  # a tag in a config is refused naming the file and line
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -157,10 +115,16 @@ class LightningScoreCLI(LightningCLI):
 
     @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Lightning's parser; remembers the subcommand's default model (our own ``default_model`` parser kwarg)."""
+        """Lightning's parser; remembers the subcommand's default model, gives a subcommand ``--help-all``.
+
+        ``default_model`` and ``lightning_score_command`` are our own parser kwargs (set in ``__init__``).
+        """
         default_model = kwargs.pop("default_model", None)
+        command = kwargs.pop("lightning_score_command", None)
         parser = super().init_parser(**kwargs)
         parser.lightning_score_default_model = default_model
+        if command is not None and isinstance(parser, CommandParser):
+            parser.add_help_all(command)
         return parser
 
     @override
@@ -199,6 +163,26 @@ class LightningScoreCLI(LightningCLI):
                 trainer_config["callbacks"] = [*callbacks, EpochProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        """Check every output folder of the fit (config, logs, checkpoints, task vector) before it starts."""
+        check_outputs(self.trainer, "fit")
+
+    def before_validate(self) -> None:
+        """Check the run's output folders (config, logs) before it starts."""
+        check_outputs(self.trainer, "validate")
+
+    def before_test(self) -> None:
+        """Check the run's output folders (config, logs) before it starts."""
+        check_outputs(self.trainer, "test")
+
+    def before_predict(self) -> None:
+        """Check the run's output folders (config, logs) before it starts."""
+        check_outputs(self.trainer, "predict")
+
+    def before_merge(self) -> None:
+        """Check the run's output folders (config, logs) before it starts; ``--output`` is checked by ``merge``."""
+        check_outputs(self.trainer, "merge")
+
     def after_merge(self) -> None:
         """Write the resolved config next to the merged weights (rank zero)."""
         path = self.trainer.merged_path if isinstance(self.trainer, ScoreTrainer) else None
@@ -207,7 +191,7 @@ class LightningScoreCLI(LightningCLI):
             return
         config_path = Path(path).with_suffix(".yaml")
         replaced = config_path.exists()
-        atomic_write_text(config_path, _dump(saver.parser, saver.config))
+        atomic_write_text(config_path, dump_config(saver.parser, saver.config))
         what = "replaced the config of the earlier merge at" if replaced else "wrote the resolved config to"
         rank_zero_info(f"lightning-score merge: {what} {config_path} (it describes the weights beside it)")
 
@@ -323,6 +307,7 @@ def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     _show_our_info_logs()
     quiet_library_noise()
+    refuse_yaml_tags()
     if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
         sys.stderr.write(
             f"lightning-score: error: unknown command '{argv[0]}'; the commands are {', '.join(_COMMANDS)}.\n"
@@ -341,15 +326,25 @@ def main(args: list[str] | None = None) -> None:
                 as_positional=False,
                 prog=f"lightning-score {argv[0]}",
                 exit_on_error=False,
+                formatter_class=HelpFormatter,  # plain text, as the other commands' help
             )
             return  # a study stopped by a signal says so itself (StoppedBySignal: exit status 128 + signum)
         _run_lightning_command(argv[0] if argv and argv[0] in _COMMANDS else None, args)
     except ArgumentError as error:  # a bad command line or config: one line, with what is accepted
         if os.environ.get("LIGHTNING_SCORE_DEBUG"):
             raise
+        named = in_chain(error, YAMLTagError) or in_chain(error, OutputNotWritableError)
+        if named is not None:  # its message names the file and the fix
+            sys.stderr.write(f"lightning-score: error: {named}\n")
+            raise SystemExit(2) from None
         command = argv[0] if argv and argv[0] in _COMMANDS else None
         see = f"lightning-score {command} --help" if command else "lightning-score --help"
         sys.stderr.write(f"lightning-score: error: {one_line(str(error))} (see `{see}`)\n")
+        raise SystemExit(2) from None
+    except OutputNotWritableError as error:  # found before the work, by any command: the location and the fix
+        if os.environ.get("LIGHTNING_SCORE_DEBUG"):
+            raise
+        sys.stderr.write(f"lightning-score: error: {error}\n")
         raise SystemExit(2) from None
     except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
         if os.environ.get("LIGHTNING_SCORE_DEBUG") or raised_while_running(error):

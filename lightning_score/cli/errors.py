@@ -4,15 +4,19 @@ jsonargparse reports a bad value of a nested argument as a tree ("Does not valid
 Union subtypes … NestedArg(key='mode', …)") after ~60 lines of usage; :func:`one_line` reduces it to the
 argument, the accepted values and the value given. :func:`own_error` finds, in a chain of wrapped errors,
 the one lightning-score raised (its message names the file and the fix); :func:`raised_while_running` tells
-input errors from failures inside Lightning's loops, which keep their traceback.
+input errors from failures inside Lightning's loops, which keep their traceback; :func:`in_chain` finds an
+error of a kind (a refused YAML tag, an unwritable output) however jsonargparse wrapped it.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["one_line", "own_error", "raised_while_running"]
+__all__ = ["in_chain", "one_line", "own_error", "raised_while_running"]
+
+_E = TypeVar("_E", bound=BaseException)
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(?P<values>.*?)\]\. Got value: (?P<value>.*)$", re.MULTILINE)
@@ -125,3 +129,26 @@ def own_error(error: BaseException) -> BaseException:
             return current
         current = current.__cause__ or current.__context__
     return error
+
+
+def in_chain(error: BaseException, kind: type[_E]) -> _E | None:
+    """The first error of ``kind`` in ``error``'s chain of causes and contexts (``error`` included), else None.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise KeyError("inner")
+        ...     except KeyError as inner:
+        ...         raise TypeError("outer") from inner
+        ... except TypeError as outer:
+        ...     print(repr(in_chain(outer, KeyError)), in_chain(outer, OSError))
+        KeyError('inner') None
+    """
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_score.cli.console import results_table
+from lightning_score.cli.outputs import writable_until_done
 from lightning_score.data import DomainDataModule
 from lightning_score.merge_module import MergeModule
 from lightning_score.utilities.ranks import on_rank_zero
@@ -87,11 +88,12 @@ class ScoreTrainer(Trainer):
         limit = self.limit_test_batches
         if not test:
             self.limit_test_batches = 0  # runs setup (where the merge happens), no test batches
-        try:
-            results = self.test(model, datamodule=datamodule, verbose=test)
-        finally:
-            self.limit_test_batches = limit  # the Trainer as it was: a later test runs every batch
-        on_rank_zero(self.strategy, lambda: model.save_merged(target))  # a failed write stops every rank
+        with writable_until_done(target, what="--output"):  # checked before the merge and the test, not after
+            try:
+                results = self.test(model, datamodule=datamodule, verbose=test)
+            finally:
+                self.limit_test_batches = limit  # the Trainer as it was: a later test runs every batch
+            on_rank_zero(self.strategy, lambda: model.save_merged(target))  # a failed write stops every rank
         rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
         self.merged_path = target
         return results[0] if results and test else {}

@@ -22,7 +22,7 @@ from lightning_score.study.config import DEFAULT_ROWS, Entry, ExpertSettings, Ro
 from lightning_score.study.dataset import resolve_seeds
 from lightning_score.study.report import write_report
 from lightning_score.study.runner import Study
-from lightning_score.utilities.files import atomic_write_text
+from lightning_score.utilities.files import atomic_write_text, ensure_writable
 from lightning_score.utilities.signals import SignalWatch, StoppedBySignal, watch_signals
 
 __all__ = ["DEFAULT_ROWS", "Entry", "ExpertSettings", "Row", "Study", "StudyConfig", "run_study", "write_report"]
@@ -171,6 +171,7 @@ def _run(config: StudyConfig) -> list[dict[str, Any]]:
     resolved = study.config.record()  # what the study is (not how this job runs), as resolved
     folder = study.folder.root
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    ensure_writable(folder, what="--output_dir")  # one line naming it (the command prints it), before any work
     study.world.on_zero(lambda: atomic_write_text(folder / "study.yaml", text))
     records = study.run()
     if stage == "experts":

@@ -68,15 +68,41 @@ def _fit(*extra: str) -> None:
     main(["fit", *OWN_CLASSES, "--trainer.max_steps=2", "--trainer.default_root_dir=run", *extra])
 
 
-def test_a_runs_saved_config_is_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_logger_each_command_keeps_its_latest_config_and_nothing_piles_up(
+    quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
     _fit("--model.lr=0.1")
-    first = (tmp_path / "run" / "config.yaml").read_text()
-    _fit("--model.lr=0.2")  # another run in the same folder
-    assert (tmp_path / "run" / "config.yaml").read_text() == first
-    assert yaml.safe_load((tmp_path / "run" / "config-1.yaml").read_text())["model"]["init_args"]["lr"] == 0.2
-    _fit("--model.lr=0.1")  # the very same run again: nothing new to keep
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config-1.yaml", "config.yaml"]
+    _fit("--model.lr=0.2")  # another fit in the same folder: the fit's config is replaced, not numbered
+    assert yaml.safe_load((run / "fit-config.yaml").read_text())["model"]["init_args"]["lr"] == 0.2
+    tvs = f"[{expert_task_vectors['rot0']}, {expert_task_vectors['rot30']}]"
+    common = [f"--model.model_name={MODEL}", f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"]
+    for method in ("score", "tsv"):  # the recipes' merges and tests run without a logger
+        main(["merge", "--config", str(RECIPES / "digits/merge.yaml"), *common, f"--model.pretrained={quick_base}",
+              f"--model.task_vectors={tvs}", f"--model.method={method}", "--test=false",
+              f"--output={run / 'merged' / method}.safetensors",
+              "--data.train_domains=[rot0, rot30]", "--data.test_domains=[rot60]"])  # fmt: skip
+    for domain in ("rot30", "rot60"):
+        main(["test", "--config", str(RECIPES / "digits/test.yaml"), *common, f"--model.pretrained={quick_base}",
+              f"--data.test_domains=[{domain}]", "--data.train_domains=[]"])  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == ["fit-config.yaml", "merged", "test-config.yaml"]
+    assert yaml.safe_load((run / "test-config.yaml").read_text())["data"]["init_args"]["test_domains"] == ["rot60"]
+    assert sorted(p.name for p in (run / "merged").iterdir()) == ["score.safetensors", "score.yaml", "tsv.safetensors",
+                                                                   "tsv.yaml"]  # fmt: skip
+    err = capsys.readouterr().err
+    assert "config-1" not in err and "belongs to an earlier run" not in err
+
+
+def test_with_a_logger_the_config_is_in_the_runs_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for lr in (0.1, 0.2):
+        _fit(f"--model.lr={lr}", "--trainer.logger=CSVLogger", "--trainer.logger.save_dir=run")
+    logs = tmp_path / "run" / "lightning_logs"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["lightning_logs"]
+    saved = [yaml.safe_load((logs / f"version_{v}" / "config.yaml").read_text()) for v in (0, 1)]
+    assert [config["model"]["init_args"]["lr"] for config in saved] == [0.1, 0.2]
 
 
 def test_optimizer_and_lr_scheduler_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

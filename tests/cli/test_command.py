@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,25 @@ def test_analyze_prints_and_writes(
     out = capsys.readouterr().out
     assert "Subspace Alignment Ratio" in out and "rot30" in out and "Effective rank" in out
     assert {p.name for p in (tmp_path / "analysis").iterdir()} == {"sar.json", "sar.png", "spectra.json", "spectra.png"}
+
+
+def test_analyze_writes_beside_its_task_vectors_not_into_the_working_folder(
+    expert_task_vectors: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "runs" / "task_vectors"
+    folder.mkdir(parents=True)
+    for domain in ("rot0", "rot30"):
+        shutil.copy(expert_task_vectors[domain], folder / f"{domain}.safetensors")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(["analyze", f"--task_vectors=[{folder / 'rot0.safetensors'}, {folder / 'rot30.safetensors'}]"])
+    assert list(elsewhere.iterdir()) == []
+    assert {p.name for p in (folder / "analysis").iterdir()} == {"sar.json", "sar.png", "spectra.json", "spectra.png"}
+    assert f"Wrote {folder / 'analysis' / 'sar.json'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    assert "default analysis/ in the task vectors' folder" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,9 @@ def test_top_level_help_lists_every_command_in_whole_sentences(capsys: pytest.Ca
     assert not RST.search(out)
 
 
+RST_ANY = re.compile(r":[a-z]+:`|``|`[^`\s][^`]*`")  # roles, literals, interpreted text and links
+
+
 @pytest.mark.parametrize(
     ("command", "model"), [("fit", "CLIPExpert"), ("merge", "MergeModule"), ("test", "MergeModule")]
 )
@@ -41,17 +44,76 @@ def test_command_help_is_plain_and_says_how_to_list_the_models_arguments(
 ) -> None:
     code, out, _ = _exits([command, "--help"], capsys)
     assert code in (0, None)
-    assert f"lightning-score {command} --model.help {model}" in out
-    assert f"Model (default lightning_score.{model}; its arguments: --model.help {model})" in out
-    assert f"lightning-score {command} --data.help DomainDataModule" in out
-    assert not RST.search(out), RST.search(out)
-    assert "The main advantage is:" not in out  # LightningDataModule's docstring, cut, as a heading
-
-
-def test_model_help_lists_the_default_models_arguments(capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = _exits(["fit", "--model.help", "CLIPExpert"], capsys)
+    flat = " ".join(out.split())
+    assert f"lightning-score {command} --model.help {model}" in flat
+    assert f"lightning-score {command} --data.help DomainDataModule" in flat
+    assert not RST_ANY.search(out), RST_ANY.search(out)
+    code, whole, _ = _exits([command, "--help-all"], capsys)
     assert code in (0, None)
-    assert "--model.lr LR" in out and "--model.model_name MODEL_NAME" in out and "--model.templates" in out
+    assert f"Model (default lightning_score.{model}; its arguments: --model.help {model})" in whole
+    assert not RST_ANY.search(whole), RST_ANY.search(whole)
+    assert "The main advantage is:" not in whole  # LightningDataModule's docstring, cut, as a heading
+    assert "Base class for all optimizers" not in whole and "(<class " not in whole  # headings of base classes
+
+
+def _sections(text: str) -> list[str]:
+    return [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+
+
+def test_merge_help_is_its_own_arguments_then_every_method(capsys: pytest.CaptureFixture) -> None:
+    from lightning_score.merging import get_method, list_methods
+
+    code, out, _ = _exits(["merge", "--help"], capsys)
+    assert code in (0, None)
+    assert len(out.splitlines()) <= 100  # was 492, most of it Trainer, optimiser and scheduler flags
+    assert out.startswith("usage: lightning-score merge ")
+    assert _sections(out)[:2] == [
+        "Arguments of lightning-score merge",
+        "Merge methods (--model.method NAME; options: --model.method_options '{NAME: VALUE}')",
+    ]
+    own = out[out.index("Arguments of lightning-score merge:") : out.index("Merge methods")]
+    assert "--output OUTPUT" in own and "--test {true,false}" in own and "--config CONFIG" in own
+    flat = " ".join(out.split())
+    for name in list_methods():  # each registered method, with the registry's one line in plain text
+        assert f" {name} {' '.join(plain(get_method(name).summary).split())}" in flat, name
+    for unused in ("--trainer.max_epochs", "--trainer.gradient_clip_val", "--optimizer CONFIG", "torch.optim.",
+                   "--lr_scheduler CONFIG", "--seed_everything"):  # fmt: skip
+        assert unused not in out, unused
+    assert "lightning-score merge --help-all" in flat or "--help-all" in out
+
+
+@pytest.mark.parametrize("command", ["fit", "test", "validate", "predict"])
+def test_other_commands_help_is_short_too_with_the_whole_list_a_flag_away(
+    command: str, capsys: pytest.CaptureFixture
+) -> None:
+    _, out, _ = _exits([command, "--help"], capsys)
+    assert len(out.splitlines()) <= 70 and _sections(out)[0] == f"Arguments of lightning-score {command}"
+    assert "--ckpt_path CKPT_PATH" in out and "--help-all" in out and "Merge methods" not in out
+    assert "--trainer.max_epochs" not in out and "torch.optim." not in out
+    _, whole, _ = _exits([command, "--help-all"], capsys)
+    assert len(whole.splitlines()) > 400  # nothing is lost: Lightning's whole list
+    for flag in ("--trainer.max_epochs", "--trainer.gradient_clip_val", "--optimizer CONFIG", "--lr_scheduler CONFIG",
+                 "--seed_everything", "--ckpt_path"):  # fmt: skip
+        assert flag in whole, flag
+    sections = _sections(whole)  # the command's own arguments right after the general options
+    assert sections.index(f"Arguments of lightning-score {command}") < sections.index(
+        "Trainer (Lightning's, plus merge; set as --trainer.NAME)"
+    )
+
+
+@pytest.mark.parametrize(("command", "model"), [("fit", "CLIPExpert"), ("merge", "MergeModule")])
+def test_model_help_lists_the_default_models_arguments_in_plain_text(
+    command: str, model: str, capsys: pytest.CaptureFixture
+) -> None:
+    code, out, _ = _exits([command, "--model.help", model], capsys)
+    assert code in (0, None)
+    expected = (
+        ("--model.lr LR", "--model.templates")
+        if model == "CLIPExpert"
+        else ("--model.method METHOD", "--model.alpha ALPHA")
+    )
+    assert all(flag in out for flag in expected), out
+    assert not RST_ANY.search(out), RST_ANY.search(out)  # was ``.safetensors``, :attr:`alpha_search_result`...
 
 
 @pytest.mark.parametrize(
@@ -94,4 +156,8 @@ def test_one_line_reads_jsonargparse_error_trees() -> None:
     assert one_line("Key 'x' is required.") == "Key 'x' is required."
     assert plain("see :meth:`~lightning.Trainer.fit`, :class:`datetime.timedelta` and ``x``") == (
         "see fit, datetime.timedelta and x"
+    )
+    assert (
+        plain("every `N` epochs (`notes <https://x.org>`_), :paramref:`a.b`")
+        == "every N epochs (notes (https://x.org)), a.b"
     )
