@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,14 @@ def quick_base(lightning_score_cache: Path) -> Path:
 def expert_task_vectors(quick_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """domain -> task-vector file, each expert fine-tuned 25 steps from the quick base (rot0, rot30, rot60)."""
     return fit_experts(quick_base, tmp_path_factory.mktemp("task_vectors"))
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder every user can reach (``tmp_path`` is private to its owner, root), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="ls-shared-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)

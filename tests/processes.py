@@ -101,3 +101,21 @@ def run_script(script: Path, *args: str, check: bool = True, timeout: float = 30
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def slurm_environment(folder: Path, job_id: str, job_name: str) -> tuple[dict[str, str], Path]:
+    """A worker environment as a one-task SLURM job sees it, with a fake ``scontrol`` first on ``PATH``.
+
+    The fake records its arguments (one line per call) in the returned file and, as SLURM does on a requeue,
+    stops the job with SIGTERM.
+    """
+    bin_dir, record = folder / "bin", folder / "scontrol.txt"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {record}\nkill -TERM $PPID\n')
+    scontrol.chmod(0o755)
+    env = worker_environment(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=job_id, SLURM_NTASKS="1",
+        SLURM_JOB_NAME=job_name, SLURM_NODELIST="localhost", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+    )  # fmt: skip
+    return env, record

@@ -7,10 +7,7 @@ root's that a fit run by another user (a forked child that ``setuid``s to an unu
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,17 +68,6 @@ def test_fit_names_an_unwritable_output_before_training(
     assert line == f"lightning-score: error: {what.format(blocked=blocked)} is not writable: {blocked} {NOT_A_FOLDER}"
     assert not run.exists() or _files(run) == []  # nothing trained, logged or written
     assert blocked.read_text() == "not a folder"
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A folder every user can reach (``tmp_path`` is private to root), removed afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="ls-outputs-"))
-    folder.chmod(0o755)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder)
 
 
 def _as_other_user(args: list[str], folder: Path) -> tuple[int, str]:

@@ -21,7 +21,7 @@ import pytest
 
 from lightning_score import TaskVector
 from tests.experts import MODEL
-from tests.processes import worker_environment
+from tests.processes import slurm_environment, worker_environment
 
 STEPS = 120
 FIRST_LINE = f"fine-tuning rot0 (seed 0): step {STEPS // 10}/{STEPS} (10 %)"
@@ -81,16 +81,7 @@ def test_a_study_stopped_by_a_signal_exits_non_zero_says_where_and_keeps_nothing
 def test_slurm_requeue_on_sigusr1_checkpoints_the_fit_requeues_and_the_rerun_resumes_it(
     mini_digits: Path, quick_base: Path, tmp_path: Path
 ) -> None:
-    bin_dir, record = tmp_path / "bin", tmp_path / "scontrol.txt"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {record}\nkill -TERM $PPID\n')
-    scontrol.chmod(0o755)
-    env = worker_environment(
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="777", SLURM_NTASKS="1",
-        SLURM_JOB_NAME="score-study", SLURM_NODELIST="localhost", SLURM_PROCID="0", SLURM_LOCALID="0",
-        SLURM_NODEID="0",
-    )  # fmt: skip
+    env, record = slurm_environment(tmp_path, "777", "score-study")
     out, command = tmp_path / "study", _study(quick_base, mini_digits, tmp_path / "study")
     code, _, stderr = _run(command, tmp_path, env, signal.SIGUSR1)
     assert record.read_text().split() == ["requeue", "777"], stderr[-3000:]

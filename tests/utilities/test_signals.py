@@ -21,7 +21,7 @@ import pytest
 from lightning_score import TaskVector
 from lightning_score.utilities.signals import StoppedBySignal, watch_signals
 from tests.experts import MODEL
-from tests.processes import worker_environment
+from tests.processes import slurm_environment, worker_environment
 
 MAX_STEPS = 30
 FIT_LINE = "lightning-score fit: stopped by {} before training finished, so no task vector was written"
@@ -82,16 +82,7 @@ def test_slurm_requeue_on_sigusr1_saves_its_checkpoint_requeues_and_the_rerun_re
     quick_base: Path, tmp_path: Path
 ) -> None:
     """Lightning's SLURMEnvironment(auto_requeue=True) with the callback: checkpoint, requeue, no τ; then resume."""
-    bin_dir, record = tmp_path / "bin", tmp_path / "scontrol.txt"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"  # SLURM requeues the job and stops it with SIGTERM
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {record}\nkill -TERM $PPID\n')
-    scontrol.chmod(0o755)
-    env = worker_environment(
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NTASKS="1",
-        SLURM_JOB_NAME="score-expert", SLURM_NODELIST="localhost", SLURM_PROCID="0", SLURM_LOCALID="0",
-        SLURM_NODEID="0",
-    )  # fmt: skip
+    env, record = slurm_environment(tmp_path, "4242", "score-expert")
     marker = tmp_path / "started"
     command = _fit_command(quick_base, marker)
     result = run_until_marker(command, tmp_path, marker, signal.SIGUSR1, env)

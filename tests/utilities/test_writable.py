@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,17 +96,6 @@ def _check_as_other_user(target: Path) -> str | None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child could not check"
     return json.loads(output)
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A folder every user can reach (``tmp_path`` is private to its owner), removed afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="ls-writable-"))
-    folder.chmod(0o755)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder)
 
 
 @pytest.mark.skipif(not hasattr(os, "setuid"), reason="needs POSIX users")
