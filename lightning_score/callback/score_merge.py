@@ -230,8 +230,8 @@ class ScoreMergeCallback(Callback):
             return
         self._follow(pl_module)
         self._device = pl_module.device  # the training device (a resumed fit may merge after teardown)
-        if trainer.ckpt_path:
-            self._snapshot = self._resume_snapshot(trainer, pl_module)
+        if trainer.ckpt_path:  # θ₀ is the checkpoint's, lazy modules' included (never the resume point's weights)
+            self._snapshot, self._deferred = self._resume_snapshot(trainer, pl_module), False
             rank_zero_info(f"ScoreMergeCallback: resuming; θ₀ is {self._snapshot.path} (from the checkpoint).")
             return
         if self._deferred or self._snapshot is None:

@@ -276,6 +276,29 @@ def test_lazy_modules_are_snapshotted_once_materialised(tmp_path: Path) -> None:
         assert tv[f"head.0.{name}"].abs().sum() > 0
 
 
+def test_a_resumed_lazy_module_keeps_the_checkpoints_theta0(tmp_path: Path) -> None:
+    """The resume point's weights are not θ₀: a resumed lazy fit measures from the first fit's start, as uninterrupted."""
+    torch.manual_seed(0)  # a lazy layer draws its initial weights at the first forward: seed right before each fit
+    trainer(tmp_path / "whole", [ScoreMergeCallback(dirpath=tmp_path / "whole", name="lazy")]).fit(
+        LazyRegressor(), data()
+    )
+    torch.manual_seed(0)
+    first = LazyRegressor()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)  # an epoch's end
+    callback = ScoreMergeCallback(dirpath=tmp_path / "resumed", name="lazy")
+    trainer(tmp_path / "a", [callback, checkpoints], max_steps=4, enable_checkpointing=True).fit(first, data())
+    torch.manual_seed(0)
+    again = LazyRegressor()
+    resumed = ScoreMergeCallback(dirpath=tmp_path / "resumed", name="lazy")
+    fit = trainer(tmp_path / "b", [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], enable_checkpointing=True)
+    fit.fit(again, data(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    expected, tv = _tv(tmp_path / "whole", "lazy"), _tv(tmp_path / "resumed", "lazy")
+    assert sorted(tv) == sorted(expected) and tv.metadata["global_step"] == 6
+    assert tv.base_fingerprint == expected.base_fingerprint
+    for key in tv:
+        torch.testing.assert_close(tv[key], expected[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
 # --- item 1 (one process): testing with merge_with needs a merge --------------------------------------------
 
 
