@@ -290,9 +290,14 @@ def test_an_unwritable_merge_output_fails_at_setup_before_the_merge(
     data = digits(train_domains=["rot0", "rot30"], test_domains=["rot60"])
     with unwritable_folder(folder) as reason, pytest.raises(OutputNotWritableError) as raised:
         trainer.merge(module, datamodule=data, output=str(target))
-    assert str(raised.value) == (
-        f"The merged weights file {target} is not writable: cannot create a file in {folder} ({reason}); "
+    assert str(raised.value) == (  # ScoreTrainer.merge checks it first, naming the command's flag
+        f"--output {target} is not writable: cannot create a file in {folder} ({reason}); "
         "choose another location or fix its permissions"
     )
     assert module.merged is None and module.merge_seconds is None and module.head is None  # found before the work
     assert list(folder.iterdir()) == [] and trainer.merged_path is None
+    # MergeModule's own check, for a merged output set without ScoreTrainer (its setup, before any merge work)
+    module.merged_output = target
+    with unwritable_folder(folder), pytest.raises(OutputNotWritableError, match=r"^The merged weights file .* is not"):
+        ScoreTrainer(accelerator="cpu", devices=1, **QUIET).test(module, datamodule=data)
+    assert module.merged is None and module.head is None
