@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -13,45 +12,11 @@ from torch import nn
 from lightning_score import ScoreMergeCallback, TaskVector
 from lightning_score.merging import merge_task_vectors
 from tests.modules import data, trainer
+from tests.processes import run_script
 
 peft = pytest.importorskip("peft")
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.attn = nn.MultiheadAttention(8, 2)
-        self.fc2 = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(x))[:, None]
-        return self.fc2(self.attn(h, h, h)[0][:, 0])
-
-
-class LoraRegressor(pl.LightningModule):
-    """A Trainer's module as people write it: a PEFT model inside, adapters trainable, the base frozen."""
-
-    def __init__(self, net: nn.Module, lora: bool = True, encoder_attr: bool = False) -> None:
-        super().__init__()
-        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "attn"], modules_to_save=["fc2"])
-        self.net = peft.get_peft_model(net, config) if lora else net
-        if encoder_attr:
-            self.image_encoder = self.net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
-
-    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("test/mse", nn.functional.mse_loss(self(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+from tests.lora_modules import LoraRegressor, Net  # noqa: E402
 
 
 def _expected(module: LoraRegressor, base: nn.Module) -> dict[str, torch.Tensor]:
@@ -131,3 +96,22 @@ def test_merge_with_inside_an_adapted_module_is_refused_not_tested_silently(tmp_
 
     with pytest.raises(ValueError, match=r"PEFT-adapted module.*merged_path"):
         fitter.test(second, data())
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_a_two_process_lora_fit_writes_merge_and_unloads_update(tmp_path: Path, strategy: str) -> None:
+    run_script(Path(__file__).resolve().parent / "ddp_lora_fit.py", str(tmp_path), strategy)
+    assert sorted(p.name for p in (tmp_path / "task_vectors").iterdir()) == ["lora.safetensors", "pretrained"]
+    tv, expected = TaskVector.load(tmp_path / "task_vectors" / "lora.safetensors"), torch.load(tmp_path / "expected.pt")
+    assert sorted(tv) == [
+        "net.attn.in_proj_weight",
+        "net.attn.out_proj.weight",
+        "net.fc1.weight",
+        "net.fc2.bias",
+        "net.fc2.weight",
+    ]
+    assert tv.metadata["global_step"] == 4
+    for key in tv:
+        torch.testing.assert_close(tv[key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
+        assert tv[key].abs().sum() > 0, key
