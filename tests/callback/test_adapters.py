@@ -221,3 +221,23 @@ def test_each_adapter_parameter_names_the_weights_it_updates():
     assert trainable <= set(targets)
     with_bias = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["fc2"], lora_bias=True))
     assert adapter_targets(with_bias)["base_model.model.fc2.lora_B.default.bias"] == ("fc2.weight", "fc2.bias")
+
+
+def test_the_open_clip_tiny_image_tower_with_lora_reads_as_merge_and_unload():
+    """open_clip's blocks: nn.MultiheadAttention (fused in_proj_weight, out_proj) and the MLP's c_fc / c_proj."""
+    from lightning_score.models.factory import build_clip
+
+    torch.manual_seed(0)
+    visual = build_clip("tiny-ViT-W64-L2").model.visual
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["attn", "c_fc", "c_proj"])
+    model = _trained(peft.get_peft_model(copy.deepcopy(visual), config))
+    state = _assert_is_merge_and_unload(model, atol=1e-6)
+    assert sorted(state) == sorted(visual.state_dict())  # the keys a full fine-tune of the tower gives
+    for key in ("transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.1.mlp.c_proj.weight"):
+        assert not torch.equal(state[key], visual.state_dict()[key]), key
+    images = torch.randn(2, 3, *visual.image_size)
+    plain = copy.deepcopy(visual)
+    plain.load_state_dict(state)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), model(images), rtol=1e-4, atol=1e-5)
