@@ -22,7 +22,7 @@ module with PEFT layers has imported PEFT already).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +185,25 @@ def adapted_keys(module: nn.Module) -> dict[str, str]:
     return {entry.key: entry.raw for entry in _walk(module) if entry.key is not None}
 
 
+def _weight_updates(layer: nn.Module) -> dict[str, Callable[[str], Tensor | None]]:
+    """What a LoRA layer updates: each entry under its ``base_layer.``, with the update one adapter adds (or None).
+
+    PEFT's ``MultiheadAttention.merge()`` (and so its forward and ``merge_and_unload``) adds ``out_proj``'s update
+    once itself and once more through ``out_proj``'s own LoRA Linear, which is read as a layer of its own.
+    """
+    if type(layer).__name__ == "MultiheadAttention":
+        return {
+            "in_proj_weight": layer.get_delta_weight,
+            "out_proj.base_layer.weight": layer.base_layer.out_proj.get_delta_weight,
+        }
+    updates: dict[str, Callable[[str], Tensor | None]] = {"weight": layer.get_delta_weight}
+    if any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):
+        updates["bias"] = lambda adapter: (
+            layer.lora_B[adapter].bias * layer.scaling[adapter] if layer.lora_bias.get(adapter) else None
+        )
+    return updates
+
+
 def effective_state(module: nn.Module) -> dict[str, Tensor]:
     """The weights ``module`` computes with, by base-model key: ``merge_and_unload()``'s, without changing it.
 
@@ -200,33 +219,16 @@ def effective_state(module: nn.Module) -> dict[str, Tensor]:
     state = {key: full[raw] for raw, key in keys.items()}
     for name, layer in layers.items():
         prefix = f"{name}.base_layer." if name else "base_layer."
-        if type(layer).__name__ == "MultiheadAttention":
-            # PEFT's MultiheadAttention.merge() (and so its forward and merge_and_unload) adds out_proj's update once
-            # itself and once more through out_proj's own LoRA Linear, which is read as a layer of its own below.
-            targets = {
-                "in_proj_weight": layer.get_delta_weight,
-                "out_proj.base_layer.weight": layer.base_layer.out_proj.get_delta_weight,
-            }
-            bias_of = None
-        else:
-            targets = {"weight": layer.get_delta_weight}
-            bias_of = "bias"
         cast_first = type(layer).__name__ in _CAST_FIRST
-        for attribute, delta_of in targets.items():
+        for attribute, update_of in _weight_updates(layer).items():
             key = keys[prefix + attribute]
             merged = state[key].detach().clone()
             for adapter in layer.active_adapters:
                 if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
-                    delta = delta_of(adapter).detach()
-                    merged += delta.to(merged.dtype) if cast_first else delta
+                    delta = update_of(adapter)
+                    if delta is not None:
+                        merged += delta.detach().to(merged.dtype) if cast_first else delta.detach()
             state[key] = merged
-        if bias_of is not None and any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):
-            raw = prefix + bias_of
-            bias = state[keys[raw]].detach().clone()
-            for adapter in layer.active_adapters:
-                if layer.lora_bias.get(adapter):
-                    bias += (layer.lora_B[adapter].bias * layer.scaling[adapter]).detach().to(bias.dtype)
-            state[keys[raw]] = bias
     return state
 
 
@@ -241,23 +243,18 @@ def adapter_targets(module: nn.Module) -> dict[str, tuple[str, ...]]:
         UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
     """
     layers = dict(_lora_layers(module))
-    keys = {entry.raw: entry.key for entry in _walk(module) if entry.key is not None}
+    entries = list(_walk(module))
+    keys = {entry.raw: entry.key for entry in entries if entry.key is not None}
     targets: dict[str, tuple[str, ...]] = {}
-    for entry in _walk(module):
+    for entry in entries:
         if entry.key is not None:
             continue
         owners = [name for name in layers if entry.raw.startswith(f"{name}." if name else "")]
         if not owners:
             continue  # a saved module's original copy, another adapter's saved copy
         name = max(owners, key=len)  # the innermost layer (out_proj's own LoRA inside a MultiheadAttention)
-        layer, prefix = layers[name], f"{name}.base_layer." if name else "base_layer."
-        if type(layer).__name__ == "MultiheadAttention":
-            updated = [prefix + "in_proj_weight", prefix + "out_proj.base_layer.weight"]
-        else:
-            updated = [prefix + "weight"]
-            if any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):
-                updated.append(prefix + "bias")
-        targets[entry.raw] = tuple(keys[raw] for raw in updated)
+        prefix = f"{name}.base_layer." if name else "base_layer."
+        targets[entry.raw] = tuple(keys[prefix + attribute] for attribute in _weight_updates(layers[name]))
     return targets
 
 
