@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import peft
 import torch
 from torch import nn
 
-__all__ = ["LoraRegressor", "Net"]
+__all__ = ["LORA_KEYS", "LoraRegressor", "Net", "lora_update"]
+
+LORA_KEYS = ["net.attn.in_proj_weight", "net.attn.out_proj.weight", "net.fc1.weight", "net.fc2.bias", "net.fc2.weight"]
+"""The task-vector keys of a fitted :class:`LoraRegressor`: the weights its adapters and its saved fc2 change."""
 
 
 class Net(nn.Module):
@@ -45,3 +50,9 @@ class LoraRegressor(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+
+def lora_update(module: LoraRegressor, base: nn.Module) -> dict[str, torch.Tensor]:
+    """merge_and_unload()'s weights minus the base weights, per base key (prefixed as in the LightningModule)."""
+    merged = copy.deepcopy(module.net).merge_and_unload().state_dict()
+    return {f"net.{key}": merged[key].double() - value.double() for key, value in base.state_dict().items()}

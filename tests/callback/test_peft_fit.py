@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_score import ScoreMergeCallback, TaskVector
 from lightning_score.merging import merge_task_vectors
@@ -16,13 +15,7 @@ from tests.processes import run_script
 
 peft = pytest.importorskip("peft")
 
-from tests.lora_modules import LoraRegressor, Net  # noqa: E402
-
-
-def _expected(module: LoraRegressor, base: nn.Module) -> dict[str, torch.Tensor]:
-    """merge_and_unload()'s weights minus the base weights, per base key (prefixed as in the LightningModule)."""
-    merged = copy.deepcopy(module.net).merge_and_unload().state_dict()
-    return {f"net.{key}": merged[key].double() - value.double() for key, value in base.state_dict().items()}
+from tests.lora_modules import LORA_KEYS, LoraRegressor, Net, lora_update  # noqa: E402
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
@@ -36,15 +29,9 @@ def test_the_task_vector_of_a_lora_fit_is_merge_and_unloads_update_under_the_bas
     trainer(tmp_path, [callback], precision=precision).fit(module, data())
     tv = TaskVector.load(tmp_path / "tvs" / "lora.safetensors")
     # the trainable parameters were the adapters and the saved fc2: the task vector holds the weights they change
-    assert sorted(tv) == [
-        "net.attn.in_proj_weight",
-        "net.attn.out_proj.weight",
-        "net.fc1.weight",
-        "net.fc2.bias",
-        "net.fc2.weight",
-    ]
+    assert sorted(tv) == LORA_KEYS
     # θ₀ is the base as given (float32, before the precision plugin converts the module), as for any expert
-    expected = _expected(module, base)
+    expected = lora_update(module, base)
     assert tv.metadata["adapters"] == {
         "peft_version": peft.__version__,
         "type": "LORA",
@@ -72,7 +59,7 @@ def test_lora_and_full_fine_tune_experts_of_one_base_merge_together(tmp_path: Pa
     tvs = [TaskVector.load(tmp_path / "tvs" / f"{name}.safetensors") for name in ("lora", "full")]
     assert sorted(tvs[0]) == sorted(tvs[1]) == sorted(base.state_dict())  # the whole encoder, by the base's keys
     assert tvs[0].base_fingerprint == tvs[1].base_fingerprint
-    expected = {key.removeprefix("net."): value for key, value in _expected(lora, base).items()}
+    expected = {key.removeprefix("net."): value for key, value in lora_update(lora, base).items()}
     for key in tvs[0]:
         torch.testing.assert_close(tvs[0][key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
     assert torch.count_nonzero(tvs[0]["fc1.bias"]) == 0  # frozen under LoRA: a zero update
@@ -104,13 +91,7 @@ def test_a_two_process_lora_fit_writes_merge_and_unloads_update(tmp_path: Path, 
     run_script(Path(__file__).resolve().parent / "ddp_lora_fit.py", str(tmp_path), strategy)
     assert sorted(p.name for p in (tmp_path / "task_vectors").iterdir()) == ["lora.safetensors", "pretrained"]
     tv, expected = TaskVector.load(tmp_path / "task_vectors" / "lora.safetensors"), torch.load(tmp_path / "expected.pt")
-    assert sorted(tv) == [
-        "net.attn.in_proj_weight",
-        "net.attn.out_proj.weight",
-        "net.fc1.weight",
-        "net.fc2.bias",
-        "net.fc2.weight",
-    ]
+    assert sorted(tv) == LORA_KEYS
     assert tv.metadata["global_step"] == 4
     for key in tv:
         torch.testing.assert_close(tv[key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
