@@ -22,55 +22,25 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_score.task_vector_files import (
+    FILE_FINGERPRINTS,
+    FORMAT,
+    FORMAT_VERSION,
+    KIND,
+    EntryState,
+    LazyLowRank,
+    content_hash,
+    entry_state,
+    file_contents,
+    file_identity,
+    read_contents,
+    unchanged,
+)
 from lightning_score.utilities.files import atomic_write
-from lightning_score.utilities.tensor_files import (
-    FORMAT_KEY,
-    VERSION_KEY,
-    FileKind,
-    LazySafetensors,
-    read_header,
-    state_dict_fingerprint,
-)
+from lightning_score.utilities.low_rank import LowRankUpdate, add_updates
+from lightning_score.utilities.tensor_files import LazySafetensors, state_dict_fingerprint
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "KIND", "TaskVector", "state_dict_fingerprint"]
-
-FORMAT = "lightning-score/task-vector"
-FORMAT_VERSION = 1
-
-_METADATA_KEY = "metadata"
-
-
-# Content fingerprints of task-vector files already hashed in this process, keyed by the file's identity.
-_FILE_FINGERPRINTS: dict[tuple[str, int, int, int, int], str] = {}
-
-
-def _file_identity(path: Path) -> tuple[str, int, int, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-# The entries at one moment: (key, tensor, its version counter, which in-place changes increment) per key of a dict;
-# "lazy" for any other mapping, e.g. a file read key by key (every read a new tensor); None: not recorded.
-_EntryState = tuple[tuple[str, Tensor, int], ...] | str | None
-
-
-def _unchanged(now: _EntryState, then: _EntryState) -> bool:
-    """Whether the entries are the very tensors they were, none changed in place since."""
-    if not isinstance(now, tuple) or not isinstance(then, tuple) or len(now) != len(then):
-        return now is not None and not isinstance(now, tuple) and now == then
-    return all(a[0] == b[0] and a[1] is b[1] and a[2] == b[2] for a, b in zip(now, then, strict=True))
-
-
-KIND = FileKind(
-    format=FORMAT,
-    version=FORMAT_VERSION,
-    what="task vector",
-    when_missing="Write one with ScoreMergeCallback during fit, or "
-    "TaskVector.from_state_dicts(pretrained, finetuned).save(path).",
-    when_unreadable="re-create it with TaskVector.save().",
-    make="Build one with TaskVector.from_state_dicts(pretrained, finetuned) and save it with TaskVector.save().",
-)
-"""What a task-vector file is, for :func:`~lightning_score.utilities.tensor_files.read_header`."""
+__all__ = ["FORMAT", "FORMAT_VERSION", "KIND", "LowRankUpdate", "TaskVector", "state_dict_fingerprint"]
 
 
 class TaskVector(Mapping[str, Tensor]):
@@ -83,7 +53,10 @@ class TaskVector(Mapping[str, Tensor]):
         tensors: The task vector's entries.
         metadata: JSON-serialisable provenance. Known fields: ``name`` (the expert), ``domain``,
             ``base_model`` (e.g. ``"ViT-B-32/openai"``), ``base_fingerprint`` (see
-            :func:`state_dict_fingerprint`); merged task vectors add ``merge``.
+            :func:`state_dict_fingerprint`); merged task vectors add ``merge``, a LoRA expert's ``adapters``.
+        low_rank: Entries kept as their factors, Δ = s·B·A (a LoRA expert's adapted weights): ``tv[key]`` builds
+            the dense update when asked, :meth:`low_rank` gives the factors, and saving, loading, ``+``, ``-`` and
+            ``*`` keep them as factors. Keys must differ from those of ``tensors``.
 
     Example:
         >>> import torch
@@ -96,10 +69,23 @@ class TaskVector(Mapping[str, Tensor]):
         8.0
         >>> tv.apply_to(pre, alpha=0.5)["w"][0, 0].item()
         0.5
+        >>> lora = TaskVector({}, low_rank={"w": LowRankUpdate(torch.ones(2, 1), torch.ones(1, 2), 0.5)})
+        >>> lora["w"].sum().item(), lora.low_rank("w").rank, (2 * lora).low_rank("w").scale
+        (2.0, 1, 1.0)
     """
 
-    def __init__(self, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        metadata: Mapping[str, Any] | None = None,
+        low_rank: Mapping[str, LowRankUpdate] | None = None,
+    ) -> None:
         self._tensors = tensors
+        self._low_rank: Mapping[str, LowRankUpdate] = low_rank if low_rank is not None else {}
+        both = [key for key in self._low_rank if key in tensors]
+        if both:
+            raise ValueError(f"Key '{both[0]}' is given both as a dense entry and as a low-rank one: give it once.")
+        self._keys = list(tensors) + list(self._low_rank) if self._low_rank else None
         self._metadata: dict[str, Any] = dict(metadata or {})
         try:
             json.dumps(self._metadata)
@@ -107,8 +93,8 @@ class TaskVector(Mapping[str, Tensor]):
             raise ValueError(f"Task-vector metadata must be JSON-serialisable: {error}") from error
         self._path: Path | None = None
         self._content_fingerprint: str | None = None
-        self._fingerprinted: _EntryState = None  # the entries _content_fingerprint was computed from
-        self._as_on_file: _EntryState = None  # the entries when they last equalled the file's (load, save)
+        self._fingerprinted: EntryState = None  # the entries _content_fingerprint was computed from
+        self._as_on_file: EntryState = None  # the entries when they last equalled the file's (load, save)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -168,13 +154,27 @@ class TaskVector(Mapping[str, Tensor]):
     # --- mapping ----------------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Tensor:
+        if key in self._low_rank:
+            return self._low_rank[key].dense()
         return self._tensors[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._tensors) if self._keys is None else iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._tensors) + len(self._low_rank)
+
+    def __contains__(self, key: object) -> bool:  # without reading a tensor
+        return key in self._tensors or key in self._low_rank
+
+    def low_rank(self, key: str) -> LowRankUpdate | None:
+        """Entry ``key`` as its factors Δ = s·B·A when it is kept so (a LoRA expert's adapted weight), else None."""
+        return self._low_rank.get(key)
+
+    @property
+    def low_rank_keys(self) -> frozenset[str]:
+        """The keys kept as factors (empty for a dense task vector)."""
+        return frozenset(self._low_rank)
 
     def __repr__(self) -> str:
         where = f", path='{self._path}'" if self._path else ""
@@ -227,25 +227,29 @@ class TaskVector(Mapping[str, Tensor]):
             False
         """
         state = self._entry_state()
-        if self._content_fingerprint is not None and _unchanged(state, self._fingerprinted):
+        if self._content_fingerprint is not None and unchanged(state, self._fingerprinted):
             return self._content_fingerprint
-        as_on_file = self._path is not None and _unchanged(state, self._as_on_file) and self._path.exists()
-        identity = _file_identity(self._path) if as_on_file and self._path is not None else None
-        cached = _FILE_FINGERPRINTS.get(identity) if identity is not None else None
-        self._content_fingerprint = cached or state_dict_fingerprint(self, list(self))
+        as_on_file = self._path is not None and unchanged(state, self._as_on_file) and self._path.exists()
+        identity = file_identity(self._path) if as_on_file and self._path is not None else None
+        cached = FILE_FINGERPRINTS.get(identity) if identity is not None else None
+        self._content_fingerprint = cached or self._hash_content()
         self._fingerprinted = state
         if identity is not None:
-            _FILE_FINGERPRINTS[identity] = self._content_fingerprint
+            FILE_FINGERPRINTS[identity] = self._content_fingerprint
         return self._content_fingerprint
 
-    def _entry_state(self) -> _EntryState:
-        """The entries as they are now (see ``_EntryState``); ``"lazy"`` for a mapping that is not a dict."""
-        if not isinstance(self._tensors, dict):  # reading them all on every call could cost as much as hashing
-            return "lazy"
-        return tuple((key, tensor, tensor._version) for key, tensor in self._tensors.items())
+    def _hash_content(self) -> str:
+        return content_hash(self._tensors, self._low_rank)
+
+    def _entry_state(self) -> EntryState:
+        return entry_state(self._tensors, self._low_rank)
 
     def tensor_spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of entry ``key``; for a lazily loaded file, without reading the tensor."""
+        if key in self._low_rank:
+            if isinstance(self._low_rank, LazyLowRank):
+                return self._low_rank.tensor_spec(key)
+            return self._low_rank[key].shape, self._low_rank[key].dtype
         if isinstance(self._tensors, LazySafetensors):
             return self._tensors.tensor_spec(key)
         tensor = self._tensors[key]
@@ -278,16 +282,19 @@ class TaskVector(Mapping[str, Tensor]):
                 f"Cannot combine {self.describe()} and {other.describe()}: they were made "
                 "from different pre-trained weights (base fingerprints differ)."
             )
-        out = {}
+        out, low_rank = {}, {}
         for key in self:
-            a, b = self[key], other[key]
-            if a.shape != b.shape:
-                raise ValueError(
-                    f"Key '{key}' has shape {tuple(a.shape)} in one task vector and {tuple(b.shape)} in the other."
-                )
-            out[key] = a + sign * b.to(a.dtype)
+            first, second = self.low_rank(key), other.low_rank(key) if isinstance(other, TaskVector) else None
+            a_shape, b_shape = self.tensor_spec(key)[0], tuple(other[key].shape) if second is None else second.shape
+            if a_shape != b_shape:
+                raise ValueError(f"Key '{key}' has shape {a_shape} in one task vector and {b_shape} in the other.")
+            if first is not None and second is not None:  # factors stay factors, of rank ρ₁ + ρ₂
+                low_rank[key] = add_updates(first, second, sign)
+            else:
+                a = self[key]
+                out[key] = a + sign * other[key].to(a.dtype)
         meta = {k: v for k, v in self._metadata.items() if k in ("base_model", "base_fingerprint")}
-        return TaskVector(out, meta)
+        return TaskVector(out, meta, low_rank)
 
     def __add__(self, other: Mapping[str, Tensor]) -> TaskVector:
         return self._combine(other, 1.0)
@@ -298,7 +305,9 @@ class TaskVector(Mapping[str, Tensor]):
     def __mul__(self, scalar: float) -> TaskVector:
         if not isinstance(scalar, numbers.Real):
             return NotImplemented
-        return TaskVector({k: v * float(scalar) for k, v in self.items()}, self._metadata)
+        low_rank = {key: update.scaled(float(scalar)) for key, update in self._low_rank.items()}
+        dense = {key: tensor * float(scalar) for key, tensor in self._tensors.items()}
+        return TaskVector(dense, self._metadata, low_rank)
 
     __rmul__ = __mul__
 
@@ -361,12 +370,7 @@ class TaskVector(Mapping[str, Tensor]):
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.items()}
-        header = {
-            FORMAT_KEY: FORMAT,
-            VERSION_KEY: str(FORMAT_VERSION),
-            _METADATA_KEY: json.dumps(self._metadata, sort_keys=True),
-        }
+        tensors, header = file_contents(self._tensors, self._low_rank, self._metadata)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         self._path = path
         self._as_on_file = self._entry_state()
@@ -389,11 +393,8 @@ class TaskVector(Mapping[str, Tensor]):
             ValueError: The file is not a safetensors task vector written by lightning-score.
         """
         path = Path(path)
-        header = read_header(path, KIND)
-        metadata = json.loads(header.get(_METADATA_KEY, "{}"))
-        lazy_tensors = LazySafetensors(path)
-        tensors: Mapping[str, Tensor] = lazy_tensors if lazy else {k: lazy_tensors[k] for k in lazy_tensors}
-        tv = cls(tensors, metadata)
+        tensors, metadata, factors = read_contents(path, KIND, lazy)
+        tv = cls(tensors, metadata, factors)
         tv._path = path
         tv._as_on_file = tv._entry_state()
         return tv

@@ -17,10 +17,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_score"
 
-LAYERS: dict[str, int] = {
+LAYERS: dict[str, float] = {
     "_version": 0,
     "utilities": 0,
     "task_vector": 1,
+    "task_vector_files": 0.5,  # the task-vector file layout, below TaskVector
     "merging": 2,
     "analysis": 3,
     "data": 3,

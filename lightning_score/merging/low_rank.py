@@ -14,59 +14,12 @@ deficient (a zero column of B, say) gives zero singular values, which :func:`fac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-__all__ = ["LowRankUpdate", "factor_svd"]
+from lightning_score.utilities.low_rank import LowRankUpdate, add_updates
 
-
-@dataclass(frozen=True)
-class LowRankUpdate:
-    """One key's update as factors: Δ = ``scale`` · ``B`` @ ``A``.
-
-    Attributes:
-        B: ``[m, ρ]``.
-        A: ``[ρ, n]``.
-        scale: The scalar s.
-
-    Example:
-        >>> import torch
-        >>> update = LowRankUpdate(torch.ones(3, 1), torch.ones(1, 2), scale=0.5)
-        >>> update.shape, update.rank
-        ((3, 2), 1)
-        >>> update.dense()
-        tensor([[0.5000, 0.5000],
-                [0.5000, 0.5000],
-                [0.5000, 0.5000]])
-    """
-
-    B: Tensor
-    A: Tensor
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise ValueError(
-                f"A low-rank update needs B [m, ρ] and A [ρ, n] with the same ρ; got B {tuple(self.B.shape)} "
-                f"and A {tuple(self.A.shape)}."
-            )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(m, n)``, the dense update's shape."""
-        return (self.B.shape[0], self.A.shape[1])
-
-    @property
-    def rank(self) -> int:
-        """ρ, the factors' inner dimension (an upper bound of the update's rank)."""
-        return self.B.shape[1]
-
-    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The update s·B·A as one ``[m, n]`` tensor, in ``dtype`` (default the factors' common dtype)."""
-        dtype = dtype or torch.promote_types(self.B.dtype, self.A.dtype)
-        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
+__all__ = ["LowRankUpdate", "add_updates", "factor_svd"]
 
 
 def factor_svd(update: LowRankUpdate, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:

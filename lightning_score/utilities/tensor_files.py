@@ -186,13 +186,17 @@ class LazySafetensors(Mapping[str, Tensor]):
 
     Args:
         path: The file.
+        keys: Only these of its tensors (default: all of them).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], keys: Iterable[str] | None = None) -> None:
         self._path = Path(path)
         self._handle: Any = None
         with safe_open(str(self._path), framework="pt") as handle:
             self._keys = list(handle.keys())
+        if keys is not None:
+            wanted = set(keys)
+            self._keys = [key for key in self._keys if key in wanted]
 
     def _open(self) -> Any:
         if self._handle is None:
