@@ -24,6 +24,7 @@ from lightning_score.merging.key_factors import ExpertSet
 from lightning_score.merging.keys import is_matrix_key, resolve_device
 from lightning_score.merging.prefetch import prefetched
 from lightning_score.merging.registry import KeyMerger, KeyStream, get_method
+from lightning_score.merging.task_matrices import LowRankUpdate, RankDeficientError, TaskMatrices
 from lightning_score.merging.validation import as_task_vectors, check_compatible, raise_non_finite, shape_and_dtype
 from lightning_score.task_vector import TaskVector
 
@@ -82,6 +83,7 @@ def merge_task_vectors(
     factors: FactorCache | None = None,
     batch_svd: bool | None = None,
     prefetch: bool | None = None,
+    through_factors: bool = True,
     **options: Any,
 ) -> TaskVector:
     """Merge T task vectors into one: θ = θ₀ + α·τ* once applied.
@@ -107,6 +109,10 @@ def merge_task_vectors(
             kept for this merge only.
         prefetch: Load the next key (or batch) in a background thread while this one is computed (default: on
             CUDA only).
+        through_factors: For keys that task vectors keep as factors (LoRA experts), merge from the factors (default)
+            in the methods that can (SCORE, TSV-M, CART, Iso-C, Iso-CTS): exact, without the dense T×m×n stack. With
+            False the same definition is computed from the dense matrices (each task still keeps k_t = min(k, ρ_t)
+            singular directions): for comparison. Other methods read the dense matrices, one key at a time.
         **options: The method's options (see its docstring); unknown ones are rejected.
 
     Returns:
@@ -161,6 +167,21 @@ def merge_task_vectors(
             raise_non_finite(tvs, key, index)
         return matrix
 
+    def load_tasks(key: str) -> TaskMatrices:
+        """One key's T tasks, factors kept as factors (on the compute device, checked for NaN/inf)."""
+        dtype, parts = dtype_of(key), []
+        for index, tv in enumerate(tvs):
+            update = tv.low_rank(key)
+            if update is None:
+                parts.append(load_one(index, key, dtype))
+                continue
+            B, A = (f.to(device=target, dtype=dtype, non_blocking=True) for f in (update.B, update.A))
+            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                raise_non_finite(tvs, key, index)
+            parts.append(LowRankUpdate(B, A, update.scale, dtype))
+        tasks = TaskMatrices.of(parts)
+        return tasks if through_factors else tasks.densified()
+
     def in_scope(key: str) -> bool:
         return spec.scope == "all" or is_matrix(key, shape_and_dtype(tvs[0], key)[0])
 
@@ -171,7 +192,9 @@ def merge_task_vectors(
     batched = on_cuda if batch_svd is None else batch_svd
     overlap = on_cuda if prefetch is None else prefetch
     too_small = _too_small(method, merger, [k for k in selected if in_scope(k)], shapes, len(tvs))
-    factorized = set(merger.factorized_keys([k for k in selected if in_scope(k) and k not in too_small]))
+    mergeable = [k for k in selected if in_scope(k) and k not in too_small]
+    with_factors = {k for k in merger.low_rank_keys(mergeable) if any(tv.low_rank(k) is not None for tv in tvs)}
+    factorized = set(merger.factorized_keys(mergeable)) - with_factors  # factors are cheaper than any cache
     if factors is None and batched and factorized:
         factors = FactorCache.for_one_merge(len(tvs))  # this merge's factors, computed in batches
     experts: ExpertSet | None = None
@@ -181,20 +204,29 @@ def merge_task_vectors(
         experts = factors.prepare(
             tvs, ordered, device=target, dtypes=dtypes, shapes=shapes, load=load_one, batched=batched, prefetch=overlap
         )
+
+    def read(key: str) -> Tensor | TaskMatrices:
+        return load_tasks(key) if key in with_factors else load(key)
+
     merged: dict[str, Tensor] = {}
     bar: Any = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(selected), desc=f"merge ({method})", unit="key", leave=False)
-    for key, deltas in prefetched(selected, load, enabled=overlap, device=target):
-        if not in_scope(key) or key in too_small:
+    for key, deltas in prefetched(selected, read, enabled=overlap, device=target):
+        if isinstance(deltas, TaskMatrices):
+            try:
+                result = merger.merge_key(key, deltas)  # type: ignore[arg-type]
+            except RankDeficientError as error:
+                raise RankDeficientError(f"Method '{method}', key '{key}' {list(shapes[key])}: {error}") from None
+        elif not in_scope(key) or key in too_small:
             result = deltas.mean(dim=0)
         elif experts is not None and key in factorized:
             result = merger.merge_key(key, deltas, factors=experts.key(key, deltas))  # type: ignore[call-arg]
         else:
             result = merger.merge_key(key, deltas)
-        if result.shape != deltas.shape[1:]:
+        if tuple(result.shape) != shapes[key]:
             raise RuntimeError(f"Method '{method}' returned shape {tuple(result.shape)} for key '{key}'.")
         merged[key] = result
         del deltas
@@ -223,6 +255,7 @@ def merge_task_vectors(
             "alpha": float(alpha),
             "inputs": [{"name": tv.name, "domain": tv.domain, "path": str(tv.path) if tv.path else None} for tv in tvs],
             "alpha_exempt_keys": [k for k in selected if not merger.scales_with_alpha(k)],
+            **({"low_rank_keys": len(with_factors), "through_factors": through_factors} if with_factors else {}),
             "device": str(target),
             "seconds": round(seconds, 3),
             "lightning_score_version": __version__,

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from lightning_score.merging.task_matrices import LowRankUpdate, TaskMatrices
+
 __all__ = ["prefetched"]
 
 Item = TypeVar("Item")
@@ -27,6 +29,10 @@ def _tensors(value: Any) -> Iterator[Tensor]:
     elif isinstance(value, (tuple, list)):
         for part in value:
             yield from _tensors(part)
+    elif isinstance(value, TaskMatrices):
+        yield from _tensors(value.parts)
+    elif isinstance(value, LowRankUpdate):
+        yield from (value.B, value.A)
 
 
 def prefetched(

@@ -119,6 +119,15 @@ class KeyMerger:
         """
         return []
 
+    def low_rank_keys(self, keys: Sequence[str]) -> list[str]:
+        """Of the keys in scope, those whose ``merge_key`` takes a :class:`~lightning_score.merging.TaskMatrices`.
+
+        For these keys, when a task vector keeps the key as factors (a LoRA expert), the engine passes the tasks as
+        ``TaskMatrices`` (factors, and each task's known rank) instead of the dense ``[T, m, n]`` stack (default:
+        none; every other method reads the stack, built one key at a time).
+        """
+        return []
+
     def rank_per_task(self, key: str, shape: tuple[int, ...], num_tasks: int) -> int | None:
         """How many singular directions of each task the merge of a key keeps, for methods with such a budget.
 
@@ -143,14 +152,20 @@ class KeyMerger:
 class _FunctionMerger(KeyMerger):
     """Adapts a per-key merge function with bound options to the :class:`KeyMerger` protocol."""
 
-    def __init__(self, fn: Callable[..., Tensor], options: Mapping[str, Any], per_task_rank: bool = False) -> None:
+    def __init__(
+        self, fn: Callable[..., Tensor], options: Mapping[str, Any], per_task_rank: bool = False, low_rank: bool = False
+    ) -> None:
         self._fn = fn
         self._options = dict(options)
         self._takes_factors = FACTORS_PARAMETER in inspect.signature(fn).parameters
         self._per_task_rank = per_task_rank
+        self._low_rank = low_rank
 
     def factorized_keys(self, keys: Sequence[str]) -> list[str]:
         return list(keys) if self._takes_factors else []
+
+    def low_rank_keys(self, keys: Sequence[str]) -> list[str]:
+        return list(keys) if self._low_rank else []
 
     def rank_per_task(self, key: str, shape: tuple[int, ...], num_tasks: int) -> int | None:
         return min(shape[-2], shape[-1]) // num_tasks if self._per_task_rank else None
@@ -287,6 +302,7 @@ def register_method(
     choices: Mapping[str, Sequence[Any]] | None = None,
     needs_data: bool = False,
     per_task_rank: bool = False,
+    low_rank: bool = False,
 ) -> Callable[[Any], Any]:
     """Register a merge method under ``name`` (decorator for a function or a :class:`KeyMerger` class).
 
@@ -298,6 +314,8 @@ def register_method(
         needs_data: Whether the method needs data besides the task vectors.
         per_task_rank: For a function: it keeps k = ⌊r/T⌋ singular directions of each task of an m×n key, r =
             min(m, n) (see :meth:`KeyMerger.rank_per_task`; a class overrides that method instead).
+        low_rank: For a function: it also takes a :class:`~lightning_score.merging.TaskMatrices` as ``deltas``
+            (see :meth:`KeyMerger.low_rank_keys`; a class overrides that method instead).
 
     Returns:
         The decorator; it returns the function or class unchanged.
@@ -319,7 +337,7 @@ def register_method(
             defaults = _keyword_defaults(inspect.signature(obj), obj.__name__)
 
             def factory(options: dict[str, Any]) -> KeyMerger:
-                return _FunctionMerger(obj, options, per_task_rank)
+                return _FunctionMerger(obj, options, per_task_rank, low_rank)
         else:
             raise TypeError(f"Cannot register {obj!r}: expected a function or a KeyMerger subclass.")
         unknown_choices = set(choices or {}) - set(defaults)

@@ -14,12 +14,14 @@ serves all T tasks of a key.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_score.merging.registry import Factorizations
 from lightning_score.merging.svd import leading_triplets, polar, rank_budget
+from lightning_score.merging.task_matrices import TaskMatrices
 
-__all__ = ["concatenate_leading", "shared_orthogonal_basis"]
+__all__ = ["concatenate_leading", "shared_orthogonal_basis", "task_basis"]
 
 
 def concatenate_leading(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,4 +71,34 @@ def _basis(deltas: Tensor, sign_convention: str, factors: Factorizations | None)
     else:
         U, S, Vh = factors.leading(deltas, k, sign_convention)
     U_cat, s_cat, Vh_cat = concatenate_leading(U, S, Vh, k)
+    return polar(U_cat), s_cat, polar(Vh_cat)
+
+
+def task_basis(tasks: TaskMatrices, sign_convention: str = "svd") -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 1-3 for tasks of known rank (LoRA experts): U⊥ ``[m, q]``, s_cat ``[q]``, V⊥ᵀ ``[q, n]``.
+
+    Task t contributes its k_t = min(k, ρ_t) leading triplets and leaves the rest of its k slots zero
+    (:class:`~lightning_score.merging.task_matrices.TaskMatrices`). When every task lies in the span of its kept
+    vectors (every ρ_t known and ≤ k), the zero slots carry nothing for any task: their columns of U⊥ are orthogonal
+    to every Δ_t, and their singular values are zero. The basis then holds the q = Σ_t k_t used slots only, task
+    after task (the polar factor commutes with reordering the slots), which is what makes the factor path cheap.
+    Otherwise it has the r slots of :func:`concatenate_leading`'s layout, task t in slots t·k … t·k + k_t − 1.
+
+    Args:
+        tasks: The T task matrices of one key.
+        sign_convention: As in :func:`shared_orthogonal_basis`.
+    """
+    (m, n), num_tasks = tasks.shape, len(tasks)
+    r, k = rank_budget((m, n), num_tasks)
+    triplets = tasks.leading(k, sign_convention)
+    if tasks.spans_own_columns(k):
+        U_cat = torch.cat([U for U, _, _ in triplets], dim=1)
+        s_cat = torch.cat([S for _, S, _ in triplets])
+        Vh_cat = torch.cat([Vh for _, _, Vh in triplets], dim=0)
+    else:
+        U_cat, s_cat = triplets[0][0].new_zeros(m, r), triplets[0][1].new_zeros(r)
+        Vh_cat = triplets[0][2].new_zeros(r, n)
+        for t, (U, S, Vh) in enumerate(triplets):
+            used = slice(t * k, t * k + S.shape[0])
+            U_cat[:, used], s_cat[used], Vh_cat[used] = U, S, Vh
     return polar(U_cat), s_cat, polar(Vh_cat)

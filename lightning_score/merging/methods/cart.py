@@ -20,21 +20,47 @@ nor "bias" in their name; k = max(1, int(rank_ratio · r))); this computes it ex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from lightning_score.merging.keys import is_block_linear
+from lightning_score.merging.low_rank import LowRankUpdate, factor_svd
 from lightning_score.merging.registry import KeyMerger, register_method
+from lightning_score.merging.task_matrices import TaskMatrices
 
 __all__ = ["CARTMerge", "centred_low_rank_sum"]
 
 
-def centred_low_rank_sum(deltas: Tensor, rank_ratio: float) -> Tensor:
-    """Σ_t SVD_k(τ_t − τ̄) for one key's ``[T, m, n]`` slices."""
+def centred_low_rank_sum(deltas: Tensor | TaskMatrices, rank_ratio: float) -> Tensor:
+    """Σ_t SVD_k(τ_t − τ̄) for one key's ``[T, m, n]`` slices.
+
+    For LoRA experts (:class:`TaskMatrices` whose tasks are all factors), each centred c_t = Σ_j (δ_tj − 1/T)·Δ_j is
+    itself a low-rank update, [w_t1·s_1·B_1 | … | w_tT·s_T·B_T] [A_1; …; A_T] of rank ≤ Σ_j ρ_j, whose thin SVD comes
+    from its factors; beyond its rank the singular values are zero, so SVD_k is exact whatever k.
+    """
+    if isinstance(deltas, TaskMatrices):
+        if not all(isinstance(part, LowRankUpdate) for part in deltas.parts):
+            return centred_low_rank_sum(deltas.dense(), rank_ratio)
+        return _centred_low_rank_sum_of_factors(deltas, rank_ratio)
     centred = deltas - deltas.mean(dim=0, keepdim=True)
     k = max(1, int(rank_ratio * min(deltas.shape[-2:])))
     U, S, Vh = torch.linalg.svd(centred, full_matrices=False)
     return ((U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]).sum(dim=0)
+
+
+def _centred_low_rank_sum_of_factors(tasks: TaskMatrices, rank_ratio: float) -> Tensor:
+    parts = [part for part in tasks.parts if isinstance(part, LowRankUpdate)]
+    num_tasks, k = len(parts), max(1, int(rank_ratio * min(tasks.shape)))
+    A = torch.cat([part.A for part in parts], dim=0)
+    total = torch.zeros(tasks.shape, dtype=tasks.dtype, device=tasks.device)
+    for t in range(num_tasks):
+        weights = [(1.0 if j == t else 0.0) - 1.0 / num_tasks for j in range(num_tasks)]
+        B = torch.cat([w * part.scale * part.B for w, part in zip(weights, parts, strict=True)], dim=1)
+        U, S, Vh = factor_svd(LowRankUpdate(B, A))
+        total += (U[:, :k] * S[:k]) @ Vh[:k]
+    return total
 
 
 @register_method(
@@ -59,9 +85,13 @@ class CARTMerge(KeyMerger):
             raise ValueError(f"cart: rank_ratio must lie in (0, 1], got {rank_ratio}.")
         self.rank_ratio, self.coefficient, self.all_matrices = rank_ratio, coefficient, all_matrices
 
-    def merge_key(self, key: str, deltas: Tensor) -> Tensor:
+    def low_rank_keys(self, keys: Sequence[str]) -> list[str]:
+        """Every key: the mean and the centred SVDs of LoRA experts come from their factors."""
+        return list(keys)
+
+    def merge_key(self, key: str, deltas: Tensor | TaskMatrices) -> Tensor:
         """τ̄ + λ Σ_t SVD_k(c_t) on block linear layers, τ̄ on other matrix keys."""
-        mean = deltas.mean(dim=0)
+        mean = deltas.sum() / len(deltas) if isinstance(deltas, TaskMatrices) else deltas.mean(dim=0)
         if not (self.all_matrices or is_block_linear(key)):
             return mean
         return mean + self.coefficient * centred_low_rank_sum(deltas, self.rank_ratio)

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from lightning_score.merging.registry import Factorizations, register_method
-from lightning_score.merging.shared_basis import shared_orthogonal_basis
+from lightning_score.merging.shared_basis import shared_orthogonal_basis, task_basis
+from lightning_score.merging.task_matrices import TaskMatrices
 
 __all__ = ["VARIANTS", "aggregate", "project", "score_merge", "trim_mask"]
 
@@ -42,24 +43,33 @@ def project(deltas: Tensor, U_perp: Tensor, Vh_perp: Tensor) -> Tensor:
     return U_perp.mT @ deltas @ Vh_perp.mT
 
 
-def trim_mask(C: Tensor, z: float, divide_by_tasks: bool) -> Tensor:
+def trim_mask(C: Tensor, z: float, divide_by_tasks: bool, slots: int | None = None) -> Tensor:
     """Step 5: which off-diagonal entries of each C_t to keep (``[T, r, r]`` bool, diagonal False).
 
     O_t is C_t with its diagonal set to zero; μ_t, s_t are the mean and unbiased standard deviation of
     all r² entries of O_t (zeros included). An off-diagonal entry is kept when |O_t[i, j] − μ_t| ≤ h_t,
     h_t = z·s_t/T (or z·s_t): the small couplings stay, the large ones go.
+
+    ``slots``: the basis's full size r when ``C`` holds only the q < r used slots of a basis whose others carry
+    nothing (:func:`~lightning_score.merging.shared_basis.task_basis`): the statistics count the r² − q² zeros.
     """
-    num_tasks, r, _ = C.shape
-    off_diagonal = ~torch.eye(r, dtype=torch.bool, device=C.device)
+    num_tasks, q, _ = C.shape
+    off_diagonal = ~torch.eye(q, dtype=torch.bool, device=C.device)
     coupling = C * off_diagonal  # O_t
     flat = coupling.reshape(num_tasks, -1)
-    mean = flat.mean(dim=1).view(num_tasks, 1, 1)
-    std = flat.std(dim=1, correction=1).view(num_tasks, 1, 1) if r > 1 else torch.zeros_like(mean)
+    if slots is None or slots == q:
+        mean = flat.mean(dim=1).view(num_tasks, 1, 1)
+        std = flat.std(dim=1, correction=1).view(num_tasks, 1, 1) if q > 1 else torch.zeros_like(mean)
+    else:  # the same statistics over r² entries, r² − q² of them zero
+        entries, zeros = slots * slots, slots * slots - q * q
+        mean = (flat.sum(dim=1) / entries).view(num_tasks, 1, 1)
+        squares = (coupling - mean).square().reshape(num_tasks, -1).sum(dim=1).view(num_tasks, 1, 1)
+        std = ((squares + zeros * mean.square()) / (entries - 1)).sqrt()
     threshold = z * std / (num_tasks if divide_by_tasks else 1)
     return ((coupling - mean).abs() <= threshold) & off_diagonal
 
 
-def aggregate(C: Tensor, variant: str, z: float, divide_by_tasks: bool) -> Tensor:
+def aggregate(C: Tensor, variant: str, z: float, divide_by_tasks: bool, slots: int | None = None) -> Tensor:
     """Step 6: Σ* = Σ_t of the selected part of each C_t.
 
     ``trimmed``: diagonal + kept off-diagonal entries (the method). ``diagonal``: the diagonal only.
@@ -70,7 +80,7 @@ def aggregate(C: Tensor, variant: str, z: float, divide_by_tasks: bool) -> Tenso
     diagonal = torch.diag_embed(torch.diagonal(C, dim1=-2, dim2=-1).sum(dim=0))
     if variant == "diagonal":
         return diagonal
-    kept = (C * trim_mask(C, z, divide_by_tasks)).sum(dim=0)
+    kept = (C * trim_mask(C, z, divide_by_tasks, slots)).sum(dim=0)
     return kept if variant == "off_diagonal" else diagonal + kept
 
 
@@ -80,9 +90,10 @@ def aggregate(C: Tensor, variant: str, z: float, divide_by_tasks: bool) -> Tenso
     "arXiv:2603.05768",
     choices={"variant": VARIANTS, "divide_by_tasks": (True, False), "sign_convention": SIGN_CONVENTIONS},
     per_task_rank=True,
+    low_rank=True,
 )
 def score_merge(
-    deltas: Tensor,
+    deltas: Tensor | TaskMatrices,
     *,
     variant: Variant = "trimmed",
     z: float = 1.96,
@@ -95,7 +106,9 @@ def score_merge(
     Cost: T SVDs of m×n, two polar factors, 2T + 2 GEMMs of m·n·r, T trims of r×r; memory O(T·m·n).
 
     Args:
-        deltas: ``[T, m, n]`` the T task matrices of one key.
+        deltas: ``[T, m, n]`` the T task matrices of one key, or :class:`TaskMatrices` with LoRA experts' factors:
+            then each task keeps k_t = min(k, ρ_t) leading vectors (``docs/methods.md``, "Rank-deficient tasks"),
+            its SVD and projection come from its factors, and the dense stack is never built.
         variant: ``trimmed`` (the method, default), or the paper's ablations ``diagonal``,
             ``off_diagonal`` and ``full``. ``full`` is the intended Σ_t C_t: the authors' released code
             adds the number 1 to every entry in that branch instead, a bug this does not reproduce.
@@ -113,6 +126,10 @@ def score_merge(
     Returns:
         Δ* ``[m, n]``.
     """
+    if isinstance(deltas, TaskMatrices):
+        U_perp, _, Vh_perp = task_basis(deltas, sign_convention)
+        sigma = aggregate(deltas.project(U_perp, Vh_perp), variant, z, divide_by_tasks, min(deltas.shape))
+        return U_perp @ sigma @ Vh_perp
     U_perp, _, Vh_perp = shared_orthogonal_basis(deltas, sign_convention, factors)  # singular values unused
     if factors is None:
         C = project(deltas, U_perp, Vh_perp)
