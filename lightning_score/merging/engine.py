@@ -209,6 +209,7 @@ def merge_task_vectors(
         return load_tasks(key) if key in with_factors else load(key)
 
     merged: dict[str, Tensor] = {}
+    low_rank: dict[str, LowRankUpdate] = {}  # merges of LoRA experts that the method gives as factors
     bar: Any = None
     if progress:
         from tqdm.auto import tqdm
@@ -228,7 +229,10 @@ def merge_task_vectors(
             result = merger.merge_key(key, deltas)
         if tuple(result.shape) != shapes[key]:
             raise RuntimeError(f"Method '{method}' returned shape {tuple(result.shape)} for key '{key}'.")
-        merged[key] = result
+        if isinstance(result, LowRankUpdate):
+            low_rank[key] = result
+        else:
+            merged[key] = result
         del deltas
         if bar is not None:
             bar.update(1)
@@ -238,7 +242,11 @@ def merge_task_vectors(
     for key in selected:
         scale = alpha if merger.scales_with_alpha(key) else 1.0
         input_dtype = shape_and_dtype(tvs[0], key)[1]
-        merged[key] = (merged[key] * scale).to(device="cpu", dtype=input_dtype).contiguous()
+        if key in low_rank:  # factors stay in the compute dtype; the update is made dense in the inputs' dtype
+            update = low_rank[key]
+            low_rank[key] = LowRankUpdate(update.B.cpu(), update.A.cpu(), update.scale * scale, input_dtype)
+        else:
+            merged[key] = (merged[key] * scale).to(device="cpu", dtype=input_dtype).contiguous()
     seconds = time.perf_counter() - started
     log.debug(
         "Merged %d task vectors (%d keys) with '%s' on %s in %.2f s.", len(tvs), len(selected), method, target, seconds
@@ -261,4 +269,4 @@ def merge_task_vectors(
             "lightning_score_version": __version__,
         },
     }
-    return TaskVector(merged, {k: v for k, v in metadata.items() if v is not None})
+    return TaskVector(merged, {k: v for k, v in metadata.items() if v is not None}, low_rank)

@@ -124,7 +124,9 @@ class KeyMerger:
 
         For these keys, when a task vector keeps the key as factors (a LoRA expert), the engine passes the tasks as
         ``TaskMatrices`` (factors, and each task's known rank) instead of the dense ``[T, m, n]`` stack (default:
-        none; every other method reads the stack, built one key at a time).
+        none; every other method reads the stack, built one key at a time). ``merge_key`` may then return the
+        merged update as a :class:`~lightning_score.merging.low_rank.LowRankUpdate` (a merge of low rank kept as
+        factors); the merged task vector keeps it so.
         """
         return []
 

@@ -75,7 +75,9 @@ def _reference(deltas: list[torch.Tensor], ranks: list[int | None], method: str,
     return U_p @ sigma @ Vh_p
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+def _relative(a: torch.Tensor | LowRankUpdate, b: torch.Tensor) -> float:
+    """The largest entry of |a − b| relative to b's largest (a merge of low rank may come as its factors)."""
+    a = a.dense(torch.float64) if isinstance(a, LowRankUpdate) else a
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -86,7 +88,8 @@ def test_the_factor_path_is_the_spec_with_k_t_equal_min_k_rho(method, m, n, rho,
     updates = [_lora(m, n, rho, seed=t) for t in range(T)]
     assert min(m, n) // T > rho
     tasks = TaskMatrices.of(updates)
-    got = (score_merge(tasks, sign_convention="canonical") if method == "score" else tsv_merge(tasks)).to(F64)
+    got = score_merge(tasks, sign_convention="canonical") if method == "score" else tsv_merge(tasks)
+    assert isinstance(got, LowRankUpdate) and got.rank == T * rho  # the merge of LoRA experts stays low rank
     expected = _reference([u.dense() for u in updates], [rho] * T, method)
     assert _relative(got, expected) < 1e-10
 
@@ -221,6 +224,8 @@ def test_the_engine_merges_lora_task_vectors_through_their_factors(method, optio
         assert _relative(through[key], dense[key]) < 1e-6
     assert torch.equal(through["blocks.0.bias"], dense["blocks.0.bias"])
     assert through.metadata["merge"]["low_rank_keys"] == 2
+    assert through.low_rank_keys == (frozenset() if method == "cart" else frozenset(shapes))  # SCORE/TSV: rank ≤ Tρ
+    assert through.tensor_spec("blocks.0.weight") == ((48, 32), torch.float64)
     paths = [tv.save(tmp_path / f"{t}.safetensors") for t, tv in enumerate(tvs)]  # lazily loaded files: the same
     loaded = merge_task_vectors([TaskVector.load(p) for p in paths], method, device="cpu", **options)
     for key in shapes:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lightning_score.merging.registry import Factorizations, register_method
 from lightning_score.merging.shared_basis import shared_orthogonal_basis, task_basis
-from lightning_score.merging.task_matrices import TaskMatrices
+from lightning_score.merging.task_matrices import LowRankUpdate, TaskMatrices
 
 __all__ = ["VARIANTS", "aggregate", "project", "score_merge", "trim_mask"]
 
@@ -100,7 +100,7 @@ def score_merge(
     divide_by_tasks: bool = True,
     sign_convention: str = "svd",
     factors: Factorizations | None = None,
-) -> Tensor:
+) -> Tensor | LowRankUpdate:
     """Project every task into a shared orthogonal basis and trim the large off-diagonal conflicts.
 
     Cost: T SVDs of m×n, two polar factors, 2T + 2 GEMMs of m·n·r, T trims of r×r; memory O(T·m·n).
@@ -124,11 +124,13 @@ def score_merge(
             variant and by TSV-M. The result is bit-identical without it.
 
     Returns:
-        Δ* ``[m, n]``.
+        Δ* ``[m, n]``; for LoRA experts whose basis holds q < r used slots, Δ* as its factors (rank ≤ q).
     """
     if isinstance(deltas, TaskMatrices):
         U_perp, _, Vh_perp = task_basis(deltas, sign_convention)
         sigma = aggregate(deltas.project(U_perp, Vh_perp), variant, z, divide_by_tasks, min(deltas.shape))
+        if U_perp.shape[1] < min(deltas.shape):  # the used slots only: the merge is of rank q, kept as factors
+            return LowRankUpdate(U_perp, sigma @ Vh_perp)
         return U_perp @ sigma @ Vh_perp
     U_perp, _, Vh_perp = shared_orthogonal_basis(deltas, sign_convention, factors)  # singular values unused
     if factors is None:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_score.merging.registry import Factorizations, register_method
 from lightning_score.merging.shared_basis import shared_orthogonal_basis, task_basis
-from lightning_score.merging.task_matrices import TaskMatrices
+from lightning_score.merging.task_matrices import LowRankUpdate, TaskMatrices
 
 __all__ = ["tsv_merge"]
 
@@ -26,7 +26,7 @@ __all__ = ["tsv_merge"]
     per_task_rank=True,
     low_rank=True,
 )
-def tsv_merge(deltas: Tensor | TaskMatrices, *, factors: Factorizations | None = None) -> Tensor:
+def tsv_merge(deltas: Tensor | TaskMatrices, *, factors: Factorizations | None = None) -> Tensor | LowRankUpdate:
     """Keep each task's leading singular triplets and decorrelate them by orthogonalising the vectors.
 
     No options (the rank budget is k = ⌊r/T⌋). Non-matrix keys get the mean. The result does not depend on
@@ -41,10 +41,12 @@ def tsv_merge(deltas: Tensor | TaskMatrices, *, factors: Factorizations | None =
             bit-identical without it.
 
     Returns:
-        Δ* ``[m, n]``.
+        Δ* ``[m, n]``; for LoRA experts whose basis holds q < r used slots, Δ* as its factors (rank ≤ q).
     """
     if isinstance(deltas, TaskMatrices):
         U_perp, s_cat, Vh_perp = task_basis(deltas, "svd")
+        if U_perp.shape[1] < min(deltas.shape):  # the used slots only: the merge is of rank q, kept as factors
+            return LowRankUpdate(U_perp * s_cat, Vh_perp)
     else:
         U_perp, s_cat, Vh_perp = shared_orthogonal_basis(deltas, "svd", factors)
     return (U_perp * s_cat) @ Vh_perp
