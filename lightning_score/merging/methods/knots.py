@@ -49,13 +49,16 @@ from lightning_score.merging.order_statistics import kth_smallest
 from lightning_score.merging.registry import KeyMerger, KeyStream, register_method
 from lightning_score.merging.seeding import check_seed
 
-__all__ = ["MERGE_RULES", "KnotsMerge", "aligned_basis"]
+__all__ = ["MERGE_RULES", "Basis", "KnotsMerge", "aligned_basis"]
+
+Basis = tuple[Tensor, Tensor, Tensor]
+"""What :func:`aligned_basis` returns: ``U [m, ρ]``, ``S [ρ]``, ``Vs [T, ρ, n]``."""
 
 MERGE_RULES: tuple[str, ...] = ("ties", "sum", "mean")
 """How KnOTS merges the aligned tasks: TIES's elected-sign disjoint mean, or the sum or mean of the trimmed tasks."""
 
 
-def aligned_basis(deltas: Tensor, rank_tolerance: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+def aligned_basis(deltas: Tensor, rank_tolerance: float = 1e-5) -> Basis:
     """Step 1: the thin SVD of [Δ_1 | … | Δ_T] without the triplets whose singular value is ≤ ``rank_tolerance``.
 
     Computed in float64 and returned in the dtype of ``deltas``: the shared basis ``U [m, ρ]``, the singular values
@@ -86,9 +89,11 @@ def aligned_basis(deltas: Tensor, rank_tolerance: float = 1e-5) -> tuple[Tensor,
 class KnotsMerge(KeyMerger):
     """Align the tasks by one SVD of their concatenated updates, then merge them in that basis with TIES.
 
-    Cost per matrix key: one float64 SVD of m×Tn per pass; a merge with ``density`` < 1 streams the model
-    once to count P and two (float32) or four (float64) times for the thresholds, ``merge="ties"`` once more
-    for the majority sign, then once to merge. Memory: one key's T slices and their SVD.
+    Cost per matrix key: float64 SVDs of m×Tn. A merge with ``density`` < 1 streams the model once to count P
+    and two (float32) or four (float64) times for the thresholds, ``merge="ties"`` once more for the majority
+    sign, then once to merge; a low-rank key's SVD (LoRA experts') is computed once for the statistics and once
+    to merge, a full-rank key's in every pass. Memory: one key's T slices and their SVD, plus the low-rank keys'
+    bases during the statistics passes (at most one task vector's size).
 
     Args:
         density: The fraction K of each task's aligned entries TIES keeps, over every matrix key (0.2: the
@@ -121,18 +126,31 @@ class KnotsMerge(KeyMerger):
         self.thresholds: Tensor | None = None  # None: nothing trimmed
         self.majority_sign = torch.ones(())
 
-    def aligned(self, key: str, deltas: Tensor) -> tuple[Tensor, Tensor]:
-        """Steps 1-2 for one key: the basis ``U [m, ρ]`` and the aligned tasks ``R [T, ρ, n]``, DARE applied."""
-        U, S, Vs = aligned_basis(deltas, self.rank_tolerance)
+    def aligned(self, key: str, deltas: Tensor, basis: Basis | None = None) -> tuple[Tensor, Tensor]:
+        """Steps 1-2 for one key: the basis ``U [m, ρ]`` and the aligned tasks ``R [T, ρ, n]``, DARE applied.
+
+        ``basis``: :func:`aligned_basis` of these ``deltas`` when already computed.
+        """
+        U, S, Vs = aligned_basis(deltas, self.rank_tolerance) if basis is None else basis
         aligned = S[:, None] * Vs
         if self.drop_rate > 0.0:
             aligned = drop_and_rescale(key, aligned, self.drop_rate, self.seed)
         return U, aligned
 
-    def _stream(self, stream: KeyStream) -> Iterator[Tensor]:
-        """Every matrix key's aligned tasks, flattened to ``[T, ρ·n]`` (keys of rank 0 left out)."""
+    def _stream(self, stream: KeyStream, kept: dict[str, Basis]) -> Iterator[Tensor]:
+        """Every matrix key's aligned tasks, flattened to ``[T, ρ·n]`` (keys of rank 0 left out).
+
+        A basis no larger than one task's slice of its key (ρ·(m + 1 + T·n) ≤ m·n: low-rank updates, as LoRA
+        experts') is kept in ``kept`` for the next passes, so those keys' SVDs are computed once in
+        :meth:`prepare`, in at most one task vector's memory; the others are computed again in each pass.
+        """
         for key, deltas in stream:
-            aligned = self.aligned(key, deltas)[1].reshape(stream.num_tasks, -1)
+            basis = kept.get(key)
+            if basis is None:
+                basis = aligned_basis(deltas, self.rank_tolerance)
+                if sum(part.numel() for part in basis) <= deltas[0].numel():
+                    kept[key] = basis
+            aligned = self.aligned(key, deltas, basis)[1].reshape(stream.num_tasks, -1)
             if aligned.shape[1]:
                 yield aligned
 
@@ -143,14 +161,19 @@ class KnotsMerge(KeyMerger):
 
     def prepare(self, stream: KeyStream) -> None:
         """Each task's trim threshold over the aligned entries of every matrix key, then the majority sign."""
+        kept: dict[str, Basis] = {}  # this merge's low-rank bases, for prepare's passes only
         if self.density < 1.0:
-            total = sum(chunk.shape[1] for chunk in self._stream(stream))
+            total = sum(chunk.shape[1] for chunk in self._stream(stream, kept))
             if total:
                 ranks = torch.full((stream.num_tasks, 1), threshold_rank(total, self.density))
-                self.thresholds = kth_smallest(lambda: (c.abs() for c in self._stream(stream)), ranks).squeeze(1)
+
+                def magnitudes() -> Iterator[Tensor]:
+                    return (aligned.abs() for aligned in self._stream(stream, kept))
+
+                self.thresholds = kth_smallest(magnitudes, ranks).squeeze(1)
         if self.merge == "ties":
             sign_sum = torch.zeros((), dtype=torch.float64)
-            for aligned in self._stream(stream):
+            for aligned in self._stream(stream, kept):
                 summed = torch.sign(self._trim(aligned).sum(dim=0)).sum()
                 sign_sum += summed.to(device="cpu", dtype=torch.float64)
             self.majority_sign = torch.sign(sign_sum)
