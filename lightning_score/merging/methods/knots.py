@@ -9,8 +9,8 @@ Per matrix key, with the T updates Δ_t ∈ ℝ^{m×n} (weights ``[out, in]``):
 1. Align: the thin SVD of the updates concatenated along the input dimension,
    [Δ_1 | … | Δ_T] = U Σ [V_1ᵀ | … | V_Tᵀ] ∈ ℝ^{m×Tn}, computed in float64; the triplets with σ ≤
    ``rank_tolerance`` (1e-5, absolute) are dropped, so U ∈ ℝ^{m×ρ}, ρ = the numerical rank of the
-   concatenation (at most T·rank(Δ_t)). Task t is then R_t = Σ V_tᵀ ∈ ℝ^{ρ×n}: Δ_t = U R_t exactly, every task
-   in the one basis U.
+   concatenation (at most Σ_t rank(Δ_t)). Task t is then R_t = Σ V_tᵀ ∈ ℝ^{ρ×n}: Δ_t = U R_t up to the dropped
+   triplets, every task in the one basis U.
 2. Optionally DARE (``drop_rate`` p > 0): each entry of R_t dropped with probability p, the rest divided by 1 − p.
 3. Merge the R_t over the whole model, their entries flattened over every matrix key into one vector of P
    entries per task (P = Σ_keys ρ·n): ``merge="ties"`` is TIES (trim each task to the entries with |R_t| ≥ its
