@@ -207,7 +207,10 @@ MODEL_METHODS = {
 def merge_model(task_vectors: list[dict[str, Tensor]], method: str, **options: object) -> dict[str, Tensor]:
     """Matrix keys (2-D, not text_projection) by the method, the rest by the mean; whole-model methods whole."""
     from tests.merging.reference_baselines import MODEL_METHODS as BASELINES  # imports this module
+    from tests.merging.reference_knots import knots
 
+    if method == "knots":
+        return knots(task_vectors, **options)
     if method in BASELINES:
         return BASELINES[method](task_vectors, **options)
     if method in MODEL_METHODS:

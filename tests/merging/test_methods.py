@@ -12,7 +12,7 @@ from tests.merging import reference
 DATA_FREE = [name for name in list_methods() if not get_method(name).needs_data]
 EXPECTED = {
     "score", "tsv", "iso_c", "iso_cts", "ties", "magmax", "pcb", "task_arithmetic", "average",
-    "dare_ta", "dare_ties", "breadcrumbs", "randmix", "model_stock", "cart", "wudi", "regmean", "fisher",
+    "dare_ta", "dare_ties", "breadcrumbs", "randmix", "model_stock", "cart", "wudi", "regmean", "fisher", "knots",
 }  # fmt: skip
 SEEDED = ["dare_ta", "dare_ties", "randmix"]
 

@@ -7,4 +7,4 @@ method is one file here and one import line below (see ``docs/adding-a-method.md
 
 # importing a method module registers it; the order is the order of list_methods()
 from lightning_score.merging.methods import score, tsv, iso, ties, magmax, pcb, arithmetic, esm  # noqa: F401  # isort: skip
-from lightning_score.merging.methods import dare, breadcrumbs, randmix, model_stock, cart, wudi, regmean, fisher  # noqa: F401  # isort: skip
+from lightning_score.merging.methods import dare, breadcrumbs, randmix, model_stock, cart, wudi, regmean, fisher, knots  # noqa: F401  # isort: skip

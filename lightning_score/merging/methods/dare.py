@@ -33,7 +33,14 @@ from lightning_score.merging.methods.ties import TiesMerge, threshold_rank
 from lightning_score.merging.registry import KeyMerger, KeyStream, register_method
 from lightning_score.merging.seeding import check_seed, uniform_draws
 
-__all__ = ["THRESHOLDS", "DareTaskArithmetic", "DareTies", "drop_and_rescale", "mergelm_threshold_rank"]
+__all__ = [
+    "THRESHOLDS",
+    "DareTaskArithmetic",
+    "DareTies",
+    "check_drop_rate",
+    "drop_and_rescale",
+    "mergelm_threshold_rank",
+]
 
 THRESHOLDS: tuple[str, ...] = ("mergelm", "ties")
 """How ``dare_ties`` ranks its trim threshold: MergeLM's rule (the default) or the SCORE authors' TIES rule."""
@@ -66,7 +73,8 @@ def mergelm_threshold_rank(total: int, density: float) -> int:
     return max(int(total * round(1.0 - density, 12)), 1)
 
 
-def _check_drop_rate(method: str, drop_rate: float) -> float:
+def check_drop_rate(method: str, drop_rate: float) -> float:
+    """Return the drop probability p as a float if it lies in [0, 1); raise a ValueError naming the method otherwise."""
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"{method}: drop_rate must lie in [0, 1), got {drop_rate}.")
     return float(drop_rate)
@@ -89,7 +97,7 @@ class DareTaskArithmetic(KeyMerger):
     """
 
     def __init__(self, *, drop_rate: float = 0.9, seed: int = 0) -> None:
-        self.drop_rate = _check_drop_rate("dare_ta", drop_rate)
+        self.drop_rate = check_drop_rate("dare_ta", drop_rate)
         self.seed = check_seed("dare_ta", seed)
 
     def merge_key(self, key: str, deltas: Tensor) -> Tensor:
@@ -122,7 +130,7 @@ class DareTies(TiesMerge):
         self, *, drop_rate: float = 0.9, density: float = 0.2, seed: int = 0, threshold: str = "mergelm"
     ) -> None:
         super().__init__(density=density)
-        self.drop_rate = _check_drop_rate("dare_ties", drop_rate)
+        self.drop_rate = check_drop_rate("dare_ties", drop_rate)
         self.seed = check_seed("dare_ties", seed)
         self.threshold = threshold
 
