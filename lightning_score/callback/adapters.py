@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_score.utilities.low_rank import LowRankUpdate, add_updates
+
 __all__ = [
     "SUPPORTED",
     "UnsupportedAdapterError",
@@ -36,6 +38,7 @@ __all__ = [
     "adapter_targets",
     "effective_state",
     "holds_adapters",
+    "low_rank_updates",
 ]
 
 SUPPORTED = (
@@ -230,6 +233,64 @@ def effective_state(module: nn.Module) -> dict[str, Tensor]:
                         merged += delta.detach().to(merged.dtype) if cast_first else delta.detach()
             state[key] = merged
     return state
+
+
+def _factors(layer: nn.Module, attribute: str, adapter: str) -> tuple[Tensor, Tensor, float] | None:
+    """``(B, A, s)`` with ``get_delta_weight`` = s·B·A for one adapter's update of ``attribute`` (None: not so)."""
+    kind = type(layer).__name__
+    if kind == "MultiheadAttention":
+        if attribute == "in_proj_weight":
+            return layer.lora_B[adapter].weight, layer.lora_A[adapter].weight, layer.scaling[adapter]
+        return _factors(layer.base_layer.out_proj, "weight", adapter)  # out_proj's own LoRA Linear
+    if kind == "Embedding" and attribute == "weight":  # PEFT: (B_e A_e)ᵀ·s = A_eᵀ B_eᵀ·s
+        return layer.lora_embedding_A[adapter].mT, layer.lora_embedding_B[adapter].mT, layer.scaling[adapter]
+    if kind == "Linear" and attribute == "weight":
+        B, A = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
+        return (A.mT, B.mT, layer.scaling[adapter]) if layer.fan_in_fan_out else (B, A, layer.scaling[adapter])
+    return None  # convolutions (kernels), lora_bias: dense updates
+
+
+def low_rank_updates(module: nn.Module) -> dict[str, LowRankUpdate]:
+    """The adapted weights' updates as factors, by base-model key: Δ = s·B·A summed over the active adapters.
+
+    The same updates :func:`effective_state` adds (PEFT's ``get_delta_weight``, ``MultiheadAttention``'s ``out_proj``
+    twice, as its merge adds it), written s·B·A exactly: Linear (``fan_in_fan_out`` transposed), Embedding and
+    ``MultiheadAttention`` layers. A weight is left out (it stays a dense entry) when one of its updates is not of
+    that form (a convolution's kernel), or when the base weight itself is trained. Several adapters, or one update
+    added twice, give factors of the summed rank (an update added twice: its factors once, with twice the scale).
+    Factors are the live parameters, detached; the dtype of the update is the base weight's.
+
+    Raises:
+        UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
+    """
+    layers = dict(_lora_layers(module))
+    keys = {entry.raw: entry.key for entry in _walk(module) if entry.key is not None}
+    full = module.state_dict(keep_vars=True)
+    parts: dict[str, list[tuple[Tensor, Tensor, float] | None]] = {}
+    for name, layer in layers.items():
+        prefix = f"{name}.base_layer." if name else "base_layer."
+        for attribute in _weight_updates(layer):
+            key = keys[prefix + attribute]
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+                    parts.setdefault(key, []).append(_factors(layer, attribute, adapter))
+    updates: dict[str, LowRankUpdate] = {}
+    for key, factors in parts.items():
+        base = full[next(raw for raw, k in keys.items() if k == key)]
+        if any(part is None for part in factors) or base.requires_grad:
+            continue
+        merged: dict[tuple[Any, ...], LowRankUpdate] = {}  # one update added twice: its scale twice
+        for B, A, scale in factors:  # type: ignore[misc]
+            same_memory = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (B, A))
+            same = merged.get(same_memory)
+            merged[same_memory] = LowRankUpdate(
+                B.detach(), A.detach(), scale + (same.scale if same else 0.0), base.dtype
+            )
+        total = list(merged.values())
+        updates[key] = total[0]
+        for update in total[1:]:
+            updates[key] = add_updates(updates[key], update)
+    return updates
 
 
 def adapter_targets(module: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -7,7 +7,7 @@ one: the same provenance, :func:`check_overwrite`), or when the callback is give
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from lightning_score.callback.merge_with import merge_expert
 from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.records import Snapshot
 from lightning_score.callback.snapshot import read_snapshot
-from lightning_score.task_vector import TaskVector
+from lightning_score.task_vector import LowRankUpdate, TaskVector
 
 __all__ = ["check_overwrite", "write_outputs"]
 
@@ -72,6 +72,7 @@ def write_outputs(
     receipt: Receipt,
     device: torch.device,
     overwrite: bool = False,
+    factors: Mapping[str, LowRankUpdate] | None = None,
 ) -> dict[str, Any]:
     """Write τ = θ_T − θ₀ (in float64, stored in θ₀'s dtype), merge it with ``merge_with``, record the files.
 
@@ -84,6 +85,8 @@ def write_outputs(
         receipt: Where the files are recorded for other processes.
         device: Where to compute the merge.
         overwrite: Replace a task vector of another fit at ``path`` (see :func:`check_overwrite`).
+        factors: Entries written as the LoRA adapters' factors instead of θ_T − θ₀ (exact: s·B·A, not rounded to
+            the weight's dtype as ``θ₀ + s·B·A`` is).
 
     Returns:
         The files written: ``task_vector``, ``merged`` (or None), ``pretrained``, and θ₀'s ``fingerprint``
@@ -100,6 +103,9 @@ def write_outputs(
     fingerprint = snapshot.fingerprint  # θ₀'s, not hashed again; recorded after the other fields, as before
     check_overwrite(path, metadata, fingerprint, overwrite)
     tv = TaskVector.from_state_dicts(pretrained, state, sorted(state), **metadata, base_fingerprint=fingerprint)
+    if factors:  # in θ₀'s dtype, as every entry (a bf16-true fit's θ₀ is the float32 base it started from)
+        low_rank = {k: LowRankUpdate(u.B, u.A, u.scale, pretrained[k].dtype) for k, u in factors.items() if k in tv}
+        tv = TaskVector({k: tv[k] for k in tv if k not in low_rank}, tv.metadata, low_rank)
     written = tv.save(path)
     rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {written}")
     outputs: dict[str, Any] = {"task_vector": str(written), "merged": None, "pretrained": str(snapshot.path),

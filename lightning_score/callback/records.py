@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,15 +30,18 @@ from lightning_score.callback.adapters import (
     adapter_targets,
     effective_state,
     holds_adapters,
+    low_rank_updates,
 )
 from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.snapshot import read_snapshot
+from lightning_score.utilities.low_rank import LowRankUpdate
 
 __all__ = [
     "Receipt",
     "Selection",
     "Snapshot",
     "check_metadata",
+    "choose_submodule",
     "clean_key",
     "compare_with_snapshot",
     "expected_fingerprint",
@@ -199,6 +203,16 @@ class Selection:
             )
         return {key: by_key[key] for key in self.keys}
 
+    def live_factors(self) -> dict[str, LowRankUpdate]:
+        """The selected weights that LoRA adapters update, as their updates' factors (none for a plain module).
+
+        See :func:`~lightning_score.callback.adapters.low_rank_updates`; the factors are the live parameters, detached.
+        """
+        if not self.adapted:
+            return {}
+        factors = {clean_key(key): update for key, update in low_rank_updates(self.submodule).items()}
+        return {key: factors[key] for key in self.keys if key in factors}
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -337,3 +351,31 @@ def task_vector_metadata(
     meta["global_step"] = int(trainer.global_step)
     meta["precision"] = str(trainer.precision)
     return meta
+
+
+def choose_submodule(pl_module: pl.LightningModule, module: str | None) -> tuple[nn.Module, list[str] | None]:
+    """:meth:`ScoreMergeCallback.select_module`'s default: ``(submodule, keys or None for all its entries)``.
+
+    The attribute path ``module`` when given; else the module's ``image_encoder`` if it has one, else the whole
+    module restricted to parameters that require grad.
+    """
+    if module is not None:
+        try:
+            submodule = operator.attrgetter(module)(pl_module)
+        except AttributeError:
+            raise ValueError(
+                f"ScoreMergeCallback(module={module!r}): {type(pl_module).__name__} has no attribute "
+                f"'{module}'. Pass the attribute path of the submodule to snapshot, e.g. 'image_encoder'."
+            ) from None
+        if not isinstance(submodule, nn.Module):
+            raise ValueError(f"ScoreMergeCallback(module={module!r}) is a {type(submodule).__name__}, not a module.")
+        return submodule, None
+    if isinstance(getattr(pl_module, "image_encoder", None), nn.Module):
+        return pl_module.image_encoder, None
+    trainable = [name for name, param in pl_module.named_parameters() if param.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"{type(pl_module).__name__} has no trainable parameters when fitting starts, so there is no task "
+            "vector to snapshot. Pass ScoreMergeCallback(module='...') naming the submodule you fine-tune."
+        )
+    return pl_module, trainable

@@ -25,7 +25,6 @@ When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
 
 from __future__ import annotations
 
-import operator
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from lightning_score.callback.records import (
     Selection,
     Snapshot,
     check_metadata,
+    choose_submodule,
     compare_with_snapshot,
     expected_fingerprint,
     restored_snapshot,
@@ -87,6 +87,9 @@ class ScoreMergeCallback(Callback):
         overwrite: Replace a task vector that another fit wrote at the same file. Without it such a fit is
             refused when it starts, naming the file; the same fit run again or resumed (same provenance) may
             always replace its own. Under ``trainer.fast_dev_run`` nothing is written at all.
+        adapters: For a PEFT-LoRA module: ``"factors"`` (default) writes each adapted weight's update as the
+            adapters' factors s·B·A, exactly, and the SVD methods merge them through the factors; ``"merged"``
+            writes ``merge_and_unload()``'s weights minus θ₀ (rounded to the weight's dtype, bit for bit).
 
     Example::
 
@@ -107,8 +110,12 @@ class ScoreMergeCallback(Callback):
         merge_options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
+        adapters: str = "factors",
     ) -> None:
         super().__init__()
+        if adapters not in ("factors", "merged"):
+            raise ValueError(f"ScoreMergeCallback: adapters={adapters!r}; choose 'factors' or 'merged'.")
+        self.adapters = adapters
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.filename = filename
         self.module = module
@@ -159,28 +166,7 @@ class ScoreMergeCallback(Callback):
         default follows ``module``; without it, the module's ``image_encoder`` if it has one, else the whole
         module restricted to parameters that require grad.
         """
-        if self.module is not None:
-            try:
-                submodule = operator.attrgetter(self.module)(pl_module)
-            except AttributeError:
-                raise ValueError(
-                    f"ScoreMergeCallback(module={self.module!r}): {type(pl_module).__name__} has no attribute "
-                    f"'{self.module}'. Pass the attribute path of the submodule to snapshot, e.g. 'image_encoder'."
-                ) from None
-            if not isinstance(submodule, nn.Module):
-                raise ValueError(
-                    f"ScoreMergeCallback(module={self.module!r}) is a {type(submodule).__name__}, not a module."
-                )
-            return submodule, None
-        if isinstance(getattr(pl_module, "image_encoder", None), nn.Module):
-            return pl_module.image_encoder, None
-        trainable = [name for name, param in pl_module.named_parameters() if param.requires_grad]
-        if not trainable:
-            raise ValueError(
-                f"{type(pl_module).__name__} has no trainable parameters when fitting starts, so there is no task "
-                "vector to snapshot. Pass ScoreMergeCallback(module='...') naming the submodule you fine-tune."
-            )
-        return pl_module, trainable
+        return choose_submodule(pl_module, self.module)
 
     def _select(self, pl_module: pl.LightningModule) -> Selection:
         return Selection.of(pl_module, *self.select_module(pl_module))
@@ -349,12 +335,13 @@ class ScoreMergeCallback(Callback):
                 "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
                 "has lazy parameters), so there is no task vector to write."
             )
-        state = self._live_state()
+        state, factors = self._live_state(), self._selection.live_factors() if self._selection else {}
         metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
         path, merge = self._target(trainer, metadata), (self.merge_with, self.method, self.alpha, self.merge_options)
+        factors = factors if self.adapters == "factors" else {}
 
         def write() -> dict[str, Any]:
-            return write_outputs(snapshot, state, metadata, path, merge, self._receipt, device, self.overwrite)
+            return write_outputs(snapshot, state, metadata, path, merge, self._receipt, device, self.overwrite, factors)
 
         self._outputs = on_rank_zero(trainer.strategy, write)
 

@@ -100,7 +100,8 @@ def add_updates(first: LowRankUpdate, second: LowRankUpdate, sign: float = 1.0) 
     if first.scale == second.scale:
         B = torch.cat([first.B.to(dtype), sign * second.B.to(dtype)], dim=1)
         scale = first.scale
-    else:
+    else:  # folded in float32 at least: bfloat16 factors times a scale would round
+        dtype = torch.promote_types(dtype, torch.float32)
         B = torch.cat([first.scale * first.B.to(dtype), sign * second.scale * second.B.to(dtype)], dim=1)
         scale = 1.0
     A = torch.cat([first.A.to(dtype), second.A.to(dtype)], dim=0)

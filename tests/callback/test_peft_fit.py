@@ -18,16 +18,20 @@ peft = pytest.importorskip("peft")
 from tests.lora_modules import LORA_KEYS, LoraRegressor, Net, lora_update  # noqa: E402
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+@pytest.mark.parametrize(
+    ("precision", "adapters"), [("32-true", "factors"), ("32-true", "merged"), ("bf16-true", "merged")]
+)
 def test_the_task_vector_of_a_lora_fit_is_merge_and_unloads_update_under_the_base_keys(
-    tmp_path: Path, precision: str
+    tmp_path: Path, precision: str, adapters: str
 ) -> None:
     torch.manual_seed(0)
     base = Net()
     module = LoraRegressor(copy.deepcopy(base))
-    callback = ScoreMergeCallback(dirpath=tmp_path / "tvs", name="lora")
+    callback = ScoreMergeCallback(dirpath=tmp_path / "tvs", name="lora", adapters=adapters)
     trainer(tmp_path, [callback], precision=precision).fit(module, data())
     tv = TaskVector.load(tmp_path / "tvs" / "lora.safetensors")
+    factors = {"net.attn.in_proj_weight", "net.attn.out_proj.weight", "net.fc1.weight"}
+    assert tv.low_rank_keys == (factors if adapters == "factors" else frozenset())  # fc2 (saved module): dense
     # the trainable parameters were the adapters and the saved fc2: the task vector holds the weights they change
     assert sorted(tv) == LORA_KEYS
     # θ₀ is the base as given (float32, before the precision plugin converts the module), as for any expert
@@ -47,6 +51,27 @@ def test_the_task_vector_of_a_lora_fit_is_merge_and_unloads_update_under_the_bas
     for key in tv:
         torch.testing.assert_close(tv[key].double(), expected[key], rtol=0, atol=1e-6, msg=key)
         assert tv[key].abs().sum() > 0, key
+
+
+def test_in_bf16_true_the_factors_are_the_exact_update_merge_and_unload_rounds(tmp_path: Path) -> None:
+    """bf16-true: the factors' product is s·B·A exactly; merge_and_unload() rounds θ₀ + s·B·A to bfloat16."""
+    torch.manual_seed(0)
+    base = Net()
+    module = LoraRegressor(copy.deepcopy(base))
+    trainer(tmp_path, [ScoreMergeCallback(dirpath=tmp_path / "tvs", name="lora")], precision="bf16-true").fit(
+        module, data()
+    )
+    tv = TaskVector.load(tmp_path / "tvs" / "lora.safetensors")
+    layer = module.net.base_model.model.fc1
+    B, A = layer.lora_B["default"].weight.double(), layer.lora_A["default"].weight.double()
+    update = tv.low_rank("net.fc1.weight")
+    assert update is not None and update.B.dtype == torch.bfloat16  # the trained factors, as they are
+    assert update.dtype == tv["net.fc2.weight"].dtype == torch.float32  # the update in θ₀'s dtype, as every entry
+    torch.testing.assert_close(update.dense(torch.float64), B @ A * layer.scaling["default"], rtol=0, atol=1e-12)
+    rounded = lora_update(module, base)  # bfloat16 weights minus θ₀: within a bfloat16 step of the weights
+    for key in ("net.fc1.weight", "net.attn.in_proj_weight", "net.attn.out_proj.weight"):
+        step = (base.state_dict()[key.removeprefix("net.")].abs().max().item() + tv[key].abs().max().item()) * 2**-7
+        torch.testing.assert_close(tv[key].double(), rounded[key], rtol=0, atol=step, msg=key)
 
 
 def test_lora_and_full_fine_tune_experts_of_one_base_merge_together(tmp_path: Path) -> None:
