@@ -120,8 +120,10 @@ def main() -> None:
             TaskVector({k: tv[k] for k in tv}, tv.metadata).save(root / f"dense{t}.safetensors")
             for t, tv in enumerate(experts)
         ]
-        print("| method | path | seconds | × factor path | peak memory growth (MiB) | max rel. difference |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| method | path | seconds | × factor path | peak memory (MiB) | max rel. diff. to factors | to float64 |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for method in args.methods.split(","):
             runs = {
                 "factors": (factor_paths, True),
@@ -133,11 +135,17 @@ def main() -> None:
                 out = root / f"{method}-{label.replace(' ', '_').replace(',', '')}.safetensors"
                 seconds, peak = _measure(paths, method, through, dtype, out)
                 results[label] = (seconds, peak, TaskVector.load(out))
-            reference = results["factors"][2]
+            exact = root / f"{method}-float64.safetensors"
+            _measure(factor_paths, method, True, "float64", exact)
+            reference, exact_tv = results["factors"][2], TaskVector.load(exact)
             for label, (seconds, peak, merged) in results.items():
                 ratio = seconds / results["factors"][0]
                 difference = 0.0 if label == "factors" else _difference(merged, reference)
-                print(f"| {method} | {label} | {seconds:.2f} | {ratio:.1f} | {peak / 2**20:.1f} | {difference:.2e} |")
+                error = _difference(merged, exact_tv)
+                print(
+                    f"| {method} | {label} | {seconds:.2f} | {ratio:.1f} | {peak / 2**20:.1f} | {difference:.2e} "
+                    f"| {error:.2e} |"
+                )
 
 
 if __name__ == "__main__":
