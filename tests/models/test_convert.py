@@ -6,6 +6,8 @@ LayerNorm, a transposed projection or q/k/v in the wrong order changes the featu
 
 from __future__ import annotations
 
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -147,3 +149,10 @@ def test_a_tower_with_layer_scale_has_no_hf_or_timm_twin() -> None:
         hf_vision_config(tower)
     with pytest.raises(ValueError, match="not a plain CLIP ViT"):
         timm_vit_kwargs(tower)
+
+
+def test_without_transformers_the_hf_config_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    tower = open_clip.create_model("tiny-ViT-W64-L2").visual
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as on an install without the hf extra
+    with pytest.raises(ImportError, match=r"^transformers is not installed: .*pip install 'lightning-score\[hf\]'$"):
+        hf_vision_config(tower)
