@@ -5,8 +5,11 @@ The SCORE, TSV, Iso and ESM papers merge open_clip's image tower, so each block'
 projection ``proj`` is [d, e]. Other libraries hold the same tensors otherwise: transformers' CLIP splits q, k
 and v into three [d, d] matrices and stores the projection transposed; timm fuses q/k/v but keeps a 3-D
 ``pos_embed`` [1, T, d] (which a merge would not treat as a matrix at all) and a transposed ``head.weight``.
-An SVD-based merge of the split matrices is another merge (tens of percent apart on the same experts), and
-TSV, Iso-C and CART are transpose-equivariant but SCORE's trimming and Iso-CTS's common subspace are not.
+An SVD-based merge of the split matrices is another merge (the merged q/k/v differ by 50-110 % on synthetic
+experts, ``tests/models/test_conventions.py``). Nor is a transposed matrix always merged to the transposed merge:
+Iso-C and CART are transpose-equivariant, TSV and SCORE's ``full`` and ``diagonal`` only when T divides
+r = min(m, n) (else the polar factor fills the empty slots with an arbitrary basis), SCORE's trimming and
+Iso-CTS's common subspace never; so the projection is given transposed, as open_clip's ``proj``.
 
 :func:`to_matrix_convention` rewrites a task vector of any backbone so that every matrix is the one open_clip
 holds (under the backbone's own key names, the q/k/v keys excepted); merge it; :func:`from_matrix_convention`

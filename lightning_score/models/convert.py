@@ -17,7 +17,7 @@ open_clip ``visual.*``            transformers (``CLIPVisionModelWithProjection`
 ``B.ln_2.*``                      ``L.layer_norm2.*``                             ``blocks.{i}.norm2.*``
 ``B.mlp.c_fc.*``, ``c_proj``      ``L.mlp.fc1.*``, ``fc2``                        ``blocks.{i}.mlp.fc1.*``, ``fc2``
 ``ln_post.*``                     ``vision_model.post_layernorm.*``               ``norm.*``
-``proj`` [d, e]                   ``visual_projection.weight`` [e, d] (ᵀ)         ``head.weight`` [e, d] (ᵀ), ``head.bias`` (0)
+``proj`` [d, e]                   ``visual_projection.weight`` [e, d] (ᵀ)         ``head.weight`` (ᵀ), ``head.bias`` 0
 ================================  ==============================================  ===========================
 
 (``B`` is ``transformer.resblocks.{i}``, ``L`` is ``vision_model.encoder.layers.{i}``, ``….`` is ``vision_model``.)
@@ -91,10 +91,6 @@ class KeyConvention:
     qkv: tuple[tuple[str, str], ...] = ()
     qkv_native: str = "fused"
     as_matrix: tuple[tuple[str, Reshape, Reshape], ...] = ()
-
-
-def _same(key: str) -> KeyRule:
-    return KeyRule(key, (key,))
 
 
 def _affine(open_clip: str, backbone: str) -> tuple[KeyRule, ...]:
@@ -232,9 +228,9 @@ def _to_open_clip(state: Mapping[str, Tensor], convention: KeyConvention) -> dic
                 break
         else:
             raise ValueError(
-                f"Key {key!r} is no key of a CLIP ViT image tower in {convention.name}'s convention (known: "
-                f"{[t for r in convention.rules for t in r.keys][:6]}...): lightning-score converts the plain CLIP "
-                "ViT (class token, pre-norm, no layer scale, no attention pooling)."
+                f"Key {key!r} is no key of a CLIP ViT image tower in {convention.name}'s convention (such as "
+                f"{[t for r in convention.rules for t in r.keys][:4]}): lightning-score converts the plain CLIP ViT "
+                "(class token, pre-norm, no layer scale, no attention pooling)."
             )
     out: dict[str, Tensor] = {}
     done: set[str] = set()
