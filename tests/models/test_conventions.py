@@ -20,6 +20,7 @@ from lightning_score.merging import list_methods, merge_task_vectors
 from lightning_score.merging.registry import get_method
 from lightning_score.models.conventions import from_matrix_convention, to_matrix_convention
 from lightning_score.models.convert import convert_state_dict
+from lightning_score.task_vector import TaskVector
 
 NUM_TASKS = 3
 SVD_METHODS = [n for n in list_methods() if get_method(n).scope == "matrix" and not get_method(n).needs_data]
@@ -159,3 +160,21 @@ def test_the_convention_round_trips_exactly(backbone, qkv, experts) -> None:
     back = from_matrix_convention(matrices, backbone, qkv=qkv)
     assert list(back) == list(held)
     assert all(torch.equal(back[k], v) and back[k].shape == v.shape for k, v in held.items())
+
+
+def test_task_vectors_of_hf_weights_on_disk_merge_as_the_open_clip_ones(tmp_path) -> None:
+    """Experts held as transformers weights: their task vectors (saved, loaded lazily) merge to the open_clip merge."""
+    base = open_clip.create_model("tiny-ViT-W64-L2").visual.state_dict()
+    tuned = [{k: v + d for (k, v), d in zip(base.items(), tv.values(), strict=True)} for tv in _experts(seed=4)]
+    theirs, ours = [], []
+    for t, weights in enumerate(tuned):
+        hf_tv = TaskVector.from_state_dicts(
+            convert_state_dict(base, "open_clip", "hf"), convert_state_dict(weights, "open_clip", "hf"), name=f"e{t}"
+        )
+        theirs.append(TaskVector.load(hf_tv.save(tmp_path / f"hf-{t}.safetensors")))
+        ours.append(TaskVector.from_state_dicts(base, weights, name=f"e{t}"))
+    options = {"sign_convention": "canonical"}
+    merged = _merge([to_matrix_convention(tv, "hf") for tv in theirs], "score", options)
+    got = convert_state_dict(from_matrix_convention(merged, "hf"), "hf", "open_clip")
+    for key, value in _merge(ours, "score", options).items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
