@@ -165,6 +165,16 @@ def _in_convention(tv: TaskVector, source: str, backbone: str) -> TaskVector:
     return TaskVector(convert_state_dict(tv, source, backbone), tv.metadata)
 
 
+def _exempt_keys(tv: TaskVector, exempt: list[str], source: str, backbone: str) -> list[str]:
+    """The keys exempt from α under the backbone's names (a fused open_clip key names its three q/k/v keys)."""
+    unknown = [k for k in exempt if k not in tv]
+    if unknown:
+        raise ValueError(f"Keys exempt from alpha {unknown[:3]} are not keys of {tv.describe()}.")
+    if source == backbone or not exempt:
+        return list(exempt)
+    return list(convert_state_dict({k: tv[k] for k in exempt}, source, backbone))
+
+
 def _head_file(head: ZeroShotHead | Tensor, path: Path) -> dict[str, Any]:
     """Write the zero-shot head ``[classes, dim]``; returns what the card records of it."""
     weight = head.weight if isinstance(head, ZeroShotHead) else head
@@ -298,7 +308,7 @@ def export_model(
     merge = dict(task_vector.metadata.get("merge") or {})
     exempt = list(merge.get("alpha_exempt_keys", []) if exempt is None else exempt)
     tv = _in_convention(task_vector, source, backbone)
-    exempt_here = list(convert_state_dict({k: task_vector[k] for k in exempt}, source, backbone)) if exempt else []
+    exempt_here = _exempt_keys(task_vector, exempt, source, backbone)
     record_fields = card_record(card, merge, {})  # refuse a bad card before any work
     target = Path(directory)
 

@@ -370,3 +370,23 @@ def test_a_timm_model_built_without_timm_create_model_is_refused(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=r"Cannot export a torch\.nn\.modules\.linear\.Linear"):
         export_model(torch.nn.Linear(2, 2), tv, tmp_path / "x")
+
+
+def test_a_quick_gelu_model_exports_with_its_activation(tmp_path: Path) -> None:
+    """OpenAI's weights need QuickGELU: the config says so, so that ``local-dir:`` builds the same network."""
+    torch.manual_seed(0)
+    base = open_clip.create_model("tiny-ViT-W64-L2", force_quick_gelu=True).eval()
+    tv = _merged_task_vector("open_clip", base)
+    export_model(base, tv, tmp_path / "quick", model_name="tiny-ViT-W64-L2", exempt=[])
+    config = json.loads((tmp_path / "quick" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["quick_gelu"] is True
+    reloaded = open_clip.create_model(f"local-dir:{tmp_path / 'quick'}").eval()
+    merged = copy.deepcopy(base)
+    tv.apply_to(merged.visual)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_image(images), merged.encode_image(images), atol=ATOL, rtol=0)
+    assert read_card(tmp_path / "quick")["alpha_exempt_keys"] == []
+    assert "force_quick_gelu=True" in read_card(tmp_path / "quick")["load"]
+    with pytest.raises(ValueError, match=r"Keys exempt from alpha \['nope'\] are not keys of task vector"):
+        export_model(base, tv, tmp_path / "x", model_name="tiny-ViT-W64-L2", exempt=["nope"])
