@@ -65,14 +65,14 @@ class _Exporter:
         tower: The module whose state dict the backbone's task vectors are keyed by (``apply_to`` updates it).
         image_keys: Which of the tower's keys are the image tower's (the fingerprints are over these).
         write: Writes the merged model into a folder; returns its files by role.
-        load: The Python that loads the folder (``{folder}`` in it), given the model's name.
+        load: The Python that loads the folder, given the model, its name and the folder.
     """
 
     library: str
     tower: Callable[[nn.Module], nn.Module]
     image_keys: Callable[[str], bool]
     write: Callable[[nn.Module, Path, str], dict[str, str]]
-    load: Callable[[nn.Module, str], str]
+    load: Callable[[nn.Module, str, str], str]
 
 
 def _write_open_clip(model: nn.Module, folder: Path, model_name: str) -> dict[str, str]:
@@ -90,10 +90,10 @@ def _write_open_clip(model: nn.Module, folder: Path, model_name: str) -> dict[st
     return {"weights": OPEN_CLIP_WEIGHTS, "config": OPEN_CLIP_CONFIG}
 
 
-def _load_open_clip(model: nn.Module, model_name: str) -> str:
+def _load_open_clip(model: nn.Module, model_name: str, folder: str) -> str:
     quick = ", force_quick_gelu=True" if uses_quick_gelu(model) and "quickgelu" not in model_name else ""
     return (
-        "import open_clip\n\n"
+        f"import open_clip\n\nfolder = {folder!r}\n"
         'model = open_clip.create_model("local-dir:" + folder)  # offline, any config (open_clip_config.json)\n'
         'tokenizer = open_clip.get_tokenizer("local-dir:" + folder)\n'
         f"# or, for a model name open_clip knows:\n# model = open_clip.create_model({model_name!r}, "
@@ -106,8 +106,8 @@ def _write_hf(model: nn.Module, folder: Path, model_name: str) -> dict[str, str]
     return {"weights": "model.safetensors", "config": "config.json"}
 
 
-def _load_hf(model: nn.Module, model_name: str) -> str:
-    return f"import transformers\n\nmodel = transformers.{type(model).__name__}.from_pretrained(folder)"
+def _load_hf(model: nn.Module, model_name: str, folder: str) -> str:
+    return f"import transformers\n\nmodel = transformers.{type(model).__name__}.from_pretrained({folder!r})"
 
 
 def _write_timm(model: nn.Module, folder: Path, model_name: str) -> dict[str, str]:
@@ -122,9 +122,9 @@ def _write_timm(model: nn.Module, folder: Path, model_name: str) -> dict[str, st
     return {"weights": "model.safetensors", "config": "config.json"}
 
 
-def _load_timm(model: nn.Module, model_name: str) -> str:
+def _load_timm(model: nn.Module, model_name: str, folder: str) -> str:
     return (
-        "import timm\n\n"
+        f"import timm\n\nfolder = {folder!r}\n"
         'model = timm.create_model("local-dir:" + folder, pretrained=True)  # config.json: architecture, model_args\n'
         f"# or: timm.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=folder + "
         '"/model.safetensors"), **model_args), with model_args from config.json'
@@ -330,6 +330,7 @@ def export_model(
             "model_name": model_name,
             "base_model": record_fields.get("base_model") or task_vector.base_model or model_name,
             "alpha": float(alpha),
+            "merge_alpha": merge.get("alpha"),
             "alpha_exempt_keys": sorted(exempt),
             "task_vector_backbone": source,
             "base_fingerprint": base_fingerprint,
@@ -339,7 +340,7 @@ def export_model(
             "task_vector_fingerprint": task_vector.content_fingerprint(),
             "files": files,
             **heads,
-            "load": f"folder = {str(target)!r}\n" + exporter.load(model, model_name),
+            "load": exporter.load(model, model_name, str(target)),
         }
         write_card(folder, card_record(card, merge, recorded))
 

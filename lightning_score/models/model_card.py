@@ -79,6 +79,8 @@ def _readme(record: Mapping[str, Any]) -> str:
     tags = ["lightning-score", "model-merging", "clip"]
     lines = ["---", f"library_name: {record['library']}", "tags:", *(f"- {t}" for t in tags), "---", ""]
     method = record.get("method") or "a merge"
+    scaled = record.get("merge_alpha")
+    merge_alpha = f"; the merge itself scaled τ* by {scaled:g}" if scaled not in (None, 1.0) else ""
     lines += [
         f"# {record.get('base_model') or record['model_name']} merged with {method}",
         "",
@@ -86,7 +88,7 @@ def _readme(record: Mapping[str, Any]) -> str:
         "loading it needs no lightning-score.",
         "",
         f"- Method: `{method}`, options `{json.dumps(record.get('options') or {}, sort_keys=True)}`",
-        f"- α = {record['alpha']:g} (keys exempt from α: {len(record['alpha_exempt_keys'])})",
+        f"- α = {record['alpha']:g} on export (keys exempt from α: {len(record['alpha_exempt_keys'])}){merge_alpha}",
         f"- Base model: `{record['model_name']}`, image tower fingerprint `{record['base_fingerprint']}`",
         f"- Merged image tower fingerprint `{record['merged_fingerprint']}`",
     ]

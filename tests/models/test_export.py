@@ -257,7 +257,9 @@ def test_the_card_records_the_merge_the_base_and_the_accuracies(exported) -> Non
         [CARD_FILE, README_FILE, HEAD_FILE, "open_clip_config.json", "open_clip_model.safetensors"]
     )
     assert read_card(exported["folders"]["timm"])["library"] == "timm"
-    assert "CLIPModel.from_pretrained(folder)" in (Path(exported["folders"]["hf"]) / README_FILE).read_text()
+    hf_folder = exported["folders"]["hf"]
+    assert f"CLIPModel.from_pretrained({hf_folder!r})" in (Path(hf_folder) / README_FILE).read_text()
+    assert card["merge_alpha"] == 1.0 and "the merge itself scaled" not in readme
 
 
 def test_an_open_clip_merge_exports_onto_a_transformers_base(tmp_path: Path) -> None:
