@@ -123,11 +123,13 @@ def _write_timm(model: nn.Module, folder: Path, model_name: str) -> dict[str, st
 
 
 def _load_timm(model: nn.Module, model_name: str, folder: str) -> str:
+    architecture, classes = model.pretrained_cfg.get("architecture", model_name), model.num_classes
     return (
         f"import timm\n\nfolder = {folder!r}\n"
         'model = timm.create_model("local-dir:" + folder, pretrained=True)  # config.json: architecture, model_args\n'
-        f"# or: timm.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=folder + "
-        '"/model.safetensors"), **model_args), with model_args from config.json'
+        f"# or, on a timm without local-dir: (model_args from config.json; the head's size given, as the default\n"
+        f"# tag's may differ): timm.create_model({architecture!r}, pretrained=True, **model_args,\n"
+        f'#     pretrained_cfg_overlay=dict(file=folder + "/model.safetensors", num_classes={classes}))'
     )
 
 

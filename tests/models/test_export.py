@@ -95,7 +95,11 @@ with torch.no_grad():
     config = json.loads((Path(folder) / "config.json").read_text())
     plain = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
     plain.load_state_dict(load_file(folder + "/model.safetensors"))
-    results["timm"] = {"features": features, "head": head_logits(folder, features)[0], "by_name": plain(images)}
+    overlay = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
+                                pretrained_cfg_overlay=dict(file=folder + "/model.safetensors",
+                                                            num_classes=config["num_classes"])).eval()
+    results["timm"] = {"features": features, "head": head_logits(folder, features)[0], "by_name": plain(images),
+                       "by_file": overlay(images)}
 
 loaded = sorted(name for name in sys.modules if name.startswith("lightning_score") and sys.modules[name])
 torch.save({"results": results, "lightning_score_modules": loaded}, out)
@@ -231,6 +235,8 @@ def test_an_export_loads_without_lightning_score_to_the_merged_models_logits(exp
         torch.testing.assert_close(loaded[what], expected[what], atol=ATOL, rtol=0, msg=f"{backbone} {what}")
     if "by_name" in loaded:  # open_clip's create_model(name, pretrained=<file>), timm's load_state_dict
         torch.testing.assert_close(loaded["by_name"], expected["features"], atol=ATOL, rtol=0)
+    if "by_file" in loaded:  # timm's create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))
+        torch.testing.assert_close(loaded["by_file"], expected["features"], atol=ATOL, rtol=0)
 
 
 def test_the_card_records_the_merge_the_base_and_the_accuracies(exported) -> None:
