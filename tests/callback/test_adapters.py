@@ -16,6 +16,7 @@ from lightning_score.callback.adapters import (  # noqa: E402
     adapter_targets,
     effective_state,
     holds_adapters,
+    low_rank_updates,
 )
 
 
@@ -241,3 +242,65 @@ def test_the_open_clip_tiny_image_tower_with_lora_reads_as_merge_and_unload():
     model.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+def _assert_factors_are_the_updates(model: nn.Module, base: nn.Module, atol: float = 1e-6) -> dict:
+    """low_rank_updates: each factor entry's s·B·A is effective_state's (merge_and_unload's) weight minus the base
+    (to ``atol`` relative to the update's largest entry: merge_and_unload's float32 sum rounds)."""
+    factors, state = low_rank_updates(model), effective_state(model)
+    for key, update in factors.items():
+        expected = state[key].double() - base.state_dict()[key].double()
+        scale = max(1.0, expected.abs().max().item())  # float32 weights of size ~17: relative to them
+        torch.testing.assert_close(update.dense(torch.float64), expected, rtol=0, atol=atol * scale, msg=key)
+        assert update.dtype == base.state_dict()[key].dtype
+    return factors
+
+
+def test_the_adapted_weights_as_factors_are_their_updates_exactly():
+    """Linear, Embedding and MultiheadAttention (out_proj's update counted twice): factors; a conv kernel: dense."""
+    torch.manual_seed(0)
+    net = Net()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["head"])
+    model = _trained(peft.get_peft_model(copy.deepcopy(net), config))
+    factors = _assert_factors_are_the_updates(model, net)
+    assert sorted(factors) == ["attn.in_proj_weight", "attn.out_proj.weight", "emb.weight", "fc1.weight", "fc2.weight"]
+    assert factors["emb.weight"].shape == (10, 8) and factors["fc1.weight"].rank == 4
+    out_proj = model.base_model.model.attn.base_layer.out_proj
+    assert factors["attn.out_proj.weight"].rank == 4  # the update added twice: its factors once, twice the scale
+    assert factors["attn.out_proj.weight"].scale == pytest.approx(2 * out_proj.scaling["default"])
+
+
+def test_factors_of_several_adapters_rslora_and_fan_in_fan_out():
+    net = Net()
+    config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["fc1", "fc2"])
+    model = peft.get_peft_model(copy.deepcopy(net), config)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
+    model.base_model.set_adapter(["default", "other"])
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    _trained(model)
+    factors = _assert_factors_are_the_updates(model, net)
+    assert factors["fc1.weight"].rank == 6 and factors["fc2.weight"].rank == 4  # the adapters' ranks add up
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class GPTLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = Conv1D(12, 4)  # weight [in=4, out=12]
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    gpt = GPTLike()
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    factors = _assert_factors_are_the_updates(_trained(peft.get_peft_model(copy.deepcopy(gpt), lora)), gpt)
+    assert factors["c_attn.weight"].shape == (4, 12)
+
+
+def test_a_base_weight_that_trains_too_stays_a_dense_entry():
+    net = Net()
+    model = _trained(peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["fc1", "fc2"])))
+    model.base_model.model.fc1.base_layer.weight.requires_grad_(True)
+    assert sorted(low_rank_updates(model)) == ["fc2.weight"]
