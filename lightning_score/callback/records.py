@@ -46,7 +46,7 @@ __all__ = [
     "task_vector_metadata",
 ]
 
-_COMPILED = re.compile(r"(^|\.)_orig_mod\.")
+_WRAPPERS = re.compile(r"(^|\.)(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 RESERVED_METADATA = frozenset(
     {
@@ -67,13 +67,18 @@ _ARGUMENT_NAMES = frozenset({"cls", "pretrained", "finetuned", "keys"})  # TaskV
 
 
 def clean_key(key: str) -> str:
-    """A state-dict key without the ``_orig_mod.`` that ``torch.compile`` wrappers insert.
+    """A state-dict key without the names that wrappers insert.
+
+    ``torch.compile``'s ``_orig_mod.``, FSDP1's ``_fsdp_wrapped_module.``, activation checkpointing's
+    ``_checkpoint_wrapped_module.``.
 
     Example:
         >>> clean_key("head._orig_mod.0.weight"), clean_key("_orig_mod.proj")
         ('head.0.weight', 'proj')
+        >>> clean_key("_fsdp_wrapped_module.head.0._fsdp_wrapped_module._checkpoint_wrapped_module.weight")
+        'head.0.weight'
     """
-    return _COMPILED.sub(r"\1", key)
+    return _WRAPPERS.sub(r"\1", key)
 
 
 @dataclass(frozen=True)
