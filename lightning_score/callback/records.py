@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from lightning_score.callback.adapters import (
 )
 from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.snapshot import read_snapshot
+from lightning_score.utilities.strategies import unwrapped_key
 
 __all__ = [
     "Receipt",
@@ -46,7 +46,6 @@ __all__ = [
     "task_vector_metadata",
 ]
 
-_WRAPPERS = re.compile(r"(^|\.)(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 RESERVED_METADATA = frozenset(
     {
@@ -78,7 +77,7 @@ def clean_key(key: str) -> str:
         >>> clean_key("_fsdp_wrapped_module.head.0._fsdp_wrapped_module._checkpoint_wrapped_module.weight")
         'head.0.weight'
     """
-    return _WRAPPERS.sub(r"\1", key)
+    return unwrapped_key(key)
 
 
 @dataclass(frozen=True)

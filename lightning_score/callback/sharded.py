@@ -1,7 +1,7 @@
 """ScoreMergeCallback's weights under FSDP (``FSDPStrategy``) and FSDP2 (``ModelParallelStrategy``).
 
 The callback reads the selected weights three times and writes them twice; under a sharding strategy each step
-goes through :mod:`lightning_score.utilities.sharded`, in the order of a fit:
+goes through :mod:`lightning_score.utilities.strategies`, in the order of a fit:
 
 1. ``setup``: the strategy has not wrapped the module yet, every process holds it whole: θ₀ is the live weights
    (:func:`current_state` reads them as under DDP) and rank zero writes it.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_score.callback.records import Selection, clean_key
-from lightning_score.utilities.sharded import gather_full_state, load_full_state, sharding_root
+from lightning_score.utilities.strategies import gather_full_state, load_full_state, sharding_root
 
 __all__ = ["current_state", "keep_own", "load_selected", "restore_own"]
 

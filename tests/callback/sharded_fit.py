@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_score import ScoreMergeCallback, TaskVector
-from lightning_score.utilities.sharded import gather_full_state, sharding_root
+from lightning_score.utilities.strategies import gather_full_state, sharding_root
 from tests.modules import QUIET, data
 from tests.sharding import ShardedRegressor, strategy
 

@@ -97,7 +97,7 @@ def test_an_error_on_rank_zero_under_sharding_stops_every_rank(kind: str, tmp_pa
         result.returncode != 0 and time.perf_counter() - started < 120
     )  # (a loaded machine starts slowly) the process group's timeout is 30 min
     wanted = "mine.safetensors' holds the task vector of another fit"
-    for rank in (0, 1):
-        message = (tmp_path / f"rank{rank}.err").read_text()
-        assert wanted in message, (rank, message)
+    message = (tmp_path / "rank1.err").read_text()  # rank 1 learned rank zero's error, and stopped with it
+    assert wanted in message, message
+    assert wanted in result.stderr  # (rank zero itself may be ended by Lightning's process observer first)
     assert TaskVector.load(tmp_path / "mine.safetensors").metadata["name"] == "someone else"  # not replaced
