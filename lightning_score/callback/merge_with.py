@@ -120,13 +120,13 @@ def merged_weights(outputs: dict[str, Any]) -> dict[str, Tensor]:
     return TaskVector.load(outputs["merged"]).apply_to(pretrained)
 
 
-def swap_in(trainer: pl.Trainer, selection: Selection, outputs: dict[str, Any]) -> dict[str, Any]:
+def swap_in(selection: Selection, outputs: dict[str, Any], trainer: pl.Trainer | None = None) -> dict[str, Any]:
     """Load θ₀ + τ* into the selected weights, in place (each keeps its dtype and device; each rank its shard).
 
     Args:
-        trainer: The Trainer testing (its strategy: the module may be sharded, see :mod:`.sharded`).
         selection: What the fit snapshotted, in the module to test.
         outputs: What the fit wrote (see :func:`merged_weights`).
+        trainer: The Trainer testing (its strategy may shard the module, see :mod:`.sharded`); None: no Trainer.
 
     Returns:
         The submodule's own weights as they were (a copy on CPU, or each rank's shards), to load back after the test.

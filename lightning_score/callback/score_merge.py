@@ -286,7 +286,7 @@ class ScoreMergeCallback(Callback):
         if not self.merge_with:
             return
         outputs = on_rank_zero(trainer.strategy, lambda: find_merge(self._recorded(), self.merge_with))
-        self._expert_state = swap_in(trainer, self._follow(pl_module), outputs)
+        self._expert_state = swap_in(self._follow(pl_module), outputs, trainer)
         rank_zero_info("ScoreMergeCallback: testing the merged model; the expert's weights come back after the test.")
 
     @override

@@ -32,9 +32,9 @@ from lightning_score.utilities.strategies import gather_full_state, load_full_st
 __all__ = ["current_state", "keep_own", "load_selected", "restore_own"]
 
 
-def _root(trainer: pl.Trainer, selection: Selection, loading: bool = False) -> Any:
-    root = sharding_root(trainer.strategy, selection.submodule)
-    if root is None:
+def _root(trainer: pl.Trainer | None, selection: Selection, loading: bool = False) -> Any:
+    root = sharding_root(trainer.strategy if trainer is not None else None, selection.submodule)
+    if root is None or trainer is None:
         return None
     if selection.adapted:
         raise ValueError(
@@ -76,7 +76,7 @@ def current_state(trainer: pl.Trainer, selection: Selection) -> dict[str, Tensor
     return {key: full[prefix + key] for key in selection.keys if prefix + key in full}
 
 
-def keep_own(trainer: pl.Trainer, selection: Selection) -> dict[str, Any]:
+def keep_own(trainer: pl.Trainer | None, selection: Selection) -> dict[str, Any]:
     """The selected submodule's own weights, to put back after a test: a CPU copy, or this rank's shards."""
     root = _root(trainer, selection, loading=True)
     if root is None:
@@ -88,7 +88,7 @@ def keep_own(trainer: pl.Trainer, selection: Selection) -> dict[str, Any]:
     return {key: value.detach().clone() for key, value in shards.items() if key.startswith(prefix)}
 
 
-def load_selected(trainer: pl.Trainer, selection: Selection, weights: Mapping[str, Tensor]) -> None:
+def load_selected(trainer: pl.Trainer | None, selection: Selection, weights: Mapping[str, Tensor]) -> None:
     """Load ``weights`` (full tensors by task-vector key, the same on every rank) into the selected entries.
 
     Unsharded, each live tensor keeps its dtype and device; sharded, every rank keeps its shard.

@@ -1,6 +1,6 @@
 """Run by tests: ScoreMergeCallback under FSDP1 and FSDP2 on 2 CPU processes (gloo), through Lightning's launcher.
 
-Usage: python sharded_fit.py fits OUTPUT_DIR | python sharded_fit.py error KIND OUTPUT_DIR
+Usage: python sharded_fit.py fits OUTPUT_DIR | error KIND OUTPUT_DIR | expert OUTPUT_DIR MODEL_NAME BASE_WEIGHTS
 
 * ``fits``: one pair of processes runs, one Trainer after another (the process group is kept): a DDP fit (the
   reference), FSDP1 (``use_orig_params=True``, with ``merge_with`` and a test of the merge), FSDP1 with flat
@@ -8,6 +8,9 @@ Usage: python sharded_fit.py fits OUTPUT_DIR | python sharded_fit.py error KIND 
   stopped at step 2 and resumed from their sharded checkpoints. Each fit writes ``<name>/<name>.safetensors``;
   rank zero saves what the module held during each test and after it (``<name>/during_test.pt``, ``after_test.pt``)
   and the weights each fit ended with (``<name>/finetuned.pt``), all gathered.
+* ``expert``: a CLIPExpert fitted 2 steps under DDP, FSDP1 and FSDP2, with nothing but the strategy changed
+  (CLIPExpert shards itself per residual block); each writes ``<kind>/<kind>.safetensors`` and, on rank zero, how
+  many FSDP units its image encoder had (``<kind>/units.pt``).
 * ``error KIND``: a fit under ``KIND`` whose task-vector file another fit takes on rank zero only, as training
   ends: rank zero's write is refused, and every rank must stop with that error (``rank<r>.err``).
 """
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_score import ScoreMergeCallback, TaskVector
 from lightning_score.utilities.strategies import gather_full_state, sharding_root
 from tests.modules import QUIET, data
-from tests.sharding import ShardedRegressor, strategy
+from tests.sharding import CPUFSDPStrategy, ShardedRegressor, model_parallel, strategy
 
 STEPS = 4
 
@@ -111,9 +114,42 @@ def error(kind: str, out: Path) -> None:
     trainer.fit(ShardedRegressor(encoder_attr=True), data())
 
 
+class Units(pl.Callback):
+    """On rank zero, when fitting starts: the FSDP units (FSDP1 wrappers or FSDP2 modules) in the image encoder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        units = [m for m in pl_module.image_encoder.modules() if isinstance(m, FSDPModule | FullyShardedDataParallel)]
+        if trainer.is_global_zero:
+            torch.save({"units": len(units), "blocks": len(pl_module.image_encoder.transformer.resblocks)},
+                       self.folder / "units.pt")  # fmt: skip
+
+
+def expert(out: Path, model_name: str, base: str) -> None:
+    from lightning_score import CLIPExpert, DomainDataModule
+
+    for kind in ("ddp", "fsdp", "fsdp2"):
+        folder = out / kind
+        folder.mkdir(exist_ok=True)
+        pl.seed_everything(0, verbose=False)  # the same augmentations and shuffling in every fit
+        model = CLIPExpert(model_name, base, templates="digits", lr=1e-3, warmup_steps=0)
+        data = DomainDataModule("builtin:digits", train_domains=["rot0"], num_workers=0, batch_size=16)
+        make = {"ddp": lambda: "ddp", "fsdp": CPUFSDPStrategy, "fsdp2": model_parallel}[kind]
+        callbacks = [ScoreMergeCallback(dirpath=folder, name=kind), Units(folder)]
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=make(), max_steps=2, limit_val_batches=0,
+                             callbacks=callbacks, **QUIET)  # fmt: skip
+        trainer.fit(model, datamodule=data)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "fits":
         fits(Path(sys.argv[2]))
+    elif sys.argv[1] == "expert":
+        expert(Path(sys.argv[2]), *sys.argv[3:])
     else:
         error(sys.argv[2], Path(sys.argv[3]))

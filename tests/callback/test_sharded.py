@@ -101,3 +101,23 @@ def test_an_error_on_rank_zero_under_sharding_stops_every_rank(kind: str, tmp_pa
     assert wanted in message, message
     assert wanted in result.stderr  # (rank zero itself may be ended by Lightning's process observer first)
     assert TaskVector.load(tmp_path / "mine.safetensors").metadata["name"] == "someone else"  # not replaced
+
+
+@pytest.mark.ddp
+def test_a_clip_expert_shards_itself_per_residual_block_and_its_task_vector_is_the_ddp_fits(
+    quick_base: Path, tmp_path: Path
+) -> None:
+    """Only the strategy changes: CLIPExpert's configure_model (FSDP2) or wrap policy (FSDP1) shards each block."""
+    from tests.experts import MODEL
+
+    run_script(HERE / "sharded_fit.py", "expert", str(tmp_path), MODEL, str(quick_base), timeout=420)
+    reference = TaskVector.load(tmp_path / "ddp" / "ddp.safetensors")
+    assert any("in_proj_weight" in key for key in reference)  # the fused attention projection is gathered whole
+    assert torch.load(tmp_path / "ddp" / "units.pt")["units"] == 0
+    for kind in ("fsdp", "fsdp2"):
+        units = torch.load(tmp_path / kind / "units.pt")
+        assert units["units"] == units["blocks"] + (kind == "fsdp2")  # one per block (+ the encoder itself, FSDP2)
+        tv = TaskVector.load(tmp_path / kind / f"{kind}.safetensors")
+        assert sorted(tv) == sorted(reference) and tv.base_fingerprint == reference.base_fingerprint
+        for key in reference:
+            torch.testing.assert_close(tv[key], reference[key], rtol=0, atol=1e-6)
