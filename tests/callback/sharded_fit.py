@@ -4,8 +4,9 @@ Usage: python sharded_fit.py fits OUTPUT_DIR | error KIND OUTPUT_DIR | expert OU
 
 * ``fits``: one pair of processes runs, one Trainer after another (the process group is kept): a DDP fit (the
   reference), FSDP1 (``use_orig_params=True``, with ``merge_with`` and a test of the merge), FSDP1 with flat
-  parameters and activation checkpointing, FSDP2 (with ``merge_with`` and a test), and an FSDP1 and an FSDP2 fit
-  stopped at step 2 and resumed from their sharded checkpoints. Each fit writes ``<name>/<name>.safetensors``;
+  parameters and activation checkpointing (and once more with a merge, whose test is refused:
+  ``flat_merge/test_refused-rank<r>.txt``), FSDP2 (with ``merge_with`` and a test), and an FSDP1 and an FSDP2 fit stopped at step 2 and resumed from their
+  sharded checkpoints. Each fit writes ``<name>/<name>.safetensors``;
   rank zero saves what the module held during each test and after it (``<name>/during_test.pt``, ``after_test.pt``)
   and the weights each fit ended with (``<name>/finetuned.pt``), all gathered.
 * ``expert``: a CLIPExpert fitted 2 steps under DDP, FSDP1 and FSDP2, with nothing but the strategy changed
@@ -59,7 +60,7 @@ def fit(out: Path, name: str, kind: str, steps: int = STEPS, merge_with: list[Pa
     checkpoints = (
         [ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=2, save_top_k=-1)] if save else []
     )
-    model = ShardedRegressor(encoder_attr=kind != "fsdp_flat")  # image_encoder (prefix "head"), or the whole module
+    model = ShardedRegressor(encoder_attr=name != "fsdp_flat")  # image_encoder (prefix "head"), or the whole module
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy(kind, **strategy_options), max_steps=steps,
                          callbacks=[callback, *checkpoints, Spy(folder)], default_root_dir=folder,
                          **{**QUIET, "enable_checkpointing": save})  # fmt: skip
@@ -80,6 +81,11 @@ def fits(out: Path) -> None:
     reference = [out / "ddp" / "ddp.safetensors"]
     fit(out, "fsdp", "fsdp", merge_with=reference, test=True)
     fit(out, "fsdp_flat", "fsdp_flat")
+    try:  # flat parameters: the merge is written, but loading it into the module for the test is refused
+        fit(out, "flat_merge", "fsdp_flat", merge_with=reference, test=True)
+    except ValueError as refusal:  # on every rank, before any collective: both carry on
+        rank = torch.distributed.get_rank()
+        (out / "flat_merge" / f"test_refused-rank{rank}.txt").write_text(str(refusal))
     fit(out, "fsdp2", "fsdp2", merge_with=reference, test=True)
     for kind, options in (("fsdp", {"state_dict_type": "sharded"}), ("fsdp2", {})):  # sharded checkpoints
         name = f"{kind}_resumed"

@@ -121,3 +121,11 @@ def test_a_clip_expert_shards_itself_per_residual_block_and_its_task_vector_is_t
         assert sorted(tv) == sorted(reference) and tv.base_fingerprint == reference.base_fingerprint
         for key in reference:
             torch.testing.assert_close(tv[key], reference[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.ddp
+def test_testing_the_merge_in_flat_parameters_is_refused_on_every_rank_naming_use_orig_params(fits: Path) -> None:
+    assert (fits / "flat_merge" / "merged-average.safetensors").exists()  # the merge itself is written
+    for rank in (0, 1):
+        message = (fits / "flat_merge" / f"test_refused-rank{rank}.txt").read_text()
+        assert "use_orig_params=False" in message and "Use use_orig_params=True" in message, message
