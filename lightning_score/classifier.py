@@ -34,6 +34,7 @@ from typing_extensions import override
 
 from lightning_score.data.protocols import ClassNames, DomainNames, TestDomains
 from lightning_score.models import build_clip, build_zero_shot_head, guess_template_set, load_templates
+from lightning_score.models.sharding import ShardedBlocks
 from lightning_score.models.templates import templates_naming_domains
 from lightning_score.models.zero_shot import ZeroShotHead
 from lightning_score.task_vector import state_dict_fingerprint
@@ -127,7 +128,7 @@ def _metrics(num_classes: int, sync: bool) -> MetricCollection:
     )
 
 
-class CLIPClassifier(LightningModule):
+class CLIPClassifier(ShardedBlocks, LightningModule):
     """A CLIP image encoder with a frozen zero-shot head, evaluated per domain.
 
     Nothing trains here (every parameter is frozen); see :class:`~lightning_score.expert.CLIPExpert`.

@@ -82,7 +82,8 @@ class CLIPExpert(CLIPClassifier):
 
     @override
     def configure_model(self) -> None:
-        """Compile the image encoder in place when ``compile_image_encoder`` is set."""
+        """Shard per residual block under FSDP2 (:class:`.ShardedBlocks`), then compile if ``compile_image_encoder``."""
+        super().configure_model()
         if self.compile_image_encoder and not self._compiled:
             self.image_encoder.compile()
             self._compiled = True

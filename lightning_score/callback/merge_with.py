@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_score.callback.records import Selection
+from lightning_score.callback.sharded import keep_own, load_selected
 from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.merging import merge_task_vectors
 from lightning_score.task_vector import TaskVector
@@ -118,15 +120,16 @@ def merged_weights(outputs: dict[str, Any]) -> dict[str, Tensor]:
     return TaskVector.load(outputs["merged"]).apply_to(pretrained)
 
 
-def swap_in(selection: Selection, outputs: dict[str, Any]) -> dict[str, Tensor]:
-    """Load θ₀ + τ* into the selected weights, in place (each keeps its dtype and device).
+def swap_in(selection: Selection, outputs: dict[str, Any], trainer: pl.Trainer | None = None) -> dict[str, Any]:
+    """Load θ₀ + τ* into the selected weights, in place (each keeps its dtype and device; each rank its shard).
 
     Args:
         selection: What the fit snapshotted, in the module to test.
         outputs: What the fit wrote (see :func:`merged_weights`).
+        trainer: The Trainer testing (its strategy may shard the module, see :mod:`.sharded`); None: no Trainer.
 
     Returns:
-        The submodule's own state dict as it was (a copy on CPU), to load back after the test.
+        The submodule's own weights as they were (a copy on CPU, or each rank's shards), to load back after the test.
     """
     if selection.adapted:
         raise ValueError(
@@ -134,9 +137,6 @@ def swap_in(selection: Selection, outputs: dict[str, Any]) -> dict[str, Tensor]:
             "are computed from the adapters, not held). Test the merged task vector the callback wrote "
             "(callback.merged_path) with MergeModule or `lightning-score test` on the base model."
         )
-    weights = merged_weights(outputs)
-    own = {key: value.detach().to("cpu", copy=True) for key, value in selection.submodule.state_dict().items()}
-    with torch.no_grad():
-        for key, live in selection.live_state().items():
-            live.copy_(weights[key])
+    own = keep_own(trainer, selection)
+    load_selected(trainer, selection, merged_weights(outputs))
     return own

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from lightning_score.callback.adapters import (
 from lightning_score.callback.receipts import Receipt
 from lightning_score.callback.snapshot import read_snapshot
 from lightning_score.utilities.low_rank import LowRankUpdate
+from lightning_score.utilities.strategies import unwrapped_key
 
 __all__ = [
     "Receipt",
@@ -50,7 +50,6 @@ __all__ = [
     "task_vector_metadata",
 ]
 
-_COMPILED = re.compile(r"(^|\.)_orig_mod\.")
 
 RESERVED_METADATA = frozenset(
     {
@@ -71,13 +70,18 @@ _ARGUMENT_NAMES = frozenset({"cls", "pretrained", "finetuned", "keys"})  # TaskV
 
 
 def clean_key(key: str) -> str:
-    """A state-dict key without the ``_orig_mod.`` that ``torch.compile`` wrappers insert.
+    """A state-dict key without the names that wrappers insert.
+
+    ``torch.compile``'s ``_orig_mod.``, FSDP1's ``_fsdp_wrapped_module.``, activation checkpointing's
+    ``_checkpoint_wrapped_module.``.
 
     Example:
         >>> clean_key("head._orig_mod.0.weight"), clean_key("_orig_mod.proj")
         ('head.0.weight', 'proj')
+        >>> clean_key("_fsdp_wrapped_module.head.0._fsdp_wrapped_module._checkpoint_wrapped_module.weight")
+        'head.0.weight'
     """
-    return _COMPILED.sub(r"\1", key)
+    return unwrapped_key(key)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
 """ScoreMergeCallback: snapshot the pre-trained weights before fitting, write the task vector when training ends.
 
 A sibling of Lightning's ``WeightAveraging`` callbacks: settings in ``__init__``, what to snapshot chosen once in
-``setup`` through one override point (:meth:`ScoreMergeCallback.select_module`) and kept as a
-:class:`~lightning_score.callback.records.Selection`, rank-zero work whose outcome every rank learns, and a
-``state_dict()`` holding only what a resumed fit needs. The ``merge_with`` steps are in
-:mod:`lightning_score.callback.merge_with`.
+``setup`` through one override point (:meth:`ScoreMergeCallback.select_module`) and kept as a :class:`.Selection`,
+rank-zero work whose outcome every rank learns, and a ``state_dict()`` holding only what a resumed fit needs.
+``merge_with``'s steps are in :mod:`.merge_with`; the FSDP gathers (θ₀, θ_T, the test-time swap) in :mod:`.sharded`.
 
 When, exactly (Lightning 2.6's order of events in ``Trainer.fit``):
 
@@ -51,6 +50,7 @@ from lightning_score.callback.records import (
     restored_snapshot,
     task_vector_metadata,
 )
+from lightning_score.callback.sharded import current_state, restore_own
 from lightning_score.callback.snapshot import read_snapshot, write_snapshot
 from lightning_score.merging import get_method
 from lightning_score.utilities.ranks import on_rank_zero
@@ -62,7 +62,7 @@ __all__ = ["ScoreMergeCallback"]
 class ScoreMergeCallback(Callback):
     """Write the expert's task vector τ = θ_fine-tuned − θ_pre-trained when training ends.
 
-    Attach it to any ``Trainer`` (single device or DDP, any precision; see ``docs/strategies.md``). By
+    Attach it to any ``Trainer`` (single device, DDP or FSDP, any precision; see ``docs/strategies.md``). By
     default it snapshots the module's ``image_encoder`` (what :class:`~lightning_score.CLIPExpert`
     fine-tunes) or, for any other LightningModule, every parameter that requires a gradient. Task-vector
     keys are relative to that submodule (``torch.compile``'s ``_orig_mod.`` removed).
@@ -177,11 +177,11 @@ class ScoreMergeCallback(Callback):
             self._selection = self._select(pl_module)
         return self._selection
 
-    def _live_state(self) -> dict[str, Tensor]:
-        """The selected weights as they are now (live tensors, by task-vector key)."""
+    def _state(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """The selected weights now: the live tensors, or (sharded: a collective) the full ones on rank zero."""
         if self._selection is None:
             raise RuntimeError("ScoreMergeCallback: no module is selected yet (`setup` selects it).")
-        return self._selection.live_state()
+        return current_state(trainer, self._selection)
 
     # --- fit ---------------------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ class ScoreMergeCallback(Callback):
         if self.merge_with:  # FileNotFoundError / ValueError naming the file and the fix, before any training
             on_rank_zero(trainer.strategy, lambda: check_experts(self.merge_with))
         self._selection = self._select(pl_module)
-        if any(is_lazy(value) for value in self._live_state().values()):
+        if any(is_lazy(value) for value in self._state(trainer).values()):
             self._deferred = True
             rank_zero_info("ScoreMergeCallback: lazy parameters; θ₀ is snapshotted once they are materialised.")
             return
@@ -222,7 +222,7 @@ class ScoreMergeCallback(Callback):
             return
         if self._deferred or self._snapshot is None:
             return
-        snapshot, state = self._snapshot, self._live_state()
+        snapshot, state = self._snapshot, self._state(trainer)
         verdict = on_rank_zero(trainer.strategy, lambda: compare_with_snapshot(snapshot, state))
         if verdict == "changed":  # configure_model changed the weights, in their own precision: θ₀ is now
             self._snapshot = self._take_snapshot(trainer, pl_module)
@@ -272,7 +272,7 @@ class ScoreMergeCallback(Callback):
         if not self.merge_with:
             return
         outputs = on_rank_zero(trainer.strategy, lambda: find_merge(self._recorded(), self.merge_with))
-        self._expert_state = swap_in(self._follow(pl_module), outputs)
+        self._expert_state = swap_in(self._follow(pl_module), outputs, trainer)
         rank_zero_info("ScoreMergeCallback: testing the merged model; the expert's weights come back after the test.")
 
     @override
@@ -280,7 +280,7 @@ class ScoreMergeCallback(Callback):
         """Restore the expert's own weights after testing the merged ones."""
         if self._expert_state is None or self._selection is None:
             return
-        self._selection.submodule.load_state_dict(self._expert_state)
+        restore_own(trainer, self._selection, self._expert_state)
         self._expert_state = None
 
     @override
@@ -335,7 +335,7 @@ class ScoreMergeCallback(Callback):
                 "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
                 "has lazy parameters), so there is no task vector to write."
             )
-        state, factors = self._live_state(), self._selection.live_factors() if self._selection else {}
+        state, factors = self._state(trainer), self._selection.live_factors() if self._selection else {}
         metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
         path, merge = self._target(trainer, metadata), (self.merge_with, self.method, self.alpha, self.merge_options)
         factors = factors if self.adapters == "factors" else {}
@@ -346,7 +346,7 @@ class ScoreMergeCallback(Callback):
         self._outputs = on_rank_zero(trainer.strategy, write)
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Snapshot:
-        selection, state, folder = self._follow(pl_module), self._live_state(), self._folder(trainer)
+        selection, state, folder = self._follow(pl_module), self._state(trainer), self._folder(trainer)
 
         def write() -> tuple[str, str]:
             path, fingerprint = write_snapshot(state, folder)

@@ -54,7 +54,7 @@ from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.files import ensure_writable
 from lightning_score.utilities.profiling import Measure
 from lightning_score.utilities.ranks import on_rank_zero
-from lightning_score.utilities.strategies import check_strategy
+from lightning_score.utilities.strategies import check_strategy, load_submodule_state
 
 __all__ = ["MergeModule", "describe_options"]
 
@@ -210,8 +210,8 @@ class MergeModule(CLIPClassifier):
         trainer = self._trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
-    def _load_encoder(self, state: Mapping[str, Tensor]) -> None:
-        self.image_encoder.load_state_dict(dict(state), strict=True)
+    def _load_encoder(self, state: Mapping[str, Tensor]) -> None:  # each rank its shard, once FSDP sharded it
+        load_submodule_state(self._trainer.strategy if self._trainer else None, self, self.image_encoder, state)
 
     # --- the merge ---------------------------------------------------------------------------------
 
@@ -229,8 +229,7 @@ class MergeModule(CLIPClassifier):
             raise ValueError(f"merge applies to mode='merge', not mode='{self.mode}'.")
         task_vectors = self._inputs().task_vectors
         device = self._compute_device()
-        trainer = self._trainer
-        strategy = trainer.strategy if trainer is not None else None
+        strategy = self._trainer.strategy if self._trainer is not None else None
         with Measure(device) as measure:
             merged = merge_on_ranks(
                 task_vectors,

@@ -22,7 +22,7 @@ def _subcommand(recipe: Path) -> list[str]:
     name, folder = recipe.name, recipe.parent.name
     if folder == "models":
         return ["fit", "--config", str(RECIPES / "pacs/vit_b32_expert.yaml"), "--config", str(recipe)]
-    if name == "ddp_fit.yaml":
+    if name in ("ddp_fit.yaml", "fsdp_fit.yaml"):
         return ["fit", "--config", str(RECIPES / "pacs/vit_b32_expert.yaml"), "--config", str(recipe)]
     if name == "sharded_merge.yaml":
         return ["merge", "--config", str(RECIPES / "pacs/vit_b32_merge.yaml"), "--config", str(recipe)]
@@ -52,6 +52,7 @@ def test_there_are_recipes_for_every_dataset_and_backbone() -> None:
         "models/vit_b16.yaml",
         "models/vit_l14.yaml",
         "multi_gpu/ddp_fit.yaml",
+        "multi_gpu/fsdp_fit.yaml",
         "multi_gpu/sharded_merge.yaml",
     } <= names
 

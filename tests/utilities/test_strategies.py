@@ -1,45 +1,52 @@
 """The strategy support table (docs/strategies.md): what is refused, with one clear message, and why.
 
-Supported rows (single device, ddp, ddp_spawn; 32-true, bf16-true, 16-true, bf16-mixed, 16-mixed) are shown by
-test_callback*.py, test_merge_module*.py and test_ddp.py. The sharding strategies are refused when fitting or
-testing starts; FSDP and ModelParallel run here as real one-process CPU Trainers (refusals.py); DeepSpeed and
-XLA cannot be constructed without their packages, so their refusal is checked on the strategy class itself.
+Supported rows (single device, ddp, ddp_spawn, fsdp, ModelParallel; 32-true, bf16-true, 16-true, bf16-mixed,
+16-mixed) are shown by test_callback*.py, test_merge_module*.py, test_ddp.py and test_sharded.py. DeepSpeed and
+XLA are refused; they cannot be constructed without their packages, so their refusal is checked on the strategy
+class itself.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import BitsandbytesPrecision, TransformerEnginePrecision
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.plugins.precision import BitsandbytesPrecision, FSDPPrecision, TransformerEnginePrecision
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.strategies.single_xla import SingleDeviceXLAStrategy
 from lightning.pytorch.strategies.xla import XLAStrategy
 
 from lightning_score.utilities.strategies import check_strategy
-from tests.experts import MODEL
-from tests.processes import run_script
 
-HERE = Path(__file__).resolve().parent
-SUPPORTED = "supports a single device, 'ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'"
+SUPPORTED = (
+    "supports a single device, 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook', 'fsdp' (FSDPStrategy) or "
+    "ModelParallelStrategy (FSDP2)"
+)
 
 
-def test_fsdp_and_model_parallel_are_refused_when_fitting_or_testing_starts(tmp_path: Path) -> None:
-    result = run_script(HERE / "refusals.py", str(tmp_path / "out"), MODEL, timeout=120)
-    cases = {row["case"]: row["error"] for row in map(json.loads, result.stdout.splitlines())}
-    assert cases["fsdp fit"].startswith("ValueError: ScoreMergeCallback does not support the 'fsdp' strategy")
-    assert "FSDP shards the weights" in cases["fsdp fit"] and SUPPORTED in cases["fsdp fit"]
-    assert cases["fsdp merge"].startswith("ValueError: MergeModule does not support the 'fsdp' strategy")
-    assert cases["model parallel fit"].startswith("ValueError: ScoreMergeCallback does not support the ModelParallel")
-    assert cases["files"] == []  # refused before anything was written: no θ₀, no task vector
+def test_fsdp_and_model_parallel_pass_in_any_supported_precision() -> None:
+    """FSDP1 (with its own FSDPPrecision) and FSDP2 are supported (shown by tests/callback/test_sharded.py)."""
+    check_strategy(FSDPStrategy(), "ScoreMergeCallback")
+    check_strategy(FSDPStrategy(precision_plugin=FSDPPrecision("bf16-mixed")), "MergeModule")
+    check_strategy(ModelParallelStrategy(), "ScoreMergeCallback")
+
+
+def test_deepspeed_is_refused_naming_zero3s_partitioned_parameters_and_pointing_to_fsdp() -> None:
+    strategy = object.__new__(DeepSpeedStrategy)  # deepspeed is not installed: the class is what is checked
+    with pytest.raises(ValueError, match="ZeRO-3 partitions the parameters") as error:
+        check_strategy(strategy, "ScoreMergeCallback")
+    assert "shard the model with 'fsdp' (FSDPStrategy) or ModelParallelStrategy (FSDP2) instead" in str(error.value)
 
 
 @pytest.mark.parametrize(
     ("kind", "reason"),
     [
-        (DeepSpeedStrategy, "ZeRO-3 leaves placeholder parameters"),
+        (DeepSpeedStrategy, "ZeRO-3 partitions the parameters, leaving size-0 placeholders"),
         (XLAStrategy, "XLA keeps the weights on TPU devices"),
         (SingleDeviceXLAStrategy, "XLA keeps the weights on a TPU device"),
     ],
