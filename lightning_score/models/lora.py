@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DEFAULT_TARGETS", "PEFT_EXTRA", "LoraSettings", "add_lora", "require_peft"]
+__all__ = ["DEFAULT_TARGETS", "PEFT_EXTRA", "LoraSettings", "MissingExtraError", "add_lora", "require_peft"]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("attn", "mlp.c_fc", "mlp.c_proj")
 """Every linear layer of the image tower's blocks: the attention (``nn.MultiheadAttention``: ``in_proj_weight`` and
@@ -26,12 +26,23 @@ PEFT_EXTRA = 'pip install "lightning-score[peft]"'
 """The command that installs what LoRA experts need."""
 
 
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency is missing; the message names the extra that installs it.
+
+    A ``ValueError`` too, so that the ``lightning-score`` command reports it as the input error it is: one line.
+    """
+
+
 def require_peft() -> ModuleType:
-    """The ``peft`` module; an ImportError that names the extra to install when it is missing."""
+    """The ``peft`` module.
+
+    Raises:
+        MissingExtraError: PEFT is not installed (an ImportError naming the extra to install).
+    """
     try:
         return importlib.import_module("peft")
     except ImportError:
-        raise ImportError(f"LoRA experts need PEFT, which is not installed: {PEFT_EXTRA}") from None
+        raise MissingExtraError(f"LoRA experts need PEFT, which is not installed: {PEFT_EXTRA}") from None
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ def add_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     The adapters start at ``B = 0`` (PEFT's default), so the module computes exactly as before.
 
     Raises:
-        ImportError: PEFT is not installed (the message names the extra).
+        MissingExtraError: PEFT is not installed (the message names the extra).
         ValueError: ``settings.targets`` match no layer of ``module`` (the message lists its block layers).
     """
     peft = require_peft()

@@ -67,8 +67,7 @@ class ExpertSettings:
         batch_size: Training batch size.
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         gradient_clip_val: Gradient-norm clipping.
-        lora: LoRA experts (:class:`~lightning_score.models.lora.LoraSettings`, e.g. ``lora: {rank: 16}``; needs
-            PEFT); ``None``: the whole image encoder trains.
+        lora: LoRA experts (:class:`~lightning_score.models.lora.LoraSettings`, e.g. ``{rank: 16}``; needs PEFT).
     """
 
     lr: float = 1e-5
@@ -80,10 +79,6 @@ class ExpertSettings:
     precision: str = "32-true"
     gradient_clip_val: float = 1.0
     lora: LoraSettings | None = None
-
-    def record(self) -> dict[str, Any]:
-        """The settings as plain values; without ``lora`` when it is unset, as full fine-tunes were recorded."""
-        return {k: v for k, v in asdict(self).items() if k != "lora" or v is not None}
 
     def check(self) -> None:
         """Raise one clear error for a setting no fit could run with (LoRA without PEFT installed included)."""
