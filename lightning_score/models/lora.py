@@ -8,7 +8,6 @@ PEFT is an optional extra: :func:`require_peft` names it when it is missing.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from types import ModuleType
@@ -16,33 +15,22 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DEFAULT_TARGETS", "PEFT_EXTRA", "LoraSettings", "MissingExtraError", "add_lora", "require_peft"]
+from lightning_score.utilities.extras import require
+
+__all__ = ["DEFAULT_TARGETS", "LoraSettings", "add_lora", "require_peft"]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("attn", "mlp.c_fc", "mlp.c_proj")
 """Every linear layer of the image tower's blocks: the attention (``nn.MultiheadAttention``: ``in_proj_weight`` and
 ``out_proj``) and the MLP."""
-
-PEFT_EXTRA = 'pip install "lightning-score[peft]"'
-"""The command that installs what LoRA experts need."""
-
-
-class MissingExtraError(ImportError, ValueError):
-    """An optional dependency is missing; the message names the extra that installs it.
-
-    A ``ValueError`` too, so that the ``lightning-score`` command reports it as the input error it is: one line.
-    """
 
 
 def require_peft() -> ModuleType:
     """The ``peft`` module.
 
     Raises:
-        MissingExtraError: PEFT is not installed (an ImportError naming the extra to install).
+        MissingExtraError: PEFT is not installed (one line naming the ``peft`` extra).
     """
-    try:
-        return importlib.import_module("peft")
-    except ImportError:
-        raise MissingExtraError(f"LoRA experts need PEFT, which is not installed: {PEFT_EXTRA}") from None
+    return require("peft", extra="peft")
 
 
 @dataclass(frozen=True)
