@@ -1,4 +1,4 @@
-"""A CLIP domain expert: fine-tune the whole image encoder under the frozen zero-shot head.
+"""A CLIP domain expert: fine-tune the whole image encoder (or LoRA adapters in it) under the frozen zero-shot head.
 
 The protocol's defaults: AdamW (lr 1e-5, weight decay 0.1) over the image encoder's parameters only,
 cosine schedule with 500 warm-up steps, cross-entropy on ``logit_scale · cos(image, class prompt)``. The
@@ -20,6 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_score.classifier import CLIPClassifier
+from lightning_score.models.lora import LoraSettings, add_lora, require_peft
 from lightning_score.models.schedule import warmup_cosine
 
 __all__ = ["CLIPExpert"]
@@ -40,10 +41,16 @@ class CLIPExpert(CLIPClassifier):
         classnames: Class names for the head; default: the datamodule's.
         head_cache: Read/write zero-shot heads from/to the disk cache.
         lr: Peak learning rate of AdamW.
-        weight_decay: AdamW weight decay (applied to every image-encoder parameter).
+        weight_decay: AdamW weight decay (applied to every trained parameter).
         warmup_steps: Linear warm-up steps before the cosine decay to zero at the last step.
         gradient_checkpointing: Recompute the image encoder's activations in backward (less memory).
         compile_image_encoder: ``torch.compile`` the image encoder in place (its state-dict keys are unchanged).
+        lora: Fine-tune a LoRA expert (needs ``pip install "lightning-score[peft]"``), e.g. ``--model.lora.rank 16``
+            or ``lora: {rank: 16}``: PEFT's LoRA adapters in the image encoder, and only they train, under the same
+            protocol. Settings (:class:`~lightning_score.models.lora.LoraSettings`): ``rank`` (16), ``alpha``
+            (null: the rank), ``targets`` (``[attn, mlp.c_fc, mlp.c_proj]``: every block linear layer),
+            ``dropout`` (0.0), ``use_rslora`` (false). Its task vector is the adapters' weight update, under the
+            keys of a full fine-tune. ``None``: the whole image encoder trains.
     """
 
     def __init__(
@@ -58,7 +65,12 @@ class CLIPExpert(CLIPClassifier):
         warmup_steps: int = 500,
         gradient_checkpointing: bool = False,
         compile_image_encoder: bool = False,
+        lora: LoraSettings | None = None,
     ) -> None:
+        lora_settings = LoraSettings.of(lora)
+        if lora_settings is not None:
+            require_peft()  # before the model is built: the missing extra in seconds
+        lora = lora_settings.record() if lora_settings else None  # type: ignore[assignment]  # hparams: plain values
         super().__init__(
             model_name=model_name,
             pretrained=pretrained,
@@ -76,7 +88,10 @@ class CLIPExpert(CLIPClassifier):
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_image_encoder = compile_image_encoder
         self._compiled = False
+        self.lora = lora_settings
         self.image_encoder.requires_grad_(True)
+        if lora_settings is not None:
+            add_lora(self.image_encoder, lora_settings)  # only the adapters train
         if gradient_checkpointing:
             self.image_encoder.set_grad_checkpointing(True)
 

@@ -43,6 +43,7 @@ from lightning_score.cli.help import (
 from lightning_score.cli.outputs import check_outputs
 from lightning_score.cli.trainer import ScoreTrainer
 from lightning_score.models.factory import WeightsUnavailableError
+from lightning_score.utilities.extras import MissingExtraError
 from lightning_score.utilities.files import OutputNotWritableError, atomic_write_text
 from lightning_score.utilities.signals import StoppedBySignal, watch_signals
 
@@ -346,7 +347,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"lightning-score: error: {error}\n")
         raise SystemExit(2) from None
-    except (ValueError, FileNotFoundError, WeightsUnavailableError) as error:
+    except (ValueError, FileNotFoundError, WeightsUnavailableError, MissingExtraError) as error:
         if os.environ.get("LIGHTNING_SCORE_DEBUG") or raised_while_running(error):
             raise
         sys.stderr.write(f"lightning-score: error: {own_error(error)}\n")

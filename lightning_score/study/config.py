@@ -25,6 +25,7 @@ from typing import Any
 from lightning_score.merge_module.inputs import MODES as MERGE_MODULE_MODES
 from lightning_score.merge_module.statistics import statistic_options
 from lightning_score.merging import MethodSpec, get_method
+from lightning_score.models.lora import LoraSettings, require_peft
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -66,6 +67,7 @@ class ExpertSettings:
         batch_size: Training batch size.
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         gradient_clip_val: Gradient-norm clipping.
+        lora: LoRA experts (:class:`~lightning_score.models.lora.LoraSettings`, e.g. ``{rank: 16}``; needs PEFT).
     """
 
     lr: float = 1e-5
@@ -76,9 +78,12 @@ class ExpertSettings:
     batch_size: int = 128
     precision: str = "32-true"
     gradient_clip_val: float = 1.0
+    lora: LoraSettings | None = None
 
     def check(self) -> None:
-        """Raise one clear error for a setting no fit could run with."""
+        """Raise one clear error for a setting no fit could run with (LoRA without PEFT installed included)."""
+        if self.lora is not None:
+            require_peft()
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError(
                 f"expert: need lr > 0, weight_decay >= 0 and warmup_steps >= 0; got lr={self.lr}, "

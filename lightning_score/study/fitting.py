@@ -160,6 +160,7 @@ def fit_task_vector(
         lr=settings.lr,
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps,
+        lora=settings.lora,
     )
     callback = ScoreMergeCallback(
         dirpath=path.parent,

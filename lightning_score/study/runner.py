@@ -286,7 +286,7 @@ class Study:
                 "split_seed": config.split_seed,
                 "val_fraction": config.val_fraction,
                 "train_domains": train_domains,
-                "expert": asdict(config.expert),
+                "expert": {k: v for k, v in asdict(config.expert).items() if k != "lora" or v},  # as before LoRA
                 "seed": seed,
             }
         )
