@@ -126,7 +126,8 @@ class KeyMerger:
         ``TaskMatrices`` (factors, and each task's known rank) instead of the dense ``[T, m, n]`` stack (default:
         none; every other method reads the stack, built one key at a time). ``merge_key`` may then return the
         merged update as a :class:`~lightning_score.merging.low_rank.LowRankUpdate` (a merge of low rank kept as
-        factors); the merged task vector keeps it so.
+        factors); the merged task vector keeps it so, and :meth:`finalize` does not see it (a merger whose
+        ``finalize`` reads every key must return dense updates).
         """
         return []
 

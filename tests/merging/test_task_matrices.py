@@ -252,3 +252,35 @@ def test_iso_refuses_lora_experts_whose_sum_leaves_directions_to_the_solver():
     dense = [TaskVector({k: tv[k] for k in tv}, tv.metadata) for tv in full]
     got, expected = merge_task_vectors(full, "iso_c"), merge_task_vectors(dense, "iso_c")
     assert _relative(got["blocks.0.weight"], expected["blocks.0.weight"]) < 1e-9
+
+
+def test_esm_merges_its_tsv_layers_of_lora_experts_through_the_factors_and_rescales_them():
+    """ESM: out_proj (TSV-M) from the factors, made dense for step 5's layer-type rescaling; the same as dense."""
+    keys = {
+        "transformer.resblocks.0.attn.in_proj_weight": (96, 32),
+        "transformer.resblocks.0.attn.out_proj.weight": (32, 32),
+        "transformer.resblocks.1.attn.out_proj.weight": (32, 32),
+    }
+    tvs = []
+    for t in range(3):
+        g = torch.Generator().manual_seed(70 + t)
+        low_rank = {
+            k: LowRankUpdate(torch.randn(m, 2, generator=g, dtype=F64), torch.randn(2, n, generator=g, dtype=F64))
+            for k, (m, n) in keys.items()
+        }
+        tvs.append(TaskVector({}, {"name": f"e{t}"}, low_rank))
+    target = "transformer.resblocks.0.attn.in_proj_weight"
+    activations = [
+        {target: torch.randn(40, 32, generator=torch.Generator().manual_seed(t), dtype=F64)} for t in range(3)
+    ]
+    through = merge_task_vectors(tvs, "esm", device="cpu", activations=activations)
+    dense = merge_task_vectors(tvs, "esm", device="cpu", activations=activations, through_factors=False)
+    assert through.low_rank_keys == frozenset()  # rescaled in finalize: dense
+    for key in keys:
+        assert _relative(through[key], dense[key]) < 1e-9, key
+    norms = [torch.linalg.vector_norm(through[k]) for k in keys if "out_proj" in k]
+    assert not torch.allclose(norms[0], norms[1])  # rescaled by (norm / mean)², which a missed key would not be
+    tsv = merge_task_vectors(tvs, "tsv", device="cpu")  # k_t = min(k, ρ) = 2 of k = 10: ESM's out_proj is it, rescaled
+    for key in (k for k in keys if "out_proj" in k):
+        a, b = through[key].flatten(), tsv[key].flatten()
+        assert float(a @ b / (a.norm() * b.norm())) > 1 - 1e-9, key

@@ -49,6 +49,7 @@ from torch import Tensor
 from lightning_score.merging.methods.tsv import tsv_merge
 from lightning_score.merging.registry import Factorizations, KeyMerger, KeyStream, register_method
 from lightning_score.merging.svd import polar
+from lightning_score.merging.task_matrices import TaskMatrices
 
 __all__ = ["ESMMerge", "essential_subspace", "layer_type", "polarized_merge"]
 
@@ -179,6 +180,10 @@ class ESMMerge(KeyMerger):
                         f"[N, {width}] (rows = images × tokens)."
                     )
 
+    def low_rank_keys(self, keys: Sequence[str]) -> list[str]:
+        """The TSV-merged matrices: LoRA experts' factors go to TSV-M's factor path (the target layers read X Δᵀ)."""
+        return [key for key in keys if key not in self.targets]
+
     def factorized_keys(self, keys: Sequence[str]) -> list[str]:
         """The matrices merged by TSV-M (not the target layers): they start from the tasks' SVDs."""
         return [key for key in keys if key not in self.targets]
@@ -187,10 +192,12 @@ class ESMMerge(KeyMerger):
         """⌊m/T⌋ output directions per task for a target layer (step 1), ⌊r/T⌋ for the TSV-merged matrices."""
         return (shape[-2] if key in self.targets else min(shape[-2], shape[-1])) // num_tasks
 
-    def merge_key(self, key: str, deltas: Tensor, factors: Factorizations | None = None) -> Tensor:
+    def merge_key(self, key: str, deltas: Tensor | TaskMatrices, factors: Factorizations | None = None) -> Tensor:
         """Target layers by polarized merging in their essential subspace, other matrices by TSV-M."""
         if key not in self.targets:
-            return tsv_merge(deltas, factors=factors)
+            merged = tsv_merge(deltas, factors=factors)
+            # dense: step 5 rescales every key of a layer type, out_proj's included, from the merged update's norm
+            return merged if isinstance(merged, Tensor) else (merged.B @ merged.A) * merged.scale
         inputs = [mapping[key].to(deltas.device) for mapping in self.activations]
         return polarized_merge(deltas, inputs, eigen_power=self.eigen_power, scale=self.scale)
 
