@@ -221,7 +221,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_the_loading_process_had_no_lightning_score(exported) -> None:
     assert exported["loaded"]["lightning_score_modules"] == []
-    assert "PYTHONPATH" not in _clean_env() and str(REPOSITORY) not in sys.executable
+    assert "PYTHONPATH" not in _clean_env()  # (the interpreter may live in the repository: CI's .venv does)
 
 
 @pytest.mark.parametrize("backbone", ["open_clip", "hf", "timm"])
