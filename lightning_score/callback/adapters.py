@@ -207,6 +207,22 @@ def _weight_updates(layer: nn.Module) -> dict[str, Callable[[str], Tensor | None
     return updates
 
 
+def _updated_entries(module: nn.Module) -> list[tuple[str, nn.Module, str, Callable[[str], Tensor | None], list[str]]]:
+    """Every entry a LoRA layer updates, in the order ``merge()`` adds the updates (the layers checked first).
+
+    Each as ``(raw key, layer, attribute, the update one adapter adds, the active adapters that have one)``.
+    """
+    entries = []
+    for name, layer in list(_lora_layers(module)):
+        prefix = f"{name}.base_layer." if name else "base_layer."
+        adapters = [
+            a for a in layer.active_adapters if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {})
+        ]
+        for attribute, update_of in _weight_updates(layer).items():
+            entries.append((prefix + attribute, layer, attribute, update_of, adapters))
+    return entries
+
+
 def effective_state(module: nn.Module) -> dict[str, Tensor]:
     """The weights ``module`` computes with, by base-model key: ``merge_and_unload()``'s, without changing it.
 
@@ -216,22 +232,18 @@ def effective_state(module: nn.Module) -> dict[str, Tensor]:
     Raises:
         UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
     """
-    layers = dict(_lora_layers(module))
+    updated = _updated_entries(module)
     keys = {entry.raw: entry.key for entry in _walk(module) if entry.key is not None}
     full = module.state_dict(keep_vars=True)
     state = {key: full[raw] for raw, key in keys.items()}
-    for name, layer in layers.items():
-        prefix = f"{name}.base_layer." if name else "base_layer."
+    for raw, layer, _, update_of, adapters in updated:
         cast_first = type(layer).__name__ in _CAST_FIRST
-        for attribute, update_of in _weight_updates(layer).items():
-            key = keys[prefix + attribute]
-            merged = state[key].detach().clone()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
-                    delta = update_of(adapter)
-                    if delta is not None:
-                        merged += delta.detach().to(merged.dtype) if cast_first else delta.detach()
-            state[key] = merged
+        merged = state[keys[raw]].detach().clone()
+        for adapter in adapters:
+            delta = update_of(adapter)
+            if delta is not None:
+                merged += delta.detach().to(merged.dtype) if cast_first else delta.detach()
+        state[keys[raw]] = merged
     return state
 
 
@@ -263,21 +275,18 @@ def low_rank_updates(module: nn.Module) -> dict[str, LowRankUpdate]:
     Raises:
         UnsupportedAdapterError: The module holds an adapter that is not read (see :data:`SUPPORTED`).
     """
-    layers = dict(_lora_layers(module))
+    updated = _updated_entries(module)
     keys = {entry.raw: entry.key for entry in _walk(module) if entry.key is not None}
     full = module.state_dict(keep_vars=True)
     parts: dict[str, list[tuple[Tensor, Tensor, float] | None]] = {}
-    for name, layer in layers.items():
-        prefix = f"{name}.base_layer." if name else "base_layer."
-        for attribute in _weight_updates(layer):
-            key = keys[prefix + attribute]
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
-                    parts.setdefault(key, []).append(_factors(layer, attribute, adapter))
+    bases: dict[str, Tensor] = {}  # each key's base weight
+    for raw, layer, attribute, _, adapters in updated:
+        bases[keys[raw]] = full[raw]
+        parts.setdefault(keys[raw], []).extend(_factors(layer, attribute, adapter) for adapter in adapters)
     updates: dict[str, LowRankUpdate] = {}
     for key, factors in parts.items():
-        base = full[next(raw for raw, k in keys.items() if k == key)]
-        if any(part is None for part in factors) or base.requires_grad:
+        base = bases[key]
+        if not factors or any(part is None for part in factors) or base.requires_grad:
             continue
         merged: dict[tuple[Any, ...], LowRankUpdate] = {}  # one update added twice: its scale twice
         for B, A, scale in factors:  # type: ignore[misc]
