@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_score.merging.low_rank import LowRankUpdate, factor_svd
 from lightning_score.merging.svd import canonicalize_signs
 
-__all__ = ["LowRankUpdate", "RankDeficientError", "TaskMatrices"]
+__all__ = ["LowRankUpdate", "RankDeficientError", "TaskMatrices", "as_dense"]
 
 Triplets = tuple[Tensor, Tensor, Tensor]
 
@@ -66,7 +66,7 @@ class TaskMatrices:
 
     def densified(self) -> TaskMatrices:
         """The same tasks as dense matrices, keeping their known ranks (the dense path of the same definition)."""
-        return TaskMatrices(tuple(_dense(part) for part in self.parts), self.ranks)
+        return TaskMatrices(tuple(as_dense(part) for part in self.parts), self.ranks)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,13 +91,13 @@ class TaskMatrices:
 
     def dense(self) -> Tensor:
         """The ``[T, m, n]`` stack (for methods that read dense matrices: built one key at a time)."""
-        return torch.stack([_dense(part) for part in self.parts])
+        return torch.stack([as_dense(part) for part in self.parts])
 
     def sum(self) -> Tensor:
         """Σ_t Δ_t as one dense ``[m, n]`` matrix, without the stack."""
         total = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         for part in self.parts:
-            total += _dense(part)
+            total += as_dense(part)
         return total
 
     def budgets(self, k: int) -> list[int]:
@@ -143,7 +143,8 @@ class TaskMatrices:
         return torch.stack(out)
 
 
-def _dense(part: Tensor | LowRankUpdate) -> Tensor:
+def as_dense(part: Tensor | LowRankUpdate) -> Tensor:
+    """One task's (or one merge's) matrix dense, computed where its factors are: in their dtype, on their device."""
     if isinstance(part, LowRankUpdate):
         return (part.B @ part.A) * part.scale  # in the factors' (compute) dtype, on their device
     return part

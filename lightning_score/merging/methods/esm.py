@@ -49,7 +49,7 @@ from torch import Tensor
 from lightning_score.merging.methods.tsv import tsv_merge
 from lightning_score.merging.registry import Factorizations, KeyMerger, KeyStream, register_method
 from lightning_score.merging.svd import polar
-from lightning_score.merging.task_matrices import TaskMatrices
+from lightning_score.merging.task_matrices import TaskMatrices, as_dense
 
 __all__ = ["ESMMerge", "essential_subspace", "layer_type", "polarized_merge"]
 
@@ -197,7 +197,7 @@ class ESMMerge(KeyMerger):
         if key not in self.targets:
             merged = tsv_merge(deltas, factors=factors)
             # dense: step 5 rescales every key of a layer type, out_proj's included, from the merged update's norm
-            return merged if isinstance(merged, Tensor) else (merged.B @ merged.A) * merged.scale
+            return as_dense(merged)
         inputs = [mapping[key].to(deltas.device) for mapping in self.activations]
         return polarized_merge(deltas, inputs, eigen_power=self.eigen_power, scale=self.scale)
 
