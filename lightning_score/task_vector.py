@@ -148,7 +148,8 @@ class TaskVector(Mapping[str, Tensor]):
                     )
                 delta = after.detach().to("cpu", torch.float64) - before.detach().to("cpu", torch.float64)
                 tensors[key] = delta.to(before.dtype).contiguous()
-        metadata.setdefault("base_fingerprint", state_dict_fingerprint(pretrained, keys))
+        if "base_fingerprint" not in metadata:  # hashing θ₀ reads every byte: only when not given
+            metadata["base_fingerprint"] = state_dict_fingerprint(pretrained, keys)
         return cls(tensors, metadata)
 
     # --- mapping ----------------------------------------------------------------------------------
@@ -232,14 +233,11 @@ class TaskVector(Mapping[str, Tensor]):
         as_on_file = self._path is not None and unchanged(state, self._as_on_file) and self._path.exists()
         identity = file_identity(self._path) if as_on_file and self._path is not None else None
         cached = FILE_FINGERPRINTS.get(identity) if identity is not None else None
-        self._content_fingerprint = cached or self._hash_content()
+        self._content_fingerprint = cached or content_hash(self._tensors, self._low_rank)
         self._fingerprinted = state
         if identity is not None:
             FILE_FINGERPRINTS[identity] = self._content_fingerprint
         return self._content_fingerprint
-
-    def _hash_content(self) -> str:
-        return content_hash(self._tensors, self._low_rank)
 
     def _entry_state(self) -> EntryState:
         return entry_state(self._tensors, self._low_rank)
