@@ -102,10 +102,14 @@ def write_outputs(
         raise RuntimeError(f"ScoreMergeCallback: the module's keys changed during fitting (e.g. {only}).")
     fingerprint = snapshot.fingerprint  # θ₀'s, not hashed again; recorded after the other fields, as before
     check_overwrite(path, metadata, fingerprint, overwrite)
-    tv = TaskVector.from_state_dicts(pretrained, state, sorted(state), **metadata, base_fingerprint=fingerprint)
-    if factors:  # in θ₀'s dtype, as every entry (a bf16-true fit's θ₀ is the float32 base it started from)
-        low_rank = {k: LowRankUpdate(u.B, u.A, u.scale, pretrained[k].dtype) for k, u in factors.items() if k in tv}
-        tv = TaskVector({k: tv[k] for k in tv if k not in low_rank}, tv.metadata, low_rank)
+    # the adapters' factors in θ₀'s dtype, as every entry (a bf16-true fit's θ₀ is the float32 base it started from)
+    low_rank = {
+        k: LowRankUpdate(u.B, u.A, u.scale, pretrained[k].dtype) for k, u in (factors or {}).items() if k in state
+    }
+    dense = sorted(k for k in state if k not in low_rank)  # θ_T − θ₀ for the other entries only
+    tv = TaskVector.from_state_dicts(pretrained, state, dense, **metadata, base_fingerprint=fingerprint)
+    if low_rank:
+        tv = TaskVector({k: tv[k] for k in tv}, tv.metadata, low_rank)
     written = tv.save(path)
     rank_zero_info(f"ScoreMergeCallback: wrote the task vector of '{tv.name}' to {written}")
     outputs: dict[str, Any] = {"task_vector": str(written), "merged": None, "pretrained": str(snapshot.path),

@@ -335,10 +335,10 @@ class ScoreMergeCallback(Callback):
                 "ScoreMergeCallback: training ended before θ₀ was snapshotted (no training step ran, and the module "
                 "has lazy parameters), so there is no task vector to write."
             )
-        state, factors = self._state(trainer), self._selection.live_factors() if self._selection else {}
+        state = self._state(trainer)
+        factors = self._selection.live_factors() if self._selection and self.adapters == "factors" else {}
         metadata = task_vector_metadata(trainer, pl_module, self.name, self.domain, snapshot.module, self.metadata)
         path, merge = self._target(trainer, metadata), (self.merge_with, self.method, self.alpha, self.merge_options)
-        factors = factors if self.adapters == "factors" else {}
 
         def write() -> dict[str, Any]:
             return write_outputs(snapshot, state, metadata, path, merge, self._receipt, device, self.overwrite, factors)
