@@ -49,6 +49,32 @@ def _trained(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
+def _with_a_second_adapter(model: nn.Module) -> nn.Module:
+    """``model`` with a second LoRA adapter on fc1, both active and trainable."""
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
+    model.base_model.set_adapter(["default", "other"])
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    return model
+
+
+def _gpt_like() -> type[nn.Module]:
+    """A module whose layer stores its weight [in, out], as transformers' Conv1D does (PEFT's fan_in_fan_out)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class GPTLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn = Conv1D(12, 4)  # weight [in=4, out=12]
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    return GPTLike
+
+
 def _inputs():
     g = torch.Generator().manual_seed(2)
     return torch.randint(0, 10, (5,), generator=g), torch.randn(5, 3, 6, 6, generator=g)
@@ -95,13 +121,7 @@ def test_untrained_adapters_read_as_the_base_weights_themselves():
 def test_rslora_lora_bias_and_several_active_adapters():
     net = Net()
     config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, lora_bias=True, target_modules=["fc1", "fc2"])
-    model = peft.get_peft_model(copy.deepcopy(net), config)
-    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
-    model.base_model.set_adapter(["default", "other"])
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
-    _trained(model)
+    model = _trained(_with_a_second_adapter(peft.get_peft_model(copy.deepcopy(net), config)))
     fc1 = model.base_model.model.fc1
     assert fc1.scaling["default"] == pytest.approx(16 / 4**0.5)
     state = _assert_is_merge_and_unload(model, atol=1e-6)
@@ -109,18 +129,7 @@ def test_rslora_lora_bias_and_several_active_adapters():
 
 
 def test_fan_in_fan_out_layers_read_in_the_base_weights_layout():
-    pytest.importorskip("transformers")
-    from transformers.pytorch_utils import Conv1D
-
-    class GPTLike(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.c_attn = Conv1D(12, 4)  # weight [in=4, out=12]
-
-        def forward(self, x):
-            return self.c_attn(x)
-
-    net = GPTLike()
+    net = _gpt_like()()
     model = _trained(
         peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     )
@@ -273,27 +282,10 @@ def test_the_adapted_weights_as_factors_are_their_updates_exactly():
 def test_factors_of_several_adapters_rslora_and_fan_in_fan_out():
     net = Net()
     config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["fc1", "fc2"])
-    model = peft.get_peft_model(copy.deepcopy(net), config)
-    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
-    model.base_model.set_adapter(["default", "other"])
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
-    _trained(model)
+    model = _trained(_with_a_second_adapter(peft.get_peft_model(copy.deepcopy(net), config)))
     factors = _assert_factors_are_the_updates(model, net)
     assert factors["fc1.weight"].rank == 6 and factors["fc2.weight"].rank == 4  # the adapters' ranks add up
-    pytest.importorskip("transformers")
-    from transformers.pytorch_utils import Conv1D
-
-    class GPTLike(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.c_attn = Conv1D(12, 4)  # weight [in=4, out=12]
-
-        def forward(self, x):
-            return self.c_attn(x)
-
-    gpt = GPTLike()
+    gpt = _gpt_like()()
     lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
     factors = _assert_factors_are_the_updates(_trained(peft.get_peft_model(copy.deepcopy(gpt), lora)), gpt)
     assert factors["c_attn.weight"].shape == (4, 12)
