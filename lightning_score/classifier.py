@@ -33,10 +33,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_score.data.protocols import ClassNames, DomainNames, TestDomains
-from lightning_score.models import build_clip, build_zero_shot_head, guess_template_set, load_templates
+from lightning_score.models import build_zero_shot_head, guess_template_set, load_templates
+from lightning_score.models.backbones import get_backbone
 from lightning_score.models.sharding import ShardedBlocks
 from lightning_score.models.templates import templates_naming_domains
-from lightning_score.models.zero_shot import ZeroShotHead
+from lightning_score.models.zero_shot import ZeroShotHead, fixed_zero_shot_head
 from lightning_score.task_vector import state_dict_fingerprint
 
 __all__ = ["BalancedAccuracy", "CLIPClassifier", "balanced_accuracy", "per_class_counts"]
@@ -153,6 +154,12 @@ class CLIPClassifier(ShardedBlocks, LightningModule):
             matching its domain names, else ``"imagenet"``.
         classnames: Class names for the head; default: the datamodule's ``classnames``.
         head_cache: Read/write zero-shot heads from/to the disk cache.
+        backbone: The library holding the CLIP model (:mod:`lightning_score.models.backbones`): ``"open_clip"``
+            (the default), ``"hf"`` (transformers' ``CLIPModel``: ``model_name`` a ``save_pretrained`` folder or a
+            hub id) or ``"timm"`` (a timm CLIP ViT: ``model_name`` its architecture, ``pretrained`` a weights file,
+            the head from ``backbone_options.text`` or ``backbone_options.head``). ``builtin:digits`` works for
+            each (a copy of the offline base in that library's format).
+        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
     """
 
     #: Constructor arguments kept out of ``hparams`` (and so out of checkpoints): objects, not settings.
@@ -165,11 +172,15 @@ class CLIPClassifier(ShardedBlocks, LightningModule):
         templates: str = "auto",
         classnames: list[str] | None = None,
         head_cache: bool = True,
+        backbone: str = "open_clip",
+        backbone_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self._NOT_HYPERPARAMETERS))
         self.model_name = model_name
         self.pretrained = pretrained
+        self.backbone = get_backbone(backbone)
+        self.backbone_options = self.backbone.check_options(backbone_options)
         self.templates = templates
         self.head_cache = head_cache
         self.head: ZeroShotHead | None = None
@@ -184,12 +195,12 @@ class CLIPClassifier(ShardedBlocks, LightningModule):
     # --- building ------------------------------------------------------------------------------
 
     def configure_clip(self) -> None:
-        """Build the open_clip model and transforms from ``model_name`` and ``pretrained``; freeze everything.
+        """Build the backbone's model and transforms from ``model_name`` and ``pretrained``; freeze everything.
 
         Sets :attr:`clip`, :attr:`train_transform`, :attr:`val_transform`, :attr:`tokenizer`, :attr:`base_model`
         and :attr:`pretrained_fingerprint`. Subclasses that change the model extend this.
         """
-        components = build_clip(self.model_name, self.pretrained)
+        components = self.backbone.build(self.model_name, self.pretrained, self.backbone_options)
         self.clip = components.model.train()
         self.clip.requires_grad_(False)
         self.train_transform = components.train_transform
@@ -242,12 +253,17 @@ class CLIPClassifier(ShardedBlocks, LightningModule):
         templates = load_templates(name)
         self._warn_if_templates_name_held_out_domains(name, templates)
         trainer = self._trainer
-        if trainer is not None:
-            self.clip.to(trainer.strategy.root_device)
-        head = build_zero_shot_head(self.clip, self.tokenizer, classnames, templates, cache=self.head_cache)
+        fixed = getattr(self.clip, "fixed_head", None)  # a backbone without a text tower (timm with a head file)
+        if fixed is not None:
+            head = fixed_zero_shot_head(fixed, classnames)
+        else:
+            if trainer is not None:
+                self.clip.to(trainer.strategy.root_device)
+            head = build_zero_shot_head(self.clip, self.tokenizer, classnames, templates, cache=self.head_cache)
         self.head = head.to(self.device)
         self.template_set = name
-        rank_zero_info(f"Zero-shot head: {len(classnames)} classes x {len(templates)} '{name}' templates.")
+        if fixed is None:
+            rank_zero_info(f"Zero-shot head: {len(classnames)} classes x {len(templates)} '{name}' templates.")
         return self.head
 
     def _warn_if_templates_name_held_out_domains(self, name: str, templates: Sequence[str]) -> None:

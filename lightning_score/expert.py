@@ -34,7 +34,8 @@ class CLIPExpert(CLIPClassifier):
     The fine-tuned module is :attr:`image_encoder`.
 
     Args:
-        model_name: open_clip architecture, e.g. ``"ViT-B-32"``, or ``"tiny-ViT-W96-L3"`` for CPU runs.
+        model_name: open_clip architecture, e.g. ``"ViT-B-32"``, or ``"tiny-ViT-W96-L3"`` for CPU runs (for the
+            ``hf`` and ``timm`` backbones, see ``backbone``).
         pretrained: ``"openai"`` (or another open_clip tag), a local ``.safetensors``/``.pt`` file,
             ``"builtin:digits"``, or ``None``.
         templates: Prompt-template set for the head, or ``"auto"``.
@@ -50,7 +51,9 @@ class CLIPExpert(CLIPClassifier):
             protocol. Settings (:class:`~lightning_score.models.lora.LoraSettings`): ``rank`` (16), ``alpha``
             (null: the rank), ``targets`` (``[attn, mlp.c_fc, mlp.c_proj]``: every block linear layer),
             ``dropout`` (0.0), ``use_rslora`` (false). Its task vector is the adapters' weight update, under the
-            keys of a full fine-tune. ``None``: the whole image encoder trains.
+            keys of a full fine-tune. ``None``: the whole image encoder trains. open_clip backbone only.
+        backbone: ``"open_clip"``, ``"hf"`` or ``"timm"`` (see :class:`~lightning_score.classifier.CLIPClassifier`).
+        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
     """
 
     def __init__(
@@ -66,9 +69,17 @@ class CLIPExpert(CLIPClassifier):
         gradient_checkpointing: bool = False,
         compile_image_encoder: bool = False,
         lora: LoraSettings | None = None,
+        backbone: str = "open_clip",
+        backbone_options: dict[str, Any] | None = None,
     ) -> None:
         lora_settings = LoraSettings.of(lora)
         if lora_settings is not None:
+            if backbone != "open_clip":
+                raise ValueError(
+                    f"CLIPExpert(lora=...) fine-tunes open_clip models only, not backbone '{backbone}': its LoRA "
+                    "targets name open_clip's layers. Fine-tune the whole image encoder (lora: null), or use the "
+                    "open_clip backbone; ScoreMergeCallback itself snapshots PEFT adapters on any module."
+                )
             require_peft()  # before the model is built: the missing extra in seconds
         lora = lora_settings.record() if lora_settings else None  # type: ignore[assignment]  # hparams: plain values
         super().__init__(
@@ -77,6 +88,8 @@ class CLIPExpert(CLIPClassifier):
             templates=templates,
             classnames=classnames,
             head_cache=head_cache,
+            backbone=backbone,
+            backbone_options=backbone_options,
         )
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ValueError(

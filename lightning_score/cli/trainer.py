@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,22 @@ class ScoreTrainer(Trainer):
         datamodule: DomainDataModule | None = None,
         output: str | None = None,
         test: bool = True,
+        export: str | None = None,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
-        """Merge the experts' task vectors, write the merged weights, and test them on the held-out domains.
+        """Merge the experts' task vectors, write the merged model, and test it on the held-out domains.
 
         Args:
             model: A :class:`~lightning_score.MergeModule` (mode ``merge``, ``expert`` or ``zeroshot``).
             datamodule: The domains: ``train_domains`` are the experts' (sources), ``test_domains`` the targets.
-            output: The merged weights file (``.safetensors``), loadable as ``--model.pretrained``; default
-                ``<trainer.default_root_dir>/merged/<method>.safetensors``.
+            output: The merged weights file (``.safetensors``, open_clip backbone), loadable as
+                ``--model.pretrained``; default ``<trainer.default_root_dir>/merged/<method>.safetensors``.
             test: Test the merged model on the test domains straight away.
+            export: Also (for the hf and timm backbones: instead, by default into
+                ``<trainer.default_root_dir>/merged/<method>/``) write the merged model in its backbone's own format
+                into this folder, with a model card holding the test accuracies (:meth:`MergeModule.export`);
+                it loads without lightning-score.
+            overwrite: Replace an existing non-empty ``export`` folder (once the new one is complete).
 
         Returns:
             The test metrics (``test/<domain>/acc``...), empty when ``test`` is false.
@@ -81,19 +89,46 @@ class ScoreTrainer(Trainer):
             raise ValueError(f"merge needs a MergeModule as the model, not {type(model).__name__}.")
         if model.mode == "ensemble":
             raise ValueError("mode='ensemble' is T models, not one set of weights: run `lightning-score test` for it.")
-        target = Path(output) if output else Path(self.default_root_dir) / "merged" / f"{model.method}.safetensors"
-        if target.suffix != ".safetensors":
+        root = Path(self.default_root_dir) / "merged"
+        native = model.backbone.name == "open_clip"
+        if not native and output:
+            raise ValueError(
+                f"--output writes open_clip weights files; the '{model.backbone.name}' backbone's merge is written in "
+                "its own format: pass --export FOLDER instead."
+            )
+        target = (Path(output) if output else root / f"{model.method}.safetensors") if native else None
+        folder = Path(export) if export else None if native else root / model.method
+        if target is not None and target.suffix != ".safetensors":
             raise ValueError(f"--output must end in .safetensors, got '{target}'.")
+        if folder is not None and folder.is_dir() and any(folder.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"--export folder '{folder}' exists and is not empty: pass --overwrite true to replace it, or "
+                "choose a new folder."
+            )
         model.merged_output = target  # checked writable in setup, before the merge
         limit = self.limit_test_batches
         if not test:
             self.limit_test_batches = 0  # runs setup (where the merge happens), no test batches
-        with writable_until_done(target, what="--output"):  # checked before the merge and the test, not after
+        checked = [writable_until_done(p, what=w) for p, w in ((target, "--output"), (folder, "--export")) if p]
+        with contextlib.ExitStack() as stack:  # checked before the merge and the test, not after
+            for check in checked:
+                stack.enter_context(check)
             try:
                 results = self.test(model, datamodule=datamodule, verbose=test)
             finally:
                 self.limit_test_batches = limit  # the Trainer as it was: a later test runs every batch
-            on_rank_zero(self.strategy, lambda: model.save_merged(target))  # a failed write stops every rank
-        rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
-        self.merged_path = target
+            if target is not None:
+                on_rank_zero(self.strategy, lambda: model.save_merged(target))  # a failed write stops every rank
+                rank_zero_info(f"lightning-score merge: wrote the merged weights to {target}")
+            if folder is not None:
+                accuracies = _accuracies(results[0] if results and test else {})
+                write = lambda: model.export(folder, overwrite=overwrite, test_accuracies=accuracies)  # noqa: E731
+                on_rank_zero(self.strategy, write)
+                rank_zero_info(f"lightning-score merge: exported the merged {model.backbone.name} model to {folder}")
+        self.merged_path = target if target is not None else folder
         return results[0] if results and test else {}
+
+
+def _accuracies(metrics: dict[str, float]) -> dict[str, float]:
+    """``test/<domain>/acc`` → ``{domain: acc}`` for the model card."""
+    return {key[5:-4]: float(value) for key, value in metrics.items() if key.startswith("test/") and key.endswith("/acc")}

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+import lightning_score.merge_module.outputs as outputs
 import lightning_score.merge_module.records as records
 from lightning_score.classifier import CLIPClassifier
 from lightning_score.merge_module.alpha import DEFAULT_ALPHA_GRID, AlphaSearchResult, search_alpha
@@ -45,11 +46,13 @@ from lightning_score.merge_module.inputs import (
     held_out,
     read_inputs,
 )
+from lightning_score.merge_module.matrices import check_convention, from_matrices, to_matrices
 from lightning_score.merge_module.passes import ready_for_passes, validation_accuracy, validation_loaders
 from lightning_score.merge_module.sharding import merge_on_ranks
 from lightning_score.merge_module.statistics import collect_statistics
 from lightning_score.merging import FactorCache
-from lightning_score.models import save_clip_weights
+from lightning_score.models.backbones import get_backbone
+from lightning_score.models.conventions import QKVConvention
 from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.files import ensure_writable
 from lightning_score.utilities.profiling import Measure
@@ -90,6 +93,12 @@ class MergeModule(CLIPClassifier):
         allow_target_experts: Test on a domain an expert was fine-tuned on (its ``domain`` or ``train_domains``):
             refused by default (not held out); allowed, with a warning, as ``test/<domain> (not held out)/...``.
             ``mode="expert"`` (one expert, e.g. the target's own: an upper bound) is never refused.
+        qkv: The matrix convention of the merge (:mod:`lightning_score.merge_module.matrices`): ``"fused"`` (the
+            papers': each block's q/k/v input projection as one matrix, whichever library holds the model) or
+            ``"split"`` (FusionBench's: q, k and v as three matrices).
+        backbone: ``"open_clip"``, ``"hf"`` or ``"timm"``: the library of the experts' base (see
+            :class:`~lightning_score.classifier.CLIPClassifier`); the task vectors are keyed by its image tower.
+        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
 
     The arguments are checked here; the task-vector files are read in ``setup``, first. ``load_from_checkpoint``
     restores the merged weights without them (the files need not exist any more), but not τ* (no :meth:`use_alpha`).
@@ -115,14 +124,20 @@ class MergeModule(CLIPClassifier):
         head_cache: bool = True,
         factors: FactorCache | None = None,
         allow_target_experts: bool = False,
+        qkv: QKVConvention = "fused",
+        backbone: str = "open_clip",
+        backbone_options: dict[str, Any] | None = None,
     ) -> None:
         resolved = check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
         check_count(mode, len(task_vectors or []))
+        convention = get_backbone(backbone).convention
+        check_convention(method, resolved.statistics if resolved else (), convention, qkv)
+        self.qkv = qkv
         self.method = method
         self.method_options = dict(method_options or {})
         #: The method, resolved once, here: registration, options (defaults filled), statistics (None: not "merge").
         self.resolved_method = resolved  # an inputs.ResolvedMethod
-        super().__init__(model_name, pretrained, templates, classnames, head_cache)
+        super().__init__(model_name, pretrained, templates, classnames, head_cache, backbone, backbone_options)
         self.mode = mode
         self.alpha = alpha
         self.alpha_grid = list(alpha_grid or DEFAULT_ALPHA_GRID)
@@ -227,7 +242,8 @@ class MergeModule(CLIPClassifier):
         """
         if self.resolved_method is None:
             raise ValueError(f"merge applies to mode='merge', not mode='{self.mode}'.")
-        task_vectors = self._inputs().task_vectors
+        convention = self.backbone.convention
+        task_vectors = to_matrices(self._inputs().task_vectors, convention, self.qkv)
         device = self._compute_device()
         strategy = self._trainer.strategy if self._trainer is not None else None
         with Measure(device) as measure:
@@ -240,6 +256,7 @@ class MergeModule(CLIPClassifier):
                 self.collect_statistics,
                 factors=self.factors,
             )
+        merged = from_matrices(merged, convention, self.qkv)
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
         statistics = (self.resolved_method.statistics, self.proxy_images)
@@ -377,23 +394,17 @@ class MergeModule(CLIPClassifier):
         self._prepared = True
 
     def save_merged(self, path: str | Path) -> Path:
-        """Write the whole CLIP model with its merged image encoder, loadable as ``pretrained=path``.
+        """Write the whole CLIP model with its merged image encoder, loadable as ``pretrained=path`` (open_clip).
 
-        The header records the merge (method, options, α, inputs) as JSON under ``lightning_score_merge``
-        (:func:`~lightning_score.merge_module.records.merged_file_header`).
-
-        Raises:
-            ValueError: ``mode="ensemble"`` (T models, not one set of weights).
-            RuntimeError: Nothing is prepared yet: the image encoder still holds θ₀, not a merge.
+        See :func:`~lightning_score.merge_module.outputs.save_merged`; :meth:`export` writes any backbone's format.
         """
-        if self.mode == "ensemble":
-            raise ValueError("An ensemble is T models, not one set of weights: there is nothing to save as a merge.")
-        if not self._prepared:
-            raise RuntimeError(
-                f"MergeModule(mode='{self.mode}') has not been prepared, so its image encoder still holds the "
-                "pre-trained weights: run it through a Trainer (trainer.test, or `lightning-score merge`) or call "
-                "setup() before save_merged()."
-            )
-        alpha = self._numeric_alpha() if self.mode == "expert" else self.current_alpha
-        header = records.merged_file_header(self._record(), self.base_model, alpha, self.task_vector_paths)
-        return save_clip_weights(self.clip, path, model_name=self.model_name, metadata=header)
+        return outputs.save_merged(self, path)
+
+    def export(
+        self, directory: str | Path, *, overwrite: bool = False, test_accuracies: Mapping[str, float] | None = None
+    ) -> Path:
+        """Write the merged model in its backbone's own format, with a model card, loadable without lightning-score.
+
+        See :func:`~lightning_score.merge_module.outputs.export_merged`.
+        """
+        return outputs.export_merged(self, directory, overwrite=overwrite, test_accuracies=test_accuracies)

@@ -35,11 +35,17 @@ def fsdp1_options(strategy: object, module: nn.Module) -> None:
 
     if not isinstance(strategy, FSDPStrategy):
         return
-    strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(CLIP_BLOCKS))
+    strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(set(_block_types(module))))
     ignored = list(strategy.kwargs.get("ignored_states") or [])
     scalars = [param for param in module.parameters() if param.dim() == 0 and not any(param is p for p in ignored)]
     if scalars:
         strategy.kwargs["ignored_states"] = ignored + scalars
+
+
+def _block_types(module: object) -> tuple[type[nn.Module], ...]:
+    """The residual blocks of ``module``'s backbone (its ``backbone.block_types()``), else :data:`CLIP_BLOCKS`."""
+    backbone = getattr(module, "backbone", None)
+    return tuple(backbone.block_types()) if backbone is not None else tuple(CLIP_BLOCKS)
 
 
 class ShardedBlocks:
@@ -67,7 +73,7 @@ class ShardedBlocks:
             mesh = mesh["data_parallel"]
         encoder: nn.Module = self.image_encoder  # type: ignore[attr-defined]
         for block in encoder.modules():
-            if isinstance(block, tuple(CLIP_BLOCKS)):
+            if isinstance(block, _block_types(self)):
                 fully_shard(block, mesh=mesh)
         fully_shard(encoder, mesh=mesh)
         scalars = {param for param in self.parameters() if param.dim() == 0}  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lightning_score.task_vector import state_dict_fingerprint
 from lightning_score.utilities.files import atomic_write, cache_key, cache_root
 
-__all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "text_fingerprint"]
+__all__ = ["ZeroShotHead", "build_zero_shot_head", "encode_class_prompts", "fixed_zero_shot_head", "text_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,34 @@ def build_zero_shot_head(
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         log.debug("Zero-shot head for %d classes x %d templates cached at %s", len(classnames), len(templates), path)
     return ZeroShotHead(weight, classnames, templates)
+
+
+def fixed_zero_shot_head(head: tuple[Tensor, Sequence[str] | None], classnames: Sequence[str]) -> ZeroShotHead:
+    """A head given as weights (a backbone without a text tower), checked against the datamodule's classes.
+
+    Args:
+        head: ``(weight [classes, dim] scaled by the logit scale, the class names it records or None)``.
+        classnames: The datamodule's class names, in label order.
+
+    Raises:
+        ValueError: Another number of rows, or recorded class names that differ (in names or order).
+
+    Example:
+        >>> fixed_zero_shot_head((torch.eye(2), ["cat", "dog"]), ["cat", "dog"]).num_classes
+        2
+    """
+    weight, recorded = head
+    if weight.shape[0] != len(classnames):
+        raise ValueError(
+            f"The zero-shot head file has {weight.shape[0]} rows but the datamodule has {len(classnames)} classes: "
+            "give the head of these classes (backbone_options.head)."
+        )
+    if recorded is not None and list(recorded) != list(classnames):
+        raise ValueError(
+            f"The zero-shot head file is of classes {list(recorded)[:5]}..., the datamodule's are "
+            f"{list(classnames)[:5]}...: the names and their order must agree."
+        )
+    return ZeroShotHead(weight, classnames, [])
 
 
 def _read_cached_head(path: Path, num_classes: int) -> Tensor | None:
