@@ -35,6 +35,8 @@ def run_study(
     model_name: str = "auto",
     pretrained: str | None = "auto",
     templates: str = "auto",
+    backbone: str = "open_clip",
+    backbone_options: dict[str, Any] | None = None,
     root: str = "builtin:digits",
     dataset: str = "auto",
     domains: list[str] | None = None,
@@ -78,6 +80,10 @@ def run_study(
         pretrained: Its weights: an open_clip tag such as ``openai``, a local weights file, ``builtin:digits``
             (the offline base) or null (random weights); ``auto``: ``openai`` (the paper's) on real data,
             ``builtin:digits`` on the built-in benchmark.
+        backbone: The library of the model: ``open_clip`` (the default), ``hf`` (transformers' ``CLIPModel``:
+            ``model_name`` a ``save_pretrained`` folder or hub id) or ``timm`` (see ``docs/your-own-clip.md``);
+            ``builtin:digits`` gives each library a copy of the offline base.
+        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
         templates: Prompt-template set of the zero-shot head; ``auto``: the dataset's own (the SCORE authors' set
             of a preset's dataset, ``digits`` for the built-in benchmark; see :mod:`.dataset`).
         root: The data (any layout ``DomainDataModule`` reads) or ``builtin:digits``.
@@ -125,6 +131,8 @@ def run_study(
         output_dir=output_dir,
         model_name=model_name,
         pretrained=pretrained,
+        backbone=backbone,
+        backbone_options=backbone_options,
         templates=templates,
         root=root,
         dataset=dataset,

@@ -22,6 +22,7 @@ from lightning_score.data import DomainDataModule
 from lightning_score.data.builtin import builtin_name, get_builtin
 from lightning_score.merge_module.alpha import ALPHA_SEARCHES
 from lightning_score.models import load_templates
+from lightning_score.models.backbones import get_backbone
 from lightning_score.models.factory import check_model_name
 from lightning_score.study.config import Entry, StudyConfig
 
@@ -108,7 +109,12 @@ def check_study(config: StudyConfig, entries: Sequence[Entry]) -> tuple[list[str
     """
     config.expert.check()
     _check_numbers(config)
-    _check_model(config.model_name, config.pretrained, config.templates)
+    backbone = get_backbone(config.backbone)  # an unknown name or option: one line, before any work
+    backbone.check_options(config.backbone_options)
+    if backbone.name == "open_clip":
+        _check_model(config.model_name, config.pretrained, config.templates)
+    elif config.templates != "auto":
+        load_templates(config.templates)
     data = DomainDataModule(
         config.root, num_workers=0, val_fraction=config.val_fraction, split_seed=config.split_seed,
         preset=config.dataset,

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -173,6 +173,8 @@ class StudyConfig:
         output_dir: The study folder.
         model_name: open_clip architecture, or ``auto``.
         pretrained: Its weights (a tag, a file, ``builtin:digits``, ``None``: random), or ``auto``.
+        backbone: The library of the model: ``open_clip``, ``hf`` or ``timm``.
+        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
         templates: The zero-shot head's template set, or ``auto``.
         root: The data, or ``builtin:digits``.
         dataset: The dataset preset, ``auto`` or ``none``.
@@ -201,6 +203,8 @@ class StudyConfig:
     output_dir: str = "runs/digits-study"
     model_name: str = "auto"
     pretrained: str | None = "auto"
+    backbone: str = "open_clip"
+    backbone_options: Mapping[str, Any] | None = None
     templates: str = "auto"
     root: str = "builtin:digits"
     dataset: str = "auto"

@@ -125,6 +125,8 @@ def merge_module(
         templates=config.templates,
         alpha_search=config.alpha_search,  # type: ignore[arg-type]
         factors=factors if mode == "merge" else None,
+        backbone=config.backbone,
+        backbone_options=dict(config.backbone_options or {}),
     )
 
 

@@ -161,6 +161,8 @@ def fit_task_vector(
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps,
         lora=settings.lora,
+        backbone=config.backbone,
+        backbone_options=dict(config.backbone_options or {}),
     )
     callback = ScoreMergeCallback(
         dirpath=path.parent,

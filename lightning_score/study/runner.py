@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lightning_score.data import DomainDataModule
 from lightning_score.merging import FactorCache
-from lightning_score.models import build_clip
+from lightning_score.models.backbones import get_backbone
 from lightning_score.study.checks import check_study
 from lightning_score.study.config import Entry, Row, StudyConfig, config_digest
 from lightning_score.study.data import EvaluationImages, FoldData
@@ -266,7 +266,10 @@ class Study:
 
     def _prepare_base(self) -> Any:
         with forward_log_lines("lightning_score.models.digits_base", self._say):  # its pre-training's lines, if built
-            components = build_clip(self.config.model_name, self.config.pretrained)  # builds and caches the base once
+            config = self.config  # builds and caches the base (and its copy in the backbone's library) once
+            components = get_backbone(config.backbone).build(
+                config.model_name, config.pretrained, config.backbone_options or {}
+            )
         self.base_fingerprint = state_dict_fingerprint(components.model.visual.state_dict())
         self._transform = components.val_transform
         self._say(f"base: {components.base_model} (image encoder {self.base_fingerprint[:20]}…)")

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
-from lightning_score.models.factory import CLIPComponents
+from lightning_score.models.factory import CLIPComponents, read_weights_metadata, resolve_builtin_weights
+from lightning_score.utilities.files import cache_key, cache_root
 
-__all__ = ["Backbone"]
+__all__ = ["Backbone", "builtin_copy_folder", "clip_transforms"]
 
 
 class Backbone(ABC):
@@ -84,3 +86,16 @@ def clip_transforms(
     train = image_transform(size, is_train=True, mean=mean, std=std, interpolation=interpolation)
     val = image_transform(size, is_train=False, mean=mean, std=std, interpolation=interpolation)
     return train, val
+
+
+_COPY_VERSION = 1
+
+
+def builtin_copy_folder(library: str, token: str, model_name: str) -> Path:
+    """The cache folder of ``library``'s copy of a built-in base model (``builtin:digits`` for ``model_name``).
+
+    Keyed by the open_clip base's fingerprint: a rebuilt base gets a new copy. The base is built first if missing.
+    """
+    source = resolve_builtin_weights(token, model_name)
+    fingerprint = read_weights_metadata(source).get("fingerprint", str(source))
+    return cache_root() / f"{library}_copies" / cache_key(_COPY_VERSION, token, model_name, fingerprint)

@@ -24,14 +24,31 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_score.data.builtin import builtin_name
-from lightning_score.models.backbones.base import Backbone, clip_transforms
+from lightning_score.models.backbones.base import Backbone, builtin_copy_folder, clip_transforms
 from lightning_score.models.factory import CLIPComponents
 from lightning_score.utilities.extras import require
+from lightning_score.utilities.files import cache_lock
 
 __all__ = ["HFCLIP", "HFBackbone", "HFImageTower"]
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def builtin_hf_copy(token: str, model_name: str) -> Path:
+    """A transformers copy (``save_pretrained`` folder) of a built-in base model, written into the cache once.
+
+    Exact (:func:`~lightning_score.models.hf_copy.save_hf_copy`: both towers, the tokenizer, the preprocessing),
+    built under a lock, then read through ``CLIPModel.from_pretrained`` like any user's folder.
+    """
+    from lightning_score.models.factory import build_clip
+    from lightning_score.models.hf_copy import save_hf_copy
+
+    folder = builtin_copy_folder("hf", token, model_name)
+    with cache_lock(f"hf-copy-{folder.name}"):
+        if not (folder / "config.json").is_file():
+            save_hf_copy(build_clip(model_name, token).model, folder, overwrite=True)
+    return folder
 
 
 class HFImageTower(nn.Module):
@@ -98,8 +115,9 @@ def _image_settings(folder: str, image_size: int) -> tuple[int, tuple, tuple]:
         processor = transformers.CLIPImageProcessor.from_pretrained(folder)
     except OSError:
         return image_size, _OPENAI_MEAN, _OPENAI_STD
-    crop = getattr(processor, "crop_size", None) or {}
-    size = crop.get("height", image_size) if isinstance(crop, Mapping) else int(crop)
+    crop = getattr(processor, "crop_size", None)  # a dict, or transformers 5's SizeDict
+    height = crop.get("height") if isinstance(crop, Mapping) else getattr(crop, "height", crop)
+    size = int(height) if height else image_size
     return int(size), tuple(processor.image_mean), tuple(processor.image_std)
 
 
@@ -115,8 +133,6 @@ class HFBackbone(Backbone):
         transformers = require("transformers", extra="hf")
         folder, label = model_name, "pretrained"
         if pretrained is not None and builtin_name(os.fspath(pretrained)) is not None:
-            from lightning_score.models.hf_copy import builtin_hf_copy
-
             folder, label = str(builtin_hf_copy(pretrained, model_name)), os.fspath(pretrained)
         _check_folder(folder)
         if pretrained is None:

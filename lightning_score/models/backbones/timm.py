@@ -34,15 +34,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_score.data.builtin import builtin_name
-from lightning_score.models.backbones.base import Backbone, clip_transforms
+from lightning_score.models.backbones.base import Backbone, builtin_copy_folder, clip_transforms
 from lightning_score.models.factory import LOCAL_WEIGHT_SUFFIXES, CLIPComponents, WeightsUnavailableError
 from lightning_score.utilities.extras import require
-from lightning_score.utilities.files import atomic_write, atomic_write_text, cache_key, cache_lock, cache_root
+from lightning_score.utilities.files import atomic_write, atomic_write_text, cache_lock
 
 __all__ = ["TimmBackbone", "TimmCLIP", "builtin_timm_copy"]
-
-_COPY_VERSION = 1
-
 
 class TimmCLIP(nn.Module):
     """A timm image tower with a text side: ``visual`` (the timm model), ``encode_text``, ``logit_scale``.
@@ -80,12 +77,10 @@ def builtin_timm_copy(token: str, model_name: str) -> tuple[str, dict[str, Any],
     once into the cache (under a lock, atomically), then loaded by timm from the file like any user's weights.
     """
     from lightning_score.models.convert import convert_state_dict
-    from lightning_score.models.factory import build_clip, read_weights_metadata, resolve_builtin_weights
+    from lightning_score.models.factory import build_clip
     from lightning_score.models.tower_configs import timm_vit_kwargs
 
-    source = resolve_builtin_weights(token, model_name)
-    fingerprint = read_weights_metadata(source).get("fingerprint", str(source))
-    folder = cache_root() / "timm_copies" / cache_key(_COPY_VERSION, token, model_name, fingerprint)
+    folder = builtin_copy_folder("timm", token, model_name)
     weights, meta = folder / "model.safetensors", folder / "timm_model.json"
     with cache_lock(f"timm-copy-{folder.name}"):
         if not (weights.is_file() and meta.is_file()):
