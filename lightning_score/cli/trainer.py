@@ -131,5 +131,8 @@ class ScoreTrainer(Trainer):
 
 def _accuracies(metrics: dict[str, float]) -> dict[str, float]:
     """``test/<domain>/acc`` → ``{domain: acc}`` for the model card."""
-    prefix, suffix = "test/", "/acc"
-    return {k[len(prefix) : -len(suffix)]: float(v) for k, v in metrics.items() if k.startswith(prefix) and k.endswith(suffix)}
+    accuracies = {}
+    for key, value in metrics.items():
+        if key.startswith("test/") and key.endswith("/acc"):
+            accuracies[key.removeprefix("test/").removesuffix("/acc")] = float(value)
+    return accuracies

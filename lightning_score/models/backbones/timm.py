@@ -41,6 +41,7 @@ from lightning_score.utilities.files import atomic_write, atomic_write_text, cac
 
 __all__ = ["TimmBackbone", "TimmCLIP", "builtin_timm_copy"]
 
+
 class TimmCLIP(nn.Module):
     """A timm image tower with a text side: ``visual`` (the timm model), ``encode_text``, ``logit_scale``.
 
