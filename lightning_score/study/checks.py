@@ -21,6 +21,7 @@ import lightning_score.models  # noqa: F401  (registers the tiny open_clip confi
 from lightning_score.data import DomainDataModule
 from lightning_score.data.builtin import builtin_name, get_builtin
 from lightning_score.merge_module.alpha import ALPHA_SEARCHES
+from lightning_score.merge_module.matrices import check_convention
 from lightning_score.models import load_templates
 from lightning_score.models.backbones import get_backbone
 from lightning_score.models.factory import check_model_name
@@ -111,6 +112,12 @@ def check_study(config: StudyConfig, entries: Sequence[Entry]) -> tuple[list[str
     _check_numbers(config)
     backbone = get_backbone(config.backbone)  # an unknown name or option: one line, before any work
     backbone.check_options(config.backbone_options)
+    for entry in entries:  # a method this backbone's merge refuses (ESM on transformers or timm): before the fits
+        if entry.row.mode == "merge" and entry.row.method:
+            try:
+                check_convention(entry.row.method, ("data",) if entry.needs_data else (), backbone.convention, "fused")
+            except ValueError as error:
+                raise ValueError(f"Row {entry.row.name!r}: {error} Leave the row out of `rows`.") from None
     if backbone.name == "open_clip":
         _check_model(config.model_name, config.pretrained, config.templates)
     elif config.templates != "auto":
