@@ -23,13 +23,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MetricCollection
 from typing_extensions import override
 
 from lightning_score.data.protocols import ClassNames, DomainNames, TestDomains
@@ -39,94 +37,13 @@ from lightning_score.models.sharding import ShardedBlocks
 from lightning_score.models.templates import templates_naming_domains
 from lightning_score.models.zero_shot import ZeroShotHead, fixed_zero_shot_head
 from lightning_score.task_vector import state_dict_fingerprint
+from lightning_score.utilities.metrics import BalancedAccuracy, accuracy_metrics, balanced_accuracy, per_class_counts
 
 __all__ = ["BalancedAccuracy", "CLIPClassifier", "balanced_accuracy", "per_class_counts"]
 
 log = logging.getLogger(__name__)
 
 _CHECKPOINT_KEY = "lightning_score"
-
-
-def per_class_counts(preds: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Correct predictions and images per class: the state balanced accuracy is computed from.
-
-    Args:
-        preds: Logits ``[N, C]`` or labels ``[N]``.
-        target: Labels ``[N]``.
-        num_classes: Number of classes.
-
-    Returns:
-        ``(correct [C], total [C])``.
-    """
-    if preds.ndim == 2:
-        preds = preds.argmax(dim=-1)
-    total = torch.bincount(target, minlength=num_classes)
-    correct = torch.bincount(target[preds == target], minlength=num_classes)
-    return correct, total
-
-
-def balanced_accuracy(correct: Tensor, total: Tensor) -> Tensor:
-    """Mean per-class recall over the classes present in the targets (scikit-learn's ``balanced_accuracy_score``).
-
-    Classes that never occur in the targets are left out of the mean, even when they were predicted.
-
-    Args:
-        correct: Correct predictions per class (:func:`per_class_counts`).
-        total: Images per class.
-
-    Example:
-        >>> preds, target = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1])
-        >>> balanced_accuracy(*per_class_counts(preds, target, num_classes=3)).item()  # (1/1 + 1/3) / 2
-        0.6666666865348816
-    """
-    present = total > 0
-    return (correct[present].float() / total[present].float()).mean()
-
-
-class BalancedAccuracy(Metric):
-    """:func:`balanced_accuracy` as a torchmetrics Metric: per-class counts summed over batches (and processes).
-
-    Args:
-        num_classes: Number of classes.
-        **kwargs: Passed to :class:`torchmetrics.Metric`.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, num_classes: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.add_state("correct", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-
-    @override
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add a batch: ``preds`` as logits ``[N, C]`` or labels ``[N]``; ``target`` labels ``[N]``."""
-        correct, total = per_class_counts(preds, target, self.num_classes)
-        self.correct += correct
-        self.total += total
-
-    @override
-    def compute(self) -> Tensor:
-        """The balanced accuracy in [0, 1]."""
-        return balanced_accuracy(self.correct, self.total)
-
-
-def _metrics(num_classes: int, sync: bool) -> MetricCollection:
-    """Top-1 and balanced accuracy; ``sync``: sum the counts over the Trainer's processes when computing.
-
-    torchmetrics would otherwise sync whenever a process group exists, even for a single-device Trainer
-    running in one process of a DDP job (where the other processes never join: a hang).
-    """
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, average="micro", sync_on_compute=sync),
-            "balanced_acc": BalancedAccuracy(num_classes, sync_on_compute=sync),
-        },
-        compute_groups=False,
-    )
 
 
 class CLIPClassifier(ShardedBlocks, LightningModule):
@@ -327,7 +244,7 @@ class CLIPClassifier(ShardedBlocks, LightningModule):
     @override
     def on_validation_epoch_start(self) -> None:
         """Create the validation metrics for this Trainer's processes."""
-        self.val_metrics = _metrics(self._num_classes(), self.trainer.world_size > 1).to(self.device)
+        self.val_metrics = accuracy_metrics(self._num_classes(), self.trainer.world_size > 1).to(self.device)
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
@@ -360,9 +277,9 @@ class CLIPClassifier(ShardedBlocks, LightningModule):
         counts = self.trainer.num_test_batches
         self.test_domain_names = self._test_domains(len(counts))
         sync = self.trainer.world_size > 1
-        self.test_metrics = nn.ModuleDict({str(i): _metrics(self._num_classes(), sync) for i in range(len(counts))}).to(
-            self.device
-        )
+        self.test_metrics = nn.ModuleDict(
+            {str(i): accuracy_metrics(self._num_classes(), sync) for i in range(len(counts))}
+        ).to(self.device)
 
     @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -93,12 +93,10 @@ class MergeModule(CLIPClassifier):
         allow_target_experts: Test on a domain an expert was fine-tuned on (its ``domain`` or ``train_domains``):
             refused by default (not held out); allowed, with a warning, as ``test/<domain> (not held out)/...``.
             ``mode="expert"`` (one expert, e.g. the target's own: an upper bound) is never refused.
-        qkv: The matrix convention of the merge (:mod:`lightning_score.merge_module.matrices`): ``"fused"`` (the
-            papers': each block's q/k/v input projection as one matrix, whichever library holds the model) or
-            ``"split"`` (FusionBench's: q, k and v as three matrices).
-        backbone: ``"open_clip"``, ``"hf"`` or ``"timm"``: the library of the experts' base (see
-            :class:`~lightning_score.classifier.CLIPClassifier`); the task vectors are keyed by its image tower.
-        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
+        qkv: The merge's matrix convention (:mod:`~.matrices`): ``"fused"``, the papers' (q/k/v as one matrix in
+            every library), or ``"split"``, FusionBench's (three matrices).
+        backbone: The experts' library, ``"open_clip"``, ``"hf"`` or ``"timm"``, and ``backbone_options`` its
+            settings (see :class:`~lightning_score.classifier.CLIPClassifier`).
 
     The arguments are checked here; the task-vector files are read in ``setup``, first. ``load_from_checkpoint``
     restores the merged weights without them (the files need not exist any more), but not τ* (no :meth:`use_alpha`).
@@ -130,8 +128,7 @@ class MergeModule(CLIPClassifier):
     ) -> None:
         resolved = check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
         check_count(mode, len(task_vectors or []))
-        convention = get_backbone(backbone).convention
-        check_convention(method, resolved.statistics if resolved else (), convention, qkv)
+        check_convention(method, resolved.statistics if resolved else (), get_backbone(backbone).convention, qkv)
         self.qkv = qkv
         self.method = method
         self.method_options = dict(method_options or {})
@@ -152,7 +149,7 @@ class MergeModule(CLIPClassifier):
         self.task_vector_paths = [Path(p) for p in task_vectors or []]
         self._read: MergeInputs | None = None  # the task vectors and θ₀, read in setup
         self.experts = nn.ModuleList()
-        self.merged: TaskVector | None = None  #: τ* at α = 1 (mode ``merge``), on CPU.
+        self.merged: TaskVector | None = None  #: τ* at α = 1 (mode ``merge``), on CPU, in the backbone's keys.
         self.current_alpha: float | None = None  #: The α of the weights now in the image encoder.
         self.merge_seconds: float | None = None  #: Wall time of the merge (including a data method's statistics).
         self.merge_peak_bytes: int | None = None  #: Memory growth during the merge on the merge device.
@@ -356,8 +353,7 @@ class MergeModule(CLIPClassifier):
         """Logits of the merged (or zero-shot, or expert) model; in ``ensemble`` mode the experts' mean logits."""
         if self.mode != "ensemble" or len(self.experts) == 0:
             return super().forward(images)
-        assert self.head is not None
-        return ensemble_logits(self.experts, self.head, images)
+        return ensemble_logits(self.experts, self.head, images)  # type: ignore[arg-type]  # built in setup
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -394,17 +390,11 @@ class MergeModule(CLIPClassifier):
         self._prepared = True
 
     def save_merged(self, path: str | Path) -> Path:
-        """Write the whole CLIP model with its merged image encoder, loadable as ``pretrained=path`` (open_clip).
-
-        See :func:`~lightning_score.merge_module.outputs.save_merged`; :meth:`export` writes any backbone's format.
-        """
+        """Write the merged open_clip CLIP as a ``pretrained=path`` weights file (:func:`.outputs.save_merged`)."""
         return outputs.save_merged(self, path)
 
     def export(
         self, directory: str | Path, *, overwrite: bool = False, test_accuracies: Mapping[str, float] | None = None
     ) -> Path:
-        """Write the merged model in its backbone's own format, with a model card, loadable without lightning-score.
-
-        See :func:`~lightning_score.merge_module.outputs.export_merged`.
-        """
+        """Write the merged model in its library's own format, with a card (:func:`.outputs.export_merged`)."""
         return outputs.export_merged(self, directory, overwrite=overwrite, test_accuracies=test_accuracies)

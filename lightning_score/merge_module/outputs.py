@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -20,8 +20,7 @@ from lightning_score.models.export import export_model
 from lightning_score.models.factory import save_clip_weights
 from lightning_score.task_vector import TaskVector
 
-if TYPE_CHECKING:
-    from lightning_score.merge_module.module import MergeModule
+MergeModule = Any  # lightning_score.merge_module.MergeModule, which calls these (not imported here: no cycle)
 
 __all__ = ["export_merged", "save_merged"]
 

@@ -163,18 +163,13 @@ JOB_SETTINGS: tuple[str, ...] = ("restart", "stage", "stage_domains")
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Every setting of one study: the arguments of :func:`~lightning_score.study.run_study` (see there).
-
-    The study (:class:`~lightning_score.study.runner.Study`) resolves the ``auto`` and unset values once (the
-    dataset's preset, the model, the domains, the seeds) and hands the resolved config whole to every step.
-    Sequences are kept as tuples.
+    """Every setting of one study: the arguments of :func:`~lightning_score.study.run_study` (see there); tuples.
 
     Attributes:
         output_dir: The study folder.
         model_name: open_clip architecture, or ``auto``.
         pretrained: Its weights (a tag, a file, ``builtin:digits``, ``None``: random), or ``auto``.
-        backbone: The library of the model: ``open_clip``, ``hf`` or ``timm``.
-        backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
+        backbone: The model's library (``open_clip``, ``hf``, ``timm``); backbone_options: its own settings.
         templates: The zero-shot head's template set, or ``auto``.
         root: The data, or ``builtin:digits``.
         dataset: The dataset preset, ``auto`` or ``none``.

@@ -149,7 +149,8 @@ class TimmBackbone(Backbone):
 
     def build(self, model_name: str, pretrained: str | None, options: Mapping[str, Any]) -> CLIPComponents:
         """``timm.create_model`` with the text side of ``options`` (see the module docstring)."""
-        from lightning_score.models.backbones import get_backbone
+        from lightning_score.models.backbones.hf import HFBackbone
+        from lightning_score.models.backbones.open_clip import OpenCLIPBackbone
 
         options = self.check_options(options)
         timm = require("timm", extra="timm")
@@ -178,7 +179,10 @@ class TimmBackbone(Backbone):
                     f"backbone_options.text {sorted(text)}: give model_name, and optionally backbone (open_clip or "
                     "hf), pretrained and backbone_options."
                 )
-            parts = get_backbone(text.get("backbone", "open_clip")).build(
+            texts: dict[str, type[Backbone]] = {"open_clip": OpenCLIPBackbone, "hf": HFBackbone}
+            if text.get("backbone", "open_clip") not in texts:
+                raise ValueError(f"backbone_options.text.backbone: use one of {sorted(texts)} (a CLIP's text tower).")
+            parts = texts[text.get("backbone", "open_clip")]().build(
                 text["model_name"], text.get("pretrained"), text.get("backbone_options") or {}
             )
             model, tokenizer = TimmCLIP(visual, parts.model), parts.tokenizer
