@@ -103,6 +103,8 @@ class CLIPExpert(CLIPClassifier):
         self._compiled = False
         self.lora = lora_settings
         self.image_encoder.requires_grad_(True)
+        for name in self.backbone.fixed_parameters(self.image_encoder):  # timm's zero head bias: not CLIP's
+            self.image_encoder.get_parameter(name).requires_grad_(False)
         if lora_settings is not None:
             add_lora(self.image_encoder, lora_settings)  # only the adapters train
         if gradient_checkpointing:

@@ -56,12 +56,22 @@ def to_matrices(task_vectors: Sequence[TaskVector], convention: str, qkv: str) -
     return [TaskVector(to_matrix_convention(tv, convention, qkv=qkv), tv.metadata) for tv in task_vectors]
 
 
-def from_matrices(merged: TaskVector, convention: str, qkv: str) -> TaskVector:
-    """The merged task vector back in the backbone's own convention, its ``alpha_exempt_keys`` renamed too."""
+def from_matrices(merged: TaskVector, convention: str, qkv: str, inputs: Sequence[TaskVector] = ()) -> TaskVector:
+    """The merged task vector back in the backbone's own convention, its ``alpha_exempt_keys`` renamed too.
+
+    ``inputs``: the task vectors as read (before :func:`to_matrices`); the merge's record of its inputs names their
+    files, which the rewritten ones do not have.
+    """
     if _identity(convention, qkv):
         return merged
     metadata = dict(merged.metadata)
     record = dict(metadata.get("merge") or {})
+    if inputs and len(record.get("inputs") or []) == len(inputs):
+        record["inputs"] = [
+            {**entry, "path": entry.get("path") or (str(tv.path) if tv.path else None)}
+            for entry, tv in zip(record["inputs"], inputs, strict=True)
+        ]
+        metadata["merge"] = record
     if record.get("alpha_exempt_keys"):  # names only: one q/k/v-shaped placeholder per key goes the same way
         placeholders = {key: torch.zeros(3, 1) for key in record["alpha_exempt_keys"]}
         record["alpha_exempt_keys"] = sorted(from_matrix_convention(placeholders, convention, qkv=qkv))

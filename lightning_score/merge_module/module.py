@@ -239,8 +239,8 @@ class MergeModule(CLIPClassifier):
         """
         if self.resolved_method is None:
             raise ValueError(f"merge applies to mode='merge', not mode='{self.mode}'.")
-        convention = self.backbone.convention
-        task_vectors = to_matrices(self._inputs().task_vectors, convention, self.qkv)
+        convention, read = self.backbone.convention, self._inputs().task_vectors
+        task_vectors = to_matrices(read, convention, self.qkv)
         device = self._compute_device()
         strategy = self._trainer.strategy if self._trainer is not None else None
         with Measure(device) as measure:
@@ -253,7 +253,7 @@ class MergeModule(CLIPClassifier):
                 self.collect_statistics,
                 factors=self.factors,
             )
-        merged = from_matrices(merged, convention, self.qkv)
+        merged = from_matrices(merged, convention, self.qkv, read)
         self.merge_seconds, self.merge_peak_bytes = measure.seconds, measure.peak_bytes
         self._merge_record = merged.metadata.get("merge", {})
         statistics = (self.resolved_method.statistics, self.proxy_images)

@@ -66,6 +66,10 @@ class Backbone(ABC):
     def block_types(self) -> tuple[type[nn.Module], ...]:
         """The image tower's residual blocks: what FSDP shards (FSDP2) or wraps (FSDP1) one by one."""
 
+    def fixed_parameters(self, visual: nn.Module) -> tuple[str, ...]:
+        """The image encoder's parameters that fine-tuning leaves at their pre-trained values (none by default)."""
+        return ()
+
     @abstractmethod
     def library_model(self, model: nn.Module) -> nn.Module:
         """The library's own model object holding ``model``'s weights (what :func:`~.export.export_model` takes)."""

@@ -199,6 +199,11 @@ class TimmBackbone(Backbone):
 
         return (Block,)
 
+    def fixed_parameters(self, visual: nn.Module) -> tuple[str, ...]:
+        """``head.bias``: CLIP's projection has none, so it stays at zero (the tower stays open_clip's network)."""
+        head = getattr(visual, "head", None)
+        return ("head.bias",) if getattr(head, "bias", None) is not None else ()
+
     def library_model(self, model: nn.Module) -> nn.Module:
         """The timm model (``TimmCLIP.visual``)."""
         return model.visual  # type: ignore[return-value]
