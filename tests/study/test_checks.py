@@ -33,7 +33,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return call
 
     monkeypatch.setattr("lightning_score.study.runner.fit_task_vector", refuse("a fit"))
-    monkeypatch.setattr("lightning_score.study.runner.build_clip", refuse("the base"))
+    monkeypatch.setattr("lightning_score.study.runner.get_backbone", refuse("the base"))
     monkeypatch.setattr("lightning_score.study.runner.evaluate_row", refuse("an evaluation"))
     return started
 
@@ -68,6 +68,9 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         ("--alpha_search=binary", "alpha_search='binary': choose one of ['grid', 'golden']"),
         ("--expert.lr=0", "expert: need lr > 0"),
         ("--root=/no/such/dataset", "/no/such/dataset"),
+        ("--backbone=jax", "Unknown backbone 'jax': use one of ['hf', 'open_clip', 'timm']"),
+        ("--backbone_options={model_args: {}}", "['model_args'] are not options of backbone 'open_clip'"),
+        ("--backbone=hf", "Row 'ESM': ESM merges open_clip experts only, not the 'hf' backbone's"),
     ],
 )
 def test_a_bad_setting_fails_in_one_line_before_any_work(
