@@ -16,8 +16,9 @@ tower exactly as with open_clip (the same templates, the model's own tokenizer a
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ class HFBackbone(Backbone):
             config = transformers.CLIPConfig.from_pretrained(folder)
             clip, label = transformers.CLIPModel(config), "random"
         else:
-            clip = transformers.CLIPModel.from_pretrained(folder)
+            with _quiet_loading(transformers):
+                clip = transformers.CLIPModel.from_pretrained(folder)
         model = HFCLIP(clip.eval())
         context = clip.config.text_config.max_position_embeddings
         size, mean, std = _image_settings(folder, clip.config.vision_config.image_size)
@@ -156,6 +158,19 @@ class HFBackbone(Backbone):
     def library_model(self, model: nn.Module) -> nn.Module:
         """The ``CLIPModel`` (``HFCLIP.library_model``)."""
         return model.library_model  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _quiet_loading(transformers: Any) -> Iterator[None]:
+    """No "Loading weights" bar on each read (a study reads the base for every merge); the setting restored after."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _check_folder(folder: str) -> None:
