@@ -26,6 +26,7 @@ from lightning_score.models.hf_copy import save_hf_copy
 from lightning_score.models.tower_configs import timm_vit_kwargs
 from lightning_score.task_vector import state_dict_fingerprint
 from tests.experts import MODEL, QUIET, digits
+from tests.processes import in_fresh_process, run_script
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -217,3 +218,34 @@ def test_a_timm_head_file_gives_the_text_tower_s_head(
     options["head"] = str(tmp_path / "nothing.safetensors")
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         MergeModule(**{**bases["timm"], "backbone_options": options}, mode="zeroshot")
+
+
+@pytest.mark.ddp
+def test_fsdp2_shards_each_library_s_blocks_and_tests_as_one_process(
+    bases: dict[str, dict],
+    expert_task_vectors: dict[str, Path],
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """2 gloo CPU processes, the real ModelParallelStrategy (not GPUs, not NCCL); the experts of rot0 and rot60."""
+    from tests.merge_module.sharded_backbones import single_process
+    from tests.merge_module.test_sharded import _in_order
+
+    runs = {}
+    for backbone in ("hf", "timm"):
+        fingerprint = state_dict_fingerprint(_encoder_state(bases[backbone]))
+        paths = []
+        for domain in ("rot0", "rot60"):  # sharded_merge.datamodule's sources
+            tv = TaskVector.load(expert_task_vectors[domain])
+            tensors = convert_state_dict(dict(tv.items()), "open_clip", backbone)
+            meta = {**tv.metadata, "base_fingerprint": fingerprint}
+            paths.append(str(TaskVector(tensors, meta).save(tmp_path / f"{backbone}-{domain}.safetensors")))
+        runs[backbone] = {"base": bases[backbone], "task_vectors": paths}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    run_script(Path(__file__).parent / "sharded_backbones.py", str(tmp_path), str(tmp_path / "runs.json"), timeout=420)
+    for backbone, run in runs.items():
+        ranks = [torch.load(tmp_path / f"{backbone}-rank{rank}.pt") for rank in (0, 1)]
+        assert all(rank["sharded"] for rank in ranks), backbone  # each rank held a shard while the test ran
+        reference = in_fresh_process(single_process, run)
+        logits = _in_order([rank["logits"] for rank in ranks], len(reference))
+        torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
