@@ -108,7 +108,7 @@ class CLIPExpert(CLIPClassifier):
         if lora_settings is not None:
             add_lora(self.image_encoder, lora_settings)  # only the adapters train
         if gradient_checkpointing:
-            self.image_encoder.set_grad_checkpointing(True)
+            self.backbone.set_grad_checkpointing(self.clip)
 
     @override
     def configure_model(self) -> None:

@@ -105,3 +105,27 @@ def test_the_matrix_convention_round_trips_and_renames_the_keys_exempt_from_alph
     same = [TaskVector({"conv1.weight": torch.ones(2, 2)})]
     assert to_matrices(same, "open_clip", "fused")[0] is same[0]  # open_clip, fused: the inputs as they are
     assert set(from_matrix_convention({"pos_embed": torch.zeros(3, 2)}, "timm")) == {"pos_embed"}
+
+
+@pytest.mark.parametrize("backbone", ["open_clip", "hf", "timm"])
+def test_gradient_checkpointing_recomputes_each_library_s_tower_to_the_same_gradients(
+    backbone: str, quick_builtin: str
+) -> None:
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+    grads = []
+    for checkpointing in (False, True):
+        expert = CLIPExpert(quick_builtin, "builtin:digits", backbone=backbone, classnames=[str(i) for i in range(10)],
+                            gradient_checkpointing=checkpointing, head_cache=False).train()  # fmt: skip
+        torch.nn.functional.cross_entropy(expert(images), labels).backward()
+        grads.append({k: p.grad for k, p in expert.image_encoder.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and grads[0]
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=1e-5, atol=1e-7)
+    if backbone == "hf":
+        assert expert.clip.library_model.is_gradient_checkpointing
+    else:
+        assert (
+            getattr(expert.image_encoder, "grad_checkpointing", None)
+            or expert.image_encoder.transformer.grad_checkpointing
+        )

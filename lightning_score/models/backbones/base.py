@@ -66,6 +66,10 @@ class Backbone(ABC):
     def block_types(self) -> tuple[type[nn.Module], ...]:
         """The image tower's residual blocks: what FSDP shards (FSDP2) or wraps (FSDP1) one by one."""
 
+    def set_grad_checkpointing(self, model: nn.Module) -> None:
+        """Recompute the image encoder's activations in backward (open_clip's and timm's towers have this method)."""
+        model.visual.set_grad_checkpointing(True)
+
     def fixed_parameters(self, visual: nn.Module) -> tuple[str, ...]:
         """The image encoder's parameters that fine-tuning leaves at their pre-trained values (none by default)."""
         return ()

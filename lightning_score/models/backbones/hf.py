@@ -63,19 +63,10 @@ class HFImageTower(nn.Module):
         super().__init__()
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
-        self.__dict__["_clip"] = clip  # not a submodule: its weights are registered once, through the halves
 
     def forward(self, images: Tensor) -> Tensor:
         """Image features ``[N, projection_dim]`` (``CLIPModel.get_image_features``)."""
         return self.visual_projection(self.vision_model(pixel_values=images).pooler_output)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Transformers' gradient checkpointing of the encoder layers (non-reentrant)."""
-        clip = self.__dict__["_clip"]
-        if enable:
-            clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            clip.gradient_checkpointing_disable()
 
 
 class HFCLIP(nn.Module):
@@ -154,6 +145,11 @@ class HFBackbone(Backbone):
         from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
         return (CLIPEncoderLayer,)
+
+    def set_grad_checkpointing(self, model: nn.Module) -> None:
+        """The ``CLIPModel``'s own gradient checkpointing (transformers', non-reentrant)."""
+        clip = self.library_model(model)
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def library_model(self, model: nn.Module) -> nn.Module:
         """The ``CLIPModel`` (``HFCLIP.library_model``)."""
