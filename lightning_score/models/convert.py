@@ -42,9 +42,12 @@ __all__ = [
     "BACKBONES",
     "KeyConvention",
     "KeyRule",
+    "affine_rules",
     "convert_state_dict",
     "get_convention",
     "key_pattern",
+    "qkv_split_rule",
+    "transposed_rule",
 ]
 
 Split = Callable[[Tensor], tuple[Tensor, ...]]
@@ -93,7 +96,7 @@ class KeyConvention:
     as_matrix: tuple[tuple[str, Reshape, Reshape], ...] = ()
 
 
-def _affine(open_clip: str, backbone: str) -> tuple[KeyRule, ...]:
+def affine_rules(open_clip: str, backbone: str) -> tuple[KeyRule, ...]:
     """A layer's ``weight`` and ``bias`` under another name."""
     return tuple(KeyRule(f"{open_clip}.{p}", (f"{backbone}.{p}",)) for p in ("weight", "bias"))
 
@@ -102,7 +105,8 @@ def _transpose(tensor: Tensor) -> Tensor:
     return tensor.mT.contiguous()
 
 
-def _transposed(open_clip: str, backbone: str) -> KeyRule:
+def transposed_rule(open_clip: str, backbone: str) -> KeyRule:
+    """A matrix the backbone stores transposed (transformers' projection is open_clip's ``proj``ᵀ)."""
     return KeyRule(open_clip, (backbone,), lambda t: (_transpose(t),), lambda ts: _transpose(ts[0]))
 
 
@@ -111,7 +115,7 @@ def _qkv(fused: str, split: str) -> tuple[tuple[str, str], ...]:
     return tuple((fused.format(i="{i}", p="{p}", w=w), split.format(i="{i}", p="{p}", w=w)) for w in ("weight", "bias"))
 
 
-def _qkv_split(open_clip: str, backbone: str) -> KeyRule:
+def qkv_split_rule(open_clip: str, backbone: str) -> KeyRule:
     """A fused [3d, ...] q/k/v tensor as three keys (``backbone`` has a ``{p}`` for ``q``, ``k``, ``v``)."""
     return KeyRule(
         open_clip,
@@ -141,16 +145,16 @@ HF = KeyConvention(
         KeyRule("class_embedding", ("vision_model.embeddings.class_embedding",)),
         KeyRule("positional_embedding", ("vision_model.embeddings.position_embedding.weight",)),
         KeyRule("conv1.weight", ("vision_model.embeddings.patch_embedding.weight",)),
-        *_affine("ln_pre", "vision_model.pre_layrnorm"),
-        *_affine(f"{_OC}.ln_1", f"{_HF}.layer_norm1"),
-        _qkv_split(f"{_OC}.attn.in_proj_weight", f"{_HF}.self_attn.{{p}}_proj.weight"),
-        _qkv_split(f"{_OC}.attn.in_proj_bias", f"{_HF}.self_attn.{{p}}_proj.bias"),
-        *_affine(f"{_OC}.attn.out_proj", f"{_HF}.self_attn.out_proj"),
-        *_affine(f"{_OC}.ln_2", f"{_HF}.layer_norm2"),
-        *_affine(f"{_OC}.mlp.c_fc", f"{_HF}.mlp.fc1"),
-        *_affine(f"{_OC}.mlp.c_proj", f"{_HF}.mlp.fc2"),
-        *_affine("ln_post", "vision_model.post_layernorm"),
-        _transposed("proj", "visual_projection.weight"),
+        *affine_rules("ln_pre", "vision_model.pre_layrnorm"),
+        *affine_rules(f"{_OC}.ln_1", f"{_HF}.layer_norm1"),
+        qkv_split_rule(f"{_OC}.attn.in_proj_weight", f"{_HF}.self_attn.{{p}}_proj.weight"),
+        qkv_split_rule(f"{_OC}.attn.in_proj_bias", f"{_HF}.self_attn.{{p}}_proj.bias"),
+        *affine_rules(f"{_OC}.attn.out_proj", f"{_HF}.self_attn.out_proj"),
+        *affine_rules(f"{_OC}.ln_2", f"{_HF}.layer_norm2"),
+        *affine_rules(f"{_OC}.mlp.c_fc", f"{_HF}.mlp.fc1"),
+        *affine_rules(f"{_OC}.mlp.c_proj", f"{_HF}.mlp.fc2"),
+        *affine_rules("ln_post", "vision_model.post_layernorm"),
+        transposed_rule("proj", "visual_projection.weight"),
     ),
     ignored=("vision_model.embeddings.position_ids",),
     qkv=_qkv(f"{_HF}.self_attn.qkv_proj.{{w}}", f"{_HF}.self_attn.{{p}}_proj.{{w}}"),
@@ -164,15 +168,15 @@ TIMM = KeyConvention(
         KeyRule("class_embedding", ("cls_token",), lambda t: (t.reshape(1, 1, -1),), lambda ts: ts[0].reshape(-1)),
         KeyRule("positional_embedding", ("pos_embed",), lambda t: (t.unsqueeze(0),), lambda ts: ts[0].squeeze(0)),
         KeyRule("conv1.weight", ("patch_embed.proj.weight",)),
-        *_affine("ln_pre", "norm_pre"),
-        *_affine(f"{_OC}.ln_1", f"{_TIMM}.norm1"),
+        *affine_rules("ln_pre", "norm_pre"),
+        *affine_rules(f"{_OC}.ln_1", f"{_TIMM}.norm1"),
         KeyRule(f"{_OC}.attn.in_proj_weight", (f"{_TIMM}.attn.qkv.weight",)),
         KeyRule(f"{_OC}.attn.in_proj_bias", (f"{_TIMM}.attn.qkv.bias",)),
-        *_affine(f"{_OC}.attn.out_proj", f"{_TIMM}.attn.proj"),
-        *_affine(f"{_OC}.ln_2", f"{_TIMM}.norm2"),
-        *_affine(f"{_OC}.mlp.c_fc", f"{_TIMM}.mlp.fc1"),
-        *_affine(f"{_OC}.mlp.c_proj", f"{_TIMM}.mlp.fc2"),
-        *_affine("ln_post", "norm"),
+        *affine_rules(f"{_OC}.attn.out_proj", f"{_TIMM}.attn.proj"),
+        *affine_rules(f"{_OC}.ln_2", f"{_TIMM}.norm2"),
+        *affine_rules(f"{_OC}.mlp.c_fc", f"{_TIMM}.mlp.fc1"),
+        *affine_rules(f"{_OC}.mlp.c_proj", f"{_TIMM}.mlp.fc2"),
+        *affine_rules("ln_post", "norm"),
         KeyRule(
             "proj",
             ("head.weight", "head.bias"),

@@ -23,12 +23,9 @@ temporary name beside the target and renamed: an interrupted or failed export le
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +41,7 @@ from lightning_score.models.model_card import card_record, write_card
 from lightning_score.models.zero_shot import ZeroShotHead
 from lightning_score.task_vector import TaskVector
 from lightning_score.utilities.extras import require
-from lightning_score.utilities.files import atomic_write, atomic_write_text, ensure_writable, ordinary_mode
+from lightning_score.utilities.files import atomic_write, atomic_write_text, publish_folder
 from lightning_score.utilities.tensor_files import state_dict_fingerprint
 
 __all__ = ["HEAD_FILE", "HEAD_FORMAT", "backbone_of", "export_model"]
@@ -208,47 +205,6 @@ def _check_against(tv: TaskVector, tower: Mapping[str, Tensor], fingerprint: str
         )
 
 
-def _publish(target: Path, build: Callable[[Path], None], overwrite: bool) -> None:
-    """Build the folder under a temporary name beside ``target``, then rename it to ``target``.
-
-    An existing non-empty ``target`` is refused unless ``overwrite``; then it is replaced only once the new folder
-    is complete (until then, and if the build fails, it stays as it was). Parent folders this call creates are
-    removed again if the build fails.
-    """
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"The export folder '{target}' is a file: choose a folder path.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"The export folder '{target}' exists and is not empty: pass overwrite=True to replace it, or export to "
-            "a new folder."
-        )
-    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
-    ensure_writable(target.parent if target.is_dir() else target, what="The export folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    aside: Path | None = None
-    try:
-        build(tmp)
-        os.chmod(tmp, ordinary_mode(directory=True))
-        if target.is_dir() and any(target.iterdir()):  # overwrite: set the old one aside, not deleted yet
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, aside)
-        elif target.is_dir():
-            target.rmdir()
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None and not target.exists():
-            os.replace(aside, target)
-            aside = None
-        for folder in created:
-            with contextlib.suppress(OSError):  # another process wrote there: kept
-                folder.rmdir()
-        raise
-    finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-
-
 def export_model(
     base: nn.Module,
     task_vector: TaskVector,
@@ -346,5 +302,5 @@ def export_model(
         }
         write_card(folder, card_record(card, merge, recorded))
 
-    _publish(target, build, overwrite)
+    publish_folder(target, build, overwrite=overwrite, what="The export folder")
     return target

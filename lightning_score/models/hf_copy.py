@@ -46,11 +46,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_score.models.convert import KeyRule, _affine, _qkv_split, _transposed, convert_state_dict, key_pattern
-from lightning_score.models.export import _publish  # the exports' one folder-publishing routine
+from lightning_score.models.convert import (
+    KeyRule,
+    affine_rules,
+    convert_state_dict,
+    key_pattern,
+    qkv_split_rule,
+    transposed_rule,
+)
 from lightning_score.models.tower_configs import hf_vision_config
 from lightning_score.utilities.extras import require
-from lightning_score.utilities.files import atomic_write, atomic_write_text
+from lightning_score.utilities.files import atomic_write, atomic_write_text, publish_folder
 
 __all__ = [
     "TEXT_RULES",
@@ -69,15 +75,15 @@ _HF = "text_model.encoder.layers.{i}"
 TEXT_RULES: tuple[KeyRule, ...] = (
     KeyRule("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
     KeyRule("positional_embedding", ("text_model.embeddings.position_embedding.weight",)),
-    *_affine(f"{_OC}.ln_1", f"{_HF}.layer_norm1"),
-    _qkv_split(f"{_OC}.attn.in_proj_weight", f"{_HF}.self_attn.{{p}}_proj.weight"),
-    _qkv_split(f"{_OC}.attn.in_proj_bias", f"{_HF}.self_attn.{{p}}_proj.bias"),
-    *_affine(f"{_OC}.attn.out_proj", f"{_HF}.self_attn.out_proj"),
-    *_affine(f"{_OC}.ln_2", f"{_HF}.layer_norm2"),
-    *_affine(f"{_OC}.mlp.c_fc", f"{_HF}.mlp.fc1"),
-    *_affine(f"{_OC}.mlp.c_proj", f"{_HF}.mlp.fc2"),
-    *_affine("ln_final", "text_model.final_layer_norm"),
-    _transposed("text_projection", "text_projection.weight"),
+    *affine_rules(f"{_OC}.ln_1", f"{_HF}.layer_norm1"),
+    qkv_split_rule(f"{_OC}.attn.in_proj_weight", f"{_HF}.self_attn.{{p}}_proj.weight"),
+    qkv_split_rule(f"{_OC}.attn.in_proj_bias", f"{_HF}.self_attn.{{p}}_proj.bias"),
+    *affine_rules(f"{_OC}.attn.out_proj", f"{_HF}.self_attn.out_proj"),
+    *affine_rules(f"{_OC}.ln_2", f"{_HF}.layer_norm2"),
+    *affine_rules(f"{_OC}.mlp.c_fc", f"{_HF}.mlp.fc1"),
+    *affine_rules(f"{_OC}.mlp.c_proj", f"{_HF}.mlp.fc2"),
+    *affine_rules("ln_final", "text_model.final_layer_norm"),
+    transposed_rule("text_projection", "text_projection.weight"),
     KeyRule("logit_scale", ("logit_scale",), lambda t: (t.reshape(()),), lambda ts: ts[0]),
 )
 """The open_clip ``CLIP`` text keys (and ``logit_scale``) and their ``CLIPModel`` keys."""
@@ -396,5 +402,5 @@ def save_hf_copy(model: nn.Module, folder: str | Path, *, tokenizer: Any = None,
         record = {"image_processor_type": "CLIPImageProcessor", **processor}
         atomic_write_text(tmp / "preprocessor_config.json", json.dumps(record, indent=2) + "\n")
 
-    _publish(Path(folder), build, overwrite)
+    publish_folder(Path(folder), build, overwrite=overwrite, what="The transformers copy's folder")
     return Path(folder)

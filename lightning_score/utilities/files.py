@@ -44,6 +44,7 @@ __all__ = [
     "ensure_writable",
     "lock_holder",
     "ordinary_mode",
+    "publish_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,47 @@ def atomic_publish_dir(path: Path, build: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def publish_folder(target: Path, build: Callable[[Path], None], *, overwrite: bool, what: str = "The folder") -> None:
+    """Build a folder under a temporary name beside ``target``, then rename it to ``target`` (an export, a copy).
+
+    ``what`` names the folder in errors ("The export folder"). An existing non-empty ``target`` is refused unless
+    ``overwrite``; then it is replaced only once the new folder
+    is complete (until then, and if the build fails, it stays as it was). Parent folders this call creates are
+    removed again if the build fails.
+    """
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{what} '{target}' is a file: choose a folder path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{what} '{target}' exists and is not empty: pass overwrite=True to replace it, or choose a new folder."
+        )
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
+    ensure_writable(target.parent if target.is_dir() else target, what=what)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    aside: Path | None = None
+    try:
+        build(tmp)
+        os.chmod(tmp, ordinary_mode(directory=True))
+        if target.is_dir() and any(target.iterdir()):  # overwrite: set the old one aside, not deleted yet
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, aside)
+        elif target.is_dir():
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and not target.exists():
+            os.replace(aside, target)
+            aside = None
+        for folder in created:
+            with contextlib.suppress(OSError):  # another process wrote there: kept
+                folder.rmdir()
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
