@@ -18,9 +18,10 @@ See ``docs/strategies.md`` for the table and the tests behind each row.
 
 The full weights in and out of a module sharded by FSDP (``FSDPStrategy``) or FSDP2 (``ModelParallelStrategy``):
 no process holds the whole module once the strategy has wrapped it (FSDP1 keeps flat shards inside
-``FullyShardedDataParallel`` units, FSDP2 keeps each parameter as a ``DTensor``). The train-then-merge layer
-needs the full weights twice (θ₀ when fitting starts, θ_T when it ends) and loads full weights back (the merge,
-for testing):
+``FullyShardedDataParallel`` units, FSDP2 and a tensor-parallel plan of ``ModelParallelStrategy`` keep each
+parameter as a ``DTensor``, sharded by row or by column, or replicated, over the device mesh). The
+train-then-merge layer needs the full weights twice (θ₀ when fitting starts, θ_T when it ends) and loads full
+weights back (the merge, for testing):
 
 * :func:`gather_full_state`: ``torch.distributed.checkpoint``'s ``get_model_state_dict(full_state_dict=True,
   cpu_offload=True)``, a collective that every rank of the Trainer must enter; rank zero receives the full

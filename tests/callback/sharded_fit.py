@@ -1,14 +1,20 @@
-"""Run by tests: ScoreMergeCallback under FSDP1 and FSDP2 on 2 CPU processes (gloo), through Lightning's launcher.
+"""Run by tests: ScoreMergeCallback under FSDP1, FSDP2 and a tensor-parallel plan on 2 CPU processes (gloo).
 
 Usage: python sharded_fit.py fits OUTPUT_DIR | error KIND OUTPUT_DIR | expert OUTPUT_DIR MODEL_NAME BASE_WEIGHTS
 
 * ``fits``: one pair of processes runs, one Trainer after another (the process group is kept): a DDP fit (the
   reference), FSDP1 (``use_orig_params=True``, with ``merge_with`` and a test of the merge), FSDP1 with flat
   parameters and activation checkpointing (and once more with a merge, whose test is refused:
-  ``flat_merge/test_refused-rank<r>.txt``), FSDP2 (with ``merge_with`` and a test), and an FSDP1 and an FSDP2 fit stopped at step 2 and resumed from their
-  sharded checkpoints. Each fit writes ``<name>/<name>.safetensors``;
-  rank zero saves what the module held during each test and after it (``<name>/during_test.pt``, ``after_test.pt``)
-  and the weights each fit ended with (``<name>/finetuned.pt``), all gathered.
+  ``flat_merge/test_refused-rank<r>.txt``), FSDP2 (with ``merge_with`` and a test), a tensor-parallel plan
+  (``tp``: ``ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)``, with ``merge_with`` and a test;
+  both ranks see every batch, so its batches are twice DDP's: the same samples per step), ``torch.compile`` after
+  sharding (``fsdp2_compiled``: in place, as CLIPExpert; ``fsdp2_wrapped``: ``torch.compile(module)``, whose keys
+  gain ``_orig_mod.``; ``fsdp_compiled``: FSDP1, in place), and an FSDP1, an FSDP2 and a tensor-parallel fit
+  stopped at step 2 and resumed from their sharded checkpoints. Each fit writes ``<name>/<name>.safetensors``;
+  rank zero saves what the module held during each test and after it (``<name>/during_test.pt``, ``after_test.pt``),
+  the weights each fit ended with (``<name>/finetuned.pt``), all gathered, and for a compiled fit how many graphs
+  dynamo compiled and the parameters' names (``<name>/compiled.pt``). The compiled fits use inductor, the default
+  backend (it needs a C++ compiler; ~30 s the first time on 2 loaded CPU cores, then its cache).
 * ``expert``: a CLIPExpert fitted 2 steps under DDP, FSDP1 and FSDP2, with nothing but the strategy changed
   (CLIPExpert shards itself per residual block); each writes ``<kind>/<kind>.safetensors`` and, on rank zero, how
   many FSDP units its image encoder had (``<kind>/units.pt``).
@@ -24,13 +30,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_score import ScoreMergeCallback, TaskVector
 from lightning_score.utilities.strategies import gather_full_state, sharding_root
 from tests.modules import QUIET, data
-from tests.sharding import CPUFSDPStrategy, ShardedRegressor, model_parallel, strategy
+from tests.sharding import CPUFSDPStrategy, ShardedRegressor, TensorParallelRegressor, model_parallel, strategy
 
 STEPS = 4
 
@@ -53,23 +60,33 @@ class Spy(pl.Callback):
 
 
 def fit(out: Path, name: str, kind: str, steps: int = STEPS, merge_with: list[Path] | None = None,
-        ckpt_path: Path | None = None, test: bool = False, save: bool = False, **strategy_options: object) -> pl.Trainer:  # fmt: skip
+        ckpt_path: Path | None = None, test: bool = False, save: bool = False, compile: str | None = None,
+        backend: str = "aot_eager", **strategy_options: object) -> pl.Trainer:  # fmt: skip
     folder = out / name
     folder.mkdir(exist_ok=True)
     callback = ScoreMergeCallback(dirpath=folder, name=name, merge_with=merge_with, method="average")
     checkpoints = (
         [ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=2, save_top_k=-1)] if save else []
     )
-    model = ShardedRegressor(encoder_attr=name != "fsdp_flat")  # image_encoder (prefix "head"), or the whole module
+    # image_encoder (prefix "head"), or the whole module; under "tp" every rank sees every batch: twice as large
+    make = TensorParallelRegressor if kind == "tp" else ShardedRegressor
+    model = make(encoder_attr=name != "fsdp_flat", compile=compile, backend=backend)
+    batch_size = 32 if kind == "tp" else 16
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy(kind, **strategy_options), max_steps=steps,
                          callbacks=[callback, *checkpoints, Spy(folder)], default_root_dir=folder,
                          **{**QUIET, "enable_checkpointing": save})  # fmt: skip
-    trainer.fit(model, data(), ckpt_path=ckpt_path)
+    if compile is not None:
+        torch._dynamo.reset()  # compiled afresh, not from an earlier fit's cache: the graphs are counted
+    graphs = counters["stats"]["unique_graphs"]
+    trainer.fit(model, data(batch_size=batch_size), ckpt_path=ckpt_path)
     final = gathered(trainer, model)
     if trainer.is_global_zero:
         torch.save(final, folder / "finetuned.pt")
+        if compile is not None:  # the graphs dynamo made, and the parameters' names (no collective, unlike state_dict)
+            names = [name for name, _ in model.named_parameters() if name.startswith("head.")]
+            torch.save({"graphs": counters["stats"]["unique_graphs"] - graphs, "names": names}, folder / "compiled.pt")
     if test:
-        trainer.test(model, data(), verbose=False)
+        trainer.test(model, data(batch_size=batch_size), verbose=False)
         after = gathered(trainer, model)
         if trainer.is_global_zero:
             torch.save(after, folder / "after_test.pt")
@@ -87,7 +104,11 @@ def fits(out: Path) -> None:
         rank = torch.distributed.get_rank()
         (out / "flat_merge" / f"test_refused-rank{rank}.txt").write_text(str(refusal))
     fit(out, "fsdp2", "fsdp2", merge_with=reference, test=True)
-    for kind, options in (("fsdp", {"state_dict_type": "sharded"}), ("fsdp2", {})):  # sharded checkpoints
+    fit(out, "tp", "tp", merge_with=reference, test=True)
+    for name, kind, mode in (("fsdp2_compiled", "fsdp2", "in_place"), ("fsdp2_wrapped", "fsdp2", "wrapped"),
+                             ("fsdp_compiled", "fsdp", "in_place")):  # fmt: skip
+        fit(out, name, kind, compile=mode, backend="inductor")
+    for kind, options in (("fsdp", {"state_dict_type": "sharded"}), ("fsdp2", {}), ("tp", {})):  # sharded checkpoints
         name = f"{kind}_resumed"
         fit(out, name, kind, steps=2, save=True, **options)
         checkpoint = out / name / "checkpoints" / "epoch=0-step=2.ckpt"
@@ -117,7 +138,8 @@ def error(kind: str, out: Path) -> None:
     callbacks = [TakeTheFile(out / "mine.safetensors"), ScoreMergeCallback(dirpath=out, name="mine"), ErrorWriter(out)]
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy(kind), max_steps=2, callbacks=callbacks,
                          default_root_dir=out, **QUIET)  # fmt: skip
-    trainer.fit(ShardedRegressor(encoder_attr=True), data())
+    make = TensorParallelRegressor if kind == "tp" else ShardedRegressor
+    trainer.fit(make(encoder_attr=True), data())
 
 
 class Units(pl.Callback):
