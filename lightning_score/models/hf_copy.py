@@ -28,11 +28,9 @@ open_clip ``CLIP``              transformers ``CLIPModel``
 (``B`` is ``transformer.resblocks.{i}``, ``L`` is ``text_model.encoder.layers.{i}``.) Any text tower but open_clip's
 plain one (a Hugging Face text encoder, no causal mask, other pooling, layer scale) is refused by name.
 
-open_clip pools the position of the largest token id (``argmax``: the end-of-text token, the last of the
-vocabulary); transformers pools the first ``eos_token_id``, set to that token: the same position for every
-sequence that holds an end-of-text token, which both tokenizers always write. transformers' CLIP tokenizer does
-not run ``ftfy``/HTML-unescaping as open_clip's does: a prompt with HTML entities or broken Unicode may tokenize
-otherwise (plain prompts do not).
+open_clip pools the largest token id (the end-of-text token), transformers the first ``eos_token_id`` (that
+token): the same position whenever a sequence holds one, as both tokenizers write. transformers' tokenizer runs no
+``ftfy``/HTML-unescaping: a prompt with HTML entities or broken Unicode may tokenize otherwise.
 """
 
 from __future__ import annotations
@@ -46,14 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_score.models.convert import (
-    KeyRule,
-    affine_rules,
-    convert_state_dict,
-    key_pattern,
-    qkv_split_rule,
-    transposed_rule,
-)
+import lightning_score.models.convert as convert
+from lightning_score.models.convert import KeyRule, affine_rules, convert_state_dict, key_pattern
 from lightning_score.models.tower_configs import hf_vision_config
 from lightning_score.utilities.extras import require
 from lightning_score.utilities.files import atomic_write, atomic_write_text, publish_folder
@@ -76,14 +68,14 @@ TEXT_RULES: tuple[KeyRule, ...] = (
     KeyRule("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)),
     KeyRule("positional_embedding", ("text_model.embeddings.position_embedding.weight",)),
     *affine_rules(f"{_OC}.ln_1", f"{_HF}.layer_norm1"),
-    qkv_split_rule(f"{_OC}.attn.in_proj_weight", f"{_HF}.self_attn.{{p}}_proj.weight"),
-    qkv_split_rule(f"{_OC}.attn.in_proj_bias", f"{_HF}.self_attn.{{p}}_proj.bias"),
+    convert.qkv_split_rule(f"{_OC}.attn.in_proj_weight", f"{_HF}.self_attn.{{p}}_proj.weight"),
+    convert.qkv_split_rule(f"{_OC}.attn.in_proj_bias", f"{_HF}.self_attn.{{p}}_proj.bias"),
     *affine_rules(f"{_OC}.attn.out_proj", f"{_HF}.self_attn.out_proj"),
     *affine_rules(f"{_OC}.ln_2", f"{_HF}.layer_norm2"),
     *affine_rules(f"{_OC}.mlp.c_fc", f"{_HF}.mlp.fc1"),
     *affine_rules(f"{_OC}.mlp.c_proj", f"{_HF}.mlp.fc2"),
     *affine_rules("ln_final", "text_model.final_layer_norm"),
-    transposed_rule("text_projection", "text_projection.weight"),
+    convert.transposed_rule("text_projection", "text_projection.weight"),
     KeyRule("logit_scale", ("logit_scale",), lambda t: (t.reshape(()),), lambda ts: ts[0]),
 )
 """The open_clip ``CLIP`` text keys (and ``logit_scale``) and their ``CLIPModel`` keys."""

@@ -80,12 +80,12 @@ def run_study(
         pretrained: Its weights: an open_clip tag such as ``openai``, a local weights file, ``builtin:digits``
             (the offline base) or null (random weights); ``auto``: ``openai`` (the paper's) on real data,
             ``builtin:digits`` on the built-in benchmark.
+        templates: Prompt-template set of the zero-shot head; ``auto``: the dataset's own (the SCORE authors' set
+            of a preset's dataset, ``digits`` for the built-in benchmark; see :mod:`.dataset`).
         backbone: The library of the model: ``open_clip`` (the default), ``hf`` (transformers' ``CLIPModel``:
             ``model_name`` a ``save_pretrained`` folder or hub id) or ``timm`` (see ``docs/your-own-clip.md``);
             ``builtin:digits`` gives each library a copy of the offline base.
         backbone_options: The backbone's own settings (timm: ``model_args``, ``text``, ``head``).
-        templates: Prompt-template set of the zero-shot head; ``auto``: the dataset's own (the SCORE authors' set
-            of a preset's dataset, ``digits`` for the built-in benchmark; see :mod:`.dataset`).
         root: The data (any layout ``DomainDataModule`` reads) or ``builtin:digits``.
         dataset: The dataset preset (``pacs``, ``office_home``, ``fed_isic2019``... see
             ``lightning_score.data.presets``) whose protocol fills every ``auto`` or unset setting: the split,

@@ -169,8 +169,8 @@ class StudyConfig:
         output_dir: The study folder.
         model_name: open_clip architecture, or ``auto``.
         pretrained: Its weights (a tag, a file, ``builtin:digits``, ``None``: random), or ``auto``.
-        backbone: The model's library (``open_clip``, ``hf``, ``timm``); backbone_options: its own settings.
         templates: The zero-shot head's template set, or ``auto``.
+        backbone: The model's library (``open_clip``, ``hf``, ``timm``); backbone_options: its own settings.
         root: The data, or ``builtin:digits``.
         dataset: The dataset preset, ``auto`` or ``none``.
         domains: The study's domains (``None``: every domain of ``root``).
@@ -198,9 +198,9 @@ class StudyConfig:
     output_dir: str = "runs/digits-study"
     model_name: str = "auto"
     pretrained: str | None = "auto"
+    templates: str = "auto"
     backbone: str = "open_clip"
     backbone_options: Mapping[str, Any] | None = None
-    templates: str = "auto"
     root: str = "builtin:digits"
     dataset: str = "auto"
     domains: Sequence[str] | None = None
