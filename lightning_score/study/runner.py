@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lightning_score.data import DomainDataModule
+from lightning_score.data.builtin import builtin_name
 from lightning_score.merging import FactorCache
 from lightning_score.models.backbones import get_backbone
 from lightning_score.study.checks import check_study
@@ -72,6 +73,11 @@ class Study:
         self.console = Console(stderr=False)
         #: Not on a terminal (a log file, a SLURM job's output): progress lines instead of the bar.
         self.progress_lines = not self.console.is_terminal
+        if config.backbone != "open_clip" and config.model_name == "auto" and builtin_name(config.root) is None:
+            raise ValueError(  # auto is open_clip's ViT-B-32 on real data: no name of another library's model
+                f"model_name: auto names open_clip's ViT-B-32; with backbone '{config.backbone}' set model_name to "
+                "your model (a save_pretrained folder or hub id for hf, a timm architecture for timm)."
+            )
         with quiet_lightning():
             choice = resolve_dataset(  # the preset (and the paper's backbone) fill auto/unset values; rows checked
                 config.root, config.dataset, config.templates, config.expert, config.rows,

@@ -94,9 +94,11 @@ def test_bad_domains_and_targets_fail_before_any_work(
         ("--domains=[rot0,rot99]", "domains ['rot99'] are not domains of the data"),
         ("--targets=[rot45]", "targets ['rot45'] are not domains of the data"),
         ("--domains=[rot0]", "needs at least 2 domains"),
+        ("--backbone=hf --model_name=auto", "model_name: auto names open_clip's ViT-B-32; with backbone 'hf' set"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            main(["study", "--config", DIGITS, f"--root={mini_digits}", argument, f"--output_dir={tmp_path}"])
+            arguments = ["study", "--config", DIGITS, f"--root={mini_digits}", *argument.split()]
+            main([*arguments, f"--output_dir={tmp_path}"])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
