@@ -80,6 +80,14 @@ def _inputs():
     return torch.randint(0, 10, (5,), generator=g), torch.randn(5, 3, 6, 6, generator=g)
 
 
+def _adapted_net() -> tuple[nn.Module, nn.Module]:
+    """The base Net (seed 0) and a trained copy with LoRA on every target layer type, ``head`` saved whole."""
+    torch.manual_seed(0)
+    net = Net()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["head"])
+    return net, _trained(peft.get_peft_model(copy.deepcopy(net), config))
+
+
 def _assert_is_merge_and_unload(model: nn.Module, atol: float = 0.0) -> dict[str, torch.Tensor]:
     state = effective_state(model)
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
@@ -90,10 +98,7 @@ def _assert_is_merge_and_unload(model: nn.Module, atol: float = 0.0) -> dict[str
 
 
 def test_every_lora_layer_type_reads_as_merge_and_unloads_weights_under_the_base_models_keys():
-    torch.manual_seed(0)
-    net = Net()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["head"])
-    model = _trained(peft.get_peft_model(copy.deepcopy(net), config))
+    net, model = _adapted_net()
     state = _assert_is_merge_and_unload(model)
     assert sorted(state) == sorted(net.state_dict())  # the keys a full fine-tune of the same net gives
     assert not any("lora_" in key or "base_layer" in key or "modules_to_save" in key for key in state)
@@ -267,10 +272,7 @@ def _assert_factors_are_the_updates(model: nn.Module, base: nn.Module, atol: flo
 
 def test_the_adapted_weights_as_factors_are_their_updates_exactly():
     """Linear, Embedding and MultiheadAttention (out_proj's update counted twice): factors; a conv kernel: dense."""
-    torch.manual_seed(0)
-    net = Net()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["head"])
-    model = _trained(peft.get_peft_model(copy.deepcopy(net), config))
+    net, model = _adapted_net()
     factors = _assert_factors_are_the_updates(model, net)
     assert sorted(factors) == ["attn.in_proj_weight", "attn.out_proj.weight", "emb.weight", "fc1.weight", "fc2.weight"]
     assert factors["emb.weight"].shape == (10, 8) and factors["fc1.weight"].rank == 4
