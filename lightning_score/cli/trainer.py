@@ -15,6 +15,7 @@ from lightning_score.cli.console import results_table
 from lightning_score.cli.outputs import writable_until_done
 from lightning_score.data import DomainDataModule
 from lightning_score.merge_module import MergeModule
+from lightning_score.utilities.files import check_folder_target
 from lightning_score.utilities.ranks import on_rank_zero
 
 __all__ = ["ScoreTrainer"]
@@ -100,11 +101,9 @@ class ScoreTrainer(Trainer):
         folder = Path(export) if export else None if native else root / model.method
         if target is not None and target.suffix != ".safetensors":
             raise ValueError(f"--output must end in .safetensors, got '{target}'.")
-        if folder is not None and folder.is_dir() and any(folder.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"--export folder '{folder}' exists and is not empty: pass --overwrite true to replace it, or "
-                "choose a new folder."
-            )
+        if folder is not None:  # what the export would refuse, refused before the merge
+            fix = "pass --overwrite true to replace it"
+            check_folder_target(folder, overwrite=overwrite, what="--export folder", fix=fix)
         model.merged_output = target  # checked writable in setup, before the merge
         limit = self.limit_test_batches
         if not test:

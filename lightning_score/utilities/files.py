@@ -41,6 +41,7 @@ __all__ = [
     "cache_key",
     "cache_lock",
     "cache_root",
+    "check_folder_target",
     "ensure_writable",
     "lock_holder",
     "ordinary_mode",
@@ -229,20 +230,32 @@ def atomic_publish_dir(path: Path, build: Callable[[Path], None]) -> Path:
     return path
 
 
-def publish_folder(target: Path, build: Callable[[Path], None], *, overwrite: bool, what: str = "The folder") -> None:
-    """Build a folder under a temporary name beside ``target``, then rename it to ``target`` (an export, a copy).
+def check_folder_target(
+    target: Path, *, overwrite: bool, what: str = "The folder", fix: str = "pass overwrite=True to replace it"
+) -> None:
+    """Refuse what :func:`publish_folder` refuses: a file, or (without ``overwrite``) a folder that is not empty.
 
-    ``what`` names the folder in errors ("The export folder"). An existing non-empty ``target`` is refused unless
-    ``overwrite``; then it is replaced only once the new folder
-    is complete (until then, and if the build fails, it stays as it was). Parent folders this call creates are
-    removed again if the build fails.
+    Call it before long work whose result goes there (``lightning-score merge --export``), so that the refusal
+    comes first; ``fix`` says how to replace a non-empty one in the caller's terms.
+
+    Raises:
+        FileExistsError: Naming ``what`` and ``target``.
     """
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{what} '{target}' is a file: choose a folder path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{what} '{target}' exists and is not empty: pass overwrite=True to replace it, or choose a new folder."
-        )
+        raise FileExistsError(f"{what} '{target}' exists and is not empty: {fix}, or choose a new folder.")
+
+
+def publish_folder(target: Path, build: Callable[[Path], None], *, overwrite: bool, what: str = "The folder") -> None:
+    """Build a folder under a temporary name beside ``target``, then rename it to ``target`` (an export, a copy).
+
+    ``what`` names the folder in errors ("The export folder"). A file, or an existing non-empty ``target`` without
+    ``overwrite``, is refused (:func:`check_folder_target`); with ``overwrite`` it is replaced only once the new
+    folder is complete (until then, and if the build fails, it stays as it was). Parent folders this call creates
+    are removed again if the build fails.
+    """
+    check_folder_target(target, overwrite=overwrite, what=what)
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # deepest first
     ensure_writable(target.parent if target.is_dir() else target, what=what)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

@@ -49,3 +49,20 @@ def test_merge_refuses_what_is_not_one_set_of_weights(quick_base: Path, expert_t
         trainer.merge(ensemble)
     with pytest.raises(ValueError, match="--output must end in .safetensors"):
         trainer.merge(_module(quick_base, expert_task_vectors), output="merged.pt")
+
+
+def test_merge_refuses_an_export_target_it_could_not_write_before_merging(
+    quick_base: Path, expert_task_vectors: dict[str, Path], tmp_path: Path
+) -> None:
+    trainer = ScoreTrainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, **QUIET)
+    data = digits(train_domains=["rot0", "rot30"], test_domains=["rot60"])
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept.txt").write_text("an earlier export")
+    for export, message in (("a-file", "is a file: choose a folder path"), ("full", "pass --overwrite true")):
+        module = _module(quick_base, expert_task_vectors)
+        with pytest.raises(FileExistsError, match=f"--export folder '.*{export}' .*{message}"):
+            trainer.merge(module, datamodule=data, export=str(tmp_path / export))
+        assert module.merged is None  # refused before the merge
+    assert (tmp_path / "full" / "kept.txt").read_text() == "an earlier export"
+    assert not (tmp_path / "merged").exists()  # no weights file written either
