@@ -71,9 +71,9 @@ def from_matrices(merged: TaskVector, convention: str, qkv: str, inputs: Sequenc
             {**entry, "path": entry.get("path") or (str(tv.path) if tv.path else None)}
             for entry, tv in zip(record["inputs"], inputs, strict=True)
         ]
-        metadata["merge"] = record
     if record.get("alpha_exempt_keys"):  # names only: one q/k/v-shaped placeholder per key goes the same way
         placeholders = {key: torch.zeros(3, 1) for key in record["alpha_exempt_keys"]}
         record["alpha_exempt_keys"] = sorted(from_matrix_convention(placeholders, convention, qkv=qkv))
+    if record:
         metadata["merge"] = record
     return TaskVector(from_matrix_convention(merged, convention, qkv=qkv), metadata)

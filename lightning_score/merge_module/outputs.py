@@ -19,6 +19,7 @@ import lightning_score.merge_module.records as records
 from lightning_score.models.export import export_model
 from lightning_score.models.factory import save_clip_weights
 from lightning_score.task_vector import TaskVector
+from lightning_score.utilities.strategies import is_sharded
 
 MergeModule = Any  # lightning_score.merge_module.MergeModule, which calls these (not imported here: no cycle)
 
@@ -74,12 +75,11 @@ def _what_to_apply(module: MergeModule) -> tuple[TaskVector, float]:
 
 def _base_model(module: MergeModule) -> torch.nn.Module:
     """The library's own model holding θ₀ (a copy on CPU: the module is not changed)."""
-    for parameter in module.image_encoder.parameters():
-        if type(parameter).__name__ == "DTensor" or hasattr(parameter, "_is_sharded"):
-            raise ValueError(
-                "MergeModule.export runs on an unsharded module: after an FSDP run, export from one process "
-                "(`lightning-score merge --export` without an FSDP strategy)."
-            )
+    if is_sharded(module.image_encoder):
+        raise ValueError(
+            "MergeModule.export runs on an unsharded module: after an FSDP run, export from one process "
+            "(`lightning-score merge --export` without an FSDP strategy)."
+        )
     clip = copy.deepcopy(module.clip).to("cpu")
     clip.visual.load_state_dict(module._inputs().pretrained)
     return module.backbone.library_model(clip)

@@ -40,6 +40,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_clip",
     "check_model_name",
+    "names_a_file",
     "read_weights_metadata",
     "resolve_builtin_weights",
     "save_clip_weights",
@@ -83,6 +84,16 @@ def check_model_name(model_name: str) -> None:
             f"model_name {model_name!r} is not an open_clip architecture: use e.g. 'ViT-B-32', 'ViT-B-16', 'ViT-L-14' "
             f"(see open_clip.list_models()) or one of lightning-score's tiny CPU models {tiny}."
         )
+
+
+def names_a_file(source: str) -> bool:
+    """Whether ``pretrained`` names a local weights file (an existing file, a weights suffix, or a path) not a tag.
+
+    Example:
+        >>> names_a_file("openai"), names_a_file("merged.safetensors"), names_a_file("runs/base")
+        (False, True, True)
+    """
+    return os.path.isfile(source) or Path(source).suffix in LOCAL_WEIGHT_SUFFIXES or os.sep in source
 
 
 def resolve_builtin_weights(token: str, model_name: str) -> Path:
@@ -287,7 +298,7 @@ def build_clip(
     elif tag_cfg := open_clip.get_pretrained_cfg(model_name, source):
         model, train_tf, val_tf = _load_tag(model_name, source, tag_cfg, cache_dir)
         label, weights = source, source
-    elif os.path.isfile(source) or Path(source).suffix in LOCAL_WEIGHT_SUFFIXES or os.sep in source:
+    elif names_a_file(source):
         path = Path(source).expanduser()
         model, train_tf, val_tf = _load_local(model_name, path)
         label, weights = path.name, str(path)

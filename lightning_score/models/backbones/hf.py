@@ -110,7 +110,7 @@ def _image_settings(folder: str, image_size: int) -> tuple[int, tuple, tuple]:
     crop = getattr(processor, "crop_size", None)  # a dict, or transformers 5's SizeDict
     height = crop.get("height") if isinstance(crop, Mapping) else getattr(crop, "height", crop)
     size = int(height) if height else image_size
-    return int(size), tuple(processor.image_mean), tuple(processor.image_std)
+    return size, tuple(processor.image_mean), tuple(processor.image_std)
 
 
 class HFBackbone(Backbone):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lightning_score.data.builtin import builtin_name
 from lightning_score.models.backbones.base import Backbone, builtin_copy_folder, clip_transforms
-from lightning_score.models.factory import LOCAL_WEIGHT_SUFFIXES, CLIPComponents, WeightsUnavailableError
+from lightning_score.models.factory import CLIPComponents, WeightsUnavailableError, names_a_file
 from lightning_score.utilities.extras import require
 from lightning_score.utilities.files import atomic_write, atomic_write_text, cache_lock
 
@@ -98,14 +98,10 @@ def builtin_timm_copy(token: str, model_name: str) -> tuple[str, dict[str, Any],
     return record["architecture"], record["model_args"], weights
 
 
-def _is_file_like(source: str) -> bool:
-    return os.path.isfile(source) or Path(source).suffix in LOCAL_WEIGHT_SUFFIXES or os.sep in source
-
-
 def _create(timm: Any, model_name: str, pretrained: str | None, model_args: dict[str, Any]) -> nn.Module:
     if pretrained is None:
         return timm.create_model(model_name, pretrained=False, **model_args)
-    if _is_file_like(pretrained):
+    if names_a_file(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"backbone 'timm': weights file '{path}' does not exist.")
@@ -156,7 +152,7 @@ class TimmBackbone(Backbone):
         timm = require("timm", extra="timm")
         model_args, text = dict(options.get("model_args") or {}), options.get("text")
         source = None if pretrained is None else os.fspath(pretrained)
-        label = "random" if source is None else Path(source).name if _is_file_like(source) else source
+        label = "random" if source is None else Path(source).name if names_a_file(source) else source
         architecture = model_name
         if source is not None and builtin_name(source) is not None:
             architecture, copy_args, path = builtin_timm_copy(source, model_name)
@@ -170,8 +166,8 @@ class TimmBackbone(Backbone):
                 "backbone_options.head (a head file [classes, embed_dim]); got "
                 f"{'both' if text is not None else 'neither'}."
             )
-        visual = _create(timm, architecture, source, model_args).eval()
-        if text is not None:
+        texts: dict[str, type[Backbone]] = {"open_clip": OpenCLIPBackbone, "hf": HFBackbone}
+        if text is not None:  # checked, like the head file, before any model is built
             text = dict(text)
             unknown = sorted(set(text) - {"backbone", "model_name", "pretrained", "backbone_options"})
             if unknown or "model_name" not in text:
@@ -179,15 +175,18 @@ class TimmBackbone(Backbone):
                     f"backbone_options.text {sorted(text)}: give model_name, and optionally backbone (open_clip or "
                     "hf), pretrained and backbone_options."
                 )
-            texts: dict[str, type[Backbone]] = {"open_clip": OpenCLIPBackbone, "hf": HFBackbone}
-            if text.get("backbone", "open_clip") not in texts:
+            text_backbone = text.get("backbone", "open_clip")
+            if text_backbone not in texts:
                 raise ValueError(f"backbone_options.text.backbone: use one of {sorted(texts)} (a CLIP's text tower).")
-            parts = texts[text.get("backbone", "open_clip")]().build(
+        head = _read_head(options["head"]) if text is None else None
+        visual = _create(timm, architecture, source, model_args).eval()
+        if text is not None:
+            parts = texts[text_backbone]().build(
                 text["model_name"], text.get("pretrained"), text.get("backbone_options") or {}
             )
             model, tokenizer = TimmCLIP(visual, parts.model), parts.tokenizer
         else:
-            model, tokenizer = TimmCLIP(visual, None, _read_head(options["head"])), None
+            model, tokenizer = TimmCLIP(visual, None, head), None
         cfg = dict(getattr(visual, "pretrained_cfg", None) or {})
         size = visual.patch_embed.img_size[0]
         train, val = clip_transforms(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), "bicubic")
