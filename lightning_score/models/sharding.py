@@ -6,8 +6,9 @@
   FSDP cannot shard, is kept whole on every rank), over the mesh's data-parallel dimension. Under any other
   strategy it does nothing, so a recipe switches strategy in YAML alone.
 * FSDP1 (``FSDPStrategy``, ``strategy: fsdp`` in YAML): the same ``configure_model`` sets the strategy's auto-wrap
-  policy to :data:`CLIP_BLOCKS` unless one is given, and leaves the scalar ``logit_scale`` unsharded
-  (:func:`fsdp1_options`); :data:`CLIP_BLOCKS` also serves as ``activation_checkpointing_policy``.
+  policy to those blocks (the backbone's, :meth:`Backbone.block_types`; open_clip's :data:`CLIP_BLOCKS`) unless one
+  is given, and leaves the scalar ``logit_scale`` unsharded (:func:`fsdp1_options`); :data:`CLIP_BLOCKS` also
+  serves as ``activation_checkpointing_policy``.
 
 The state-dict keys stay the unwrapped module's, so task vectors of sharded and unsharded fits merge together.
 """
@@ -26,9 +27,10 @@ CLIP_BLOCKS: set[type[nn.Module]] = {ResidualAttentionBlock}
 def fsdp1_options(strategy: object, module: nn.Module) -> None:
     """Under ``FSDPStrategy`` (FSDP1), before it wraps ``module``: what a CLIP model needs of it.
 
-    The auto-wrap policy is :data:`CLIP_BLOCKS` unless one is given, and the 0-dimensional parameters (CLIP's
-    ``logit_scale``, which FSDP1 cannot shard: "FSDP doesn't support scalar parameters") are added to its
-    ``ignored_states``: every rank keeps them whole. Under any other strategy it does nothing.
+    The auto-wrap policy is the residual blocks of the module's backbone unless one is given, and the
+    0-dimensional parameters (CLIP's ``logit_scale``, which FSDP1 cannot shard: "FSDP doesn't support scalar
+    parameters") are added to its ``ignored_states``: every rank keeps them whole. Under any other strategy it does
+    nothing.
     """
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy

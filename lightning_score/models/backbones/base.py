@@ -5,8 +5,8 @@ whose ``model`` is a module with
 
 - ``visual``: the image encoder, images ``[N, 3, H, W]`` → features ``[N, embed_dim]``; its ``state_dict()`` keys
   are the backbone's own (:mod:`lightning_score.models.convert`), and so the keys of its task vectors;
-- ``encode_text(tokens)``: what ``tokenizer(prompts)`` gives → text features ``[N, embed_dim]`` (or a fixed
-  zero-shot head in ``CLIPComponents.head`` instead, for a backbone without a text tower);
+- ``encode_text(tokens)``: what ``tokenizer(prompts)`` gives → text features ``[N, embed_dim]`` (or, for a model
+  without a text tower, a ``fixed_head`` attribute instead: ``(weight [classes, embed_dim], class names or None)``);
 - ``logit_scale``: the log of the logit scale (a scalar).
 
 It also says which modules FSDP shards one by one (:meth:`Backbone.block_types`) and which object of its own

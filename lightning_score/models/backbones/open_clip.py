@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from lightning_score.models.backbones.base import Backbone
 from lightning_score.models.factory import CLIPComponents, build_clip
+from lightning_score.models.sharding import CLIP_BLOCKS
 
 __all__ = ["OpenCLIPBackbone"]
 
@@ -31,8 +31,8 @@ class OpenCLIPBackbone(Backbone):
         return build_clip(model_name, pretrained)
 
     def block_types(self) -> tuple[type[nn.Module], ...]:
-        """open_clip's ``ResidualAttentionBlock``."""
-        return (ResidualAttentionBlock,)
+        """open_clip's ``ResidualAttentionBlock`` (:data:`~lightning_score.models.sharding.CLIP_BLOCKS`)."""
+        return tuple(CLIP_BLOCKS)
 
     def library_model(self, model: nn.Module) -> nn.Module:
         """The ``CLIP`` itself."""
