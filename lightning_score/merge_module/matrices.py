@@ -28,20 +28,22 @@ def _identity(convention: str, qkv: str) -> bool:
     return convention == "open_clip" and qkv == "fused"
 
 
-def check_convention(method: str, statistics: Sequence[str], convention: str, qkv: str) -> None:
+def check_convention(method: str, uses_data: bool, convention: str, qkv: str) -> None:
     """Refuse, before anything is read, a ``qkv`` or method that this backbone's merge cannot honour.
+
+    ``uses_data``: the method collects statistics of the image encoder's layers (ESM, RegMean, Fisher).
 
     Raises:
         ValueError: An unknown ``qkv``; ``qkv="split"`` with a data-using method; ESM on transformers or timm.
     """
     if qkv not in QKV_CONVENTIONS:
         raise ValueError(f"qkv={qkv!r}: use one of {list(QKV_CONVENTIONS)}.")
-    if statistics and qkv != "fused":
+    if uses_data and qkv != "fused":
         raise ValueError(
             f"qkv='{qkv}' applies to the data-free methods; '{method}' collects statistics of the image encoder's "
             "own layers and merges in the backbone's own convention: leave qkv at 'fused'."
         )
-    if statistics and method == "esm" and convention != "open_clip":
+    if uses_data and method == "esm" and convention != "open_clip":
         raise ValueError(
             f"ESM merges open_clip experts only, not the '{convention}' backbone's: its TSV-merged layers would "
             "see another matrix convention than the paper's. Convert the experts to open_clip "

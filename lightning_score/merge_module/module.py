@@ -128,7 +128,7 @@ class MergeModule(CLIPClassifier):
     ) -> None:
         resolved = check_arguments(mode, alpha, alpha_search, method, dict(method_options or {}))
         check_count(mode, len(task_vectors or []))
-        check_convention(method, resolved.statistics if resolved else (), get_backbone(backbone).convention, qkv)
+        check_convention(method, bool(resolved and resolved.statistics), get_backbone(backbone).convention, qkv)
         self.qkv = qkv
         self.method = method
         self.method_options = dict(method_options or {})

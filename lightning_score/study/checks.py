@@ -115,7 +115,7 @@ def check_study(config: StudyConfig, entries: Sequence[Entry]) -> tuple[list[str
     for entry in entries:  # a method this backbone's merge refuses (ESM on transformers or timm): before the fits
         if entry.row.mode == "merge" and entry.row.method:
             try:
-                check_convention(entry.row.method, ("data",) if entry.needs_data else (), backbone.convention, "fused")
+                check_convention(entry.row.method, entry.needs_data, backbone.convention, "fused")
             except ValueError as error:
                 raise ValueError(f"Row {entry.row.name!r}: {error} Leave the row out of `rows`.") from None
     if backbone.name == "open_clip":

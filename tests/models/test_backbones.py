@@ -63,7 +63,7 @@ def test_what_a_backbone_cannot_do_is_refused_before_anything_is_built(tmp_path:
     with pytest.raises(ValueError, match="qkv='split' applies to the data-free methods; 'regmean'"):
         MergeModule(TINY, "builtin:digits", task_vectors=["a.safetensors"], method="regmean", qkv="split")
     with pytest.raises(ValueError, match="qkv='joint'"):
-        check_convention("tsv", (), "hf", "joint")
+        check_convention("tsv", False, "hf", "joint")
     with pytest.raises(ValueError, match="exactly one of backbone_options.text .* got neither"):
         get_backbone("timm").build("vit_base_patch32_clip_224", None, {})
     with pytest.raises(FileNotFoundError, match="is not a save_pretrained folder .*config.json"):
