@@ -71,14 +71,19 @@ def converted(
     """backbone -> the open_clip experts of SOURCES in its keys, recorded as made from its base."""
     out: dict[str, list[str]] = {"open_clip": [str(expert_task_vectors[d]) for d in SOURCES]}
     for backbone in ("hf", "timm"):
-        folder = tmp_path_factory.mktemp(f"tv-{backbone}")
-        fingerprint = state_dict_fingerprint(_encoder_state(bases[backbone]))
-        out[backbone] = []
-        for domain in SOURCES:
-            tv = TaskVector.load(expert_task_vectors[domain])
-            tensors = convert_state_dict(dict(tv.items()), "open_clip", backbone)
-            TaskVector(tensors, {**tv.metadata, "base_fingerprint": fingerprint}).save(folder / f"{domain}.safetensors")
-            out[backbone].append(str(folder / f"{domain}.safetensors"))
+        paths = [expert_task_vectors[d] for d in SOURCES]
+        out[backbone] = _converted(paths, bases[backbone], tmp_path_factory.mktemp(f"tv-{backbone}"))
+    return out
+
+
+def _converted(paths: list[Path], base: dict, folder: Path) -> list[str]:
+    """Open_clip task-vector files in ``base``'s backbone's keys, recorded as made from its base (same names)."""
+    backbone, fingerprint = base["backbone"], state_dict_fingerprint(_encoder_state(base))
+    out = []
+    for path in paths:
+        tv = TaskVector.load(path)
+        tensors = convert_state_dict(dict(tv.items()), "open_clip", backbone)
+        out.append(str(TaskVector(tensors, {**tv.metadata, "base_fingerprint": fingerprint}).save(folder / path.name)))
     return out
 
 
@@ -244,14 +249,12 @@ def test_fsdp2_shards_each_library_s_blocks_and_tests_as_one_process(
 
     runs = {}
     for backbone in ("hf", "timm"):
-        fingerprint = state_dict_fingerprint(_encoder_state(bases[backbone]))
-        paths = []
-        for domain in ("rot0", "rot60"):  # sharded_merge.datamodule's sources
-            tv = TaskVector.load(expert_task_vectors[domain])
-            tensors = convert_state_dict(dict(tv.items()), "open_clip", backbone)
-            meta = {**tv.metadata, "base_fingerprint": fingerprint}
-            paths.append(str(TaskVector(tensors, meta).save(tmp_path / f"{backbone}-{domain}.safetensors")))
-        runs[backbone] = {"base": bases[backbone], "task_vectors": paths}
+        (tmp_path / backbone).mkdir()
+        paths = [expert_task_vectors[d] for d in ("rot0", "rot60")]  # sharded_merge.datamodule's sources
+        runs[backbone] = {
+            "base": bases[backbone],
+            "task_vectors": _converted(paths, bases[backbone], tmp_path / backbone),
+        }
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     run_script(Path(__file__).parent / "sharded_backbones.py", str(tmp_path), str(tmp_path / "runs.json"), timeout=420)
     for backbone, run in runs.items():
