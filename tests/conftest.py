@@ -26,6 +26,19 @@ def quick_base(lightning_score_cache: Path) -> Path:
     return build_digits_base(**QUICK_BASE, progress_bar=False)
 
 
+@pytest.fixture
+def quick_builtin(quick_base: Path, quick_base_settings: dict, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``builtin:digits`` resolving to the quick base (built once per run) instead of the minute-long default.
+
+    Returns the quick base's model name (the architecture to pass with ``pretrained="builtin:digits"``).
+    """
+    from lightning_score.models import digits_base
+
+    for key, value in quick_base_settings.items():
+        monkeypatch.setitem(digits_base.BASE_DEFAULTS, key, value)
+    return quick_base_settings["model_name"]
+
+
 @pytest.fixture(scope="session")
 def expert_task_vectors(quick_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """domain -> task-vector file, each expert fine-tuned 25 steps from the quick base (rot0, rot30, rot60)."""

@@ -30,16 +30,6 @@ def test_the_registry_names_each_backbone_and_refuses_another() -> None:
         get_backbone("timm").check_options({"size": 3})
 
 
-@pytest.fixture
-def quick_builtin(quick_base: Path, quick_base_settings: dict, monkeypatch: pytest.MonkeyPatch) -> str:
-    """``builtin:digits`` resolving to the quick base (built once per run) instead of the minute-long default."""
-    from lightning_score.models import digits_base
-
-    for key, value in quick_base_settings.items():
-        monkeypatch.setitem(digits_base.BASE_DEFAULTS, key, value)
-    return quick_base_settings["model_name"]
-
-
 @pytest.mark.parametrize("backbone", ["hf", "timm"])
 def test_a_builtin_copy_computes_the_open_clip_base_s_features(backbone: str, quick_builtin: str) -> None:
     reference = get_backbone("open_clip").build(quick_builtin, "builtin:digits", {})

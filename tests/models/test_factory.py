@@ -103,14 +103,8 @@ def test_tag_that_cannot_download_fails_fast_and_explains_local_files(tmp_path: 
     assert time.perf_counter() - start < 10
 
 
-def test_builtin_digits_token_resolves_to_the_cached_base_file(
-    quick_base: Path, quick_base_settings: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from lightning_score.models import digits_base
-
-    for key, value in quick_base_settings.items():
-        monkeypatch.setitem(digits_base.BASE_DEFAULTS, key, value)
-    name = quick_base_settings["model_name"]
+def test_builtin_digits_token_resolves_to_the_cached_base_file(quick_base: Path, quick_builtin: str) -> None:
+    name = quick_builtin
     builtin = build_clip(name, pretrained="builtin:digits")
     assert builtin.weights == str(quick_base)
     assert builtin.base_model == f"{name}/builtin:digits"
