@@ -263,3 +263,33 @@ def test_fsdp2_shards_each_library_s_blocks_and_tests_as_one_process(
         reference = in_fresh_process(single_process, run)
         logits = _in_order([rank["logits"] for rank in ranks], len(reference))
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["hf", "timm"])
+def test_open_clip_experts_are_refused_by_another_library_s_base_naming_the_key(
+    bases: dict[str, dict], converted: dict[str, list[str]], backbone: str
+) -> None:
+    module = MergeModule(**bases[backbone], task_vectors=converted["open_clip"], method="tsv", templates="digits")
+    data = digits(train_domains=SOURCES, test_domains=[TARGET])
+    with pytest.raises(ValueError, match="is of a different architecture than .*its key 'class_embedding' is not in"):
+        L.Trainer(accelerator="cpu", devices=1, **QUIET).test(module, datamodule=data, verbose=False)
+    assert module.merged is None
+
+
+@pytest.mark.parametrize("backbone", ["hf", "timm"])
+def test_a_bf16_true_fit_and_merge_on_each_library(bases: dict[str, dict], tmp_path: Path, backbone: str) -> None:
+    expert = CLIPExpert(**bases[backbone], templates="digits", lr=1e-3, warmup_steps=2)
+    callback = ScoreMergeCallback(dirpath=tmp_path)
+    trainer = L.Trainer(max_steps=3, precision="bf16-true", num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[callback], **QUIET)  # fmt: skip
+    trainer.fit(expert, datamodule=digits(train_domains=["rot15"]))
+    tv = TaskVector.load(callback.task_vector_path)
+    assert set(tv) <= set(expert.image_encoder.state_dict()) and tv.base_fingerprint == expert.pretrained_fingerprint
+    assert all(torch.isfinite(tv[key]).all() for key in tv) and any(tv[key].abs().sum() > 0 for key in tv)
+    module = MergeModule(**bases[backbone], task_vectors=[str(callback.task_vector_path)], mode="expert",
+                         templates="digits")  # fmt: skip
+    data = digits(train_domains=["rot15"], test_domains=[TARGET])
+    results = L.Trainer(accelerator="cpu", devices=1, precision="bf16-true", **QUIET).test(module, datamodule=data,
+                                                                                             verbose=False)  # fmt: skip
+    assert 0.0 <= results[0][f"test/{TARGET}/acc"] <= 1.0
+    assert next(module.image_encoder.parameters()).dtype == torch.bfloat16  # tested in bf16, as the Trainer runs
